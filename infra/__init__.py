@@ -1,0 +1,1 @@
+"""Deployment side of spae: the local stack (SeaweedFS S3 + MLflow), container image, cluster manifests."""

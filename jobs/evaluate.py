@@ -1,0 +1,61 @@
+"""``spae evaluate``: PSNR/SSIM per prefix, codebook usage and semantic relevance per layer."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from jobs.common import job_parser, parse_job_config, run_main
+from pipeline.evaluate import EvaluateJobConfig, format_metrics, run_evaluate
+
+SUMMARY = "evaluate a tokenizer: PSNR/SSIM per prefix, utilization/perplexity/relevance per layer -> MLflow"
+CONFIG_CLASS = EvaluateJobConfig
+
+EPILOG = """\
+examples:
+  spae evaluate tokenizer=outputs/runs/mnist-a1/tokenizer source.uri=mnist://test limit=1000
+  spae evaluate tokenizer=runs:/<run id>/tokenizer source.uri=mnist://test \\
+      pools=outputs/pools-test vocab=outputs/vocab       # + semantic relevance of every layer
+  spae evaluate tokenizer=models:/spae-mnist/1 output=s3://bucket/eval/mnist
+
+Runs on this machine with plain torch (no Ray): meant for held-out sets of up to some thousands
+of images. Writes <output>/metrics.json and <output>/reconstructions.png and logs both to MLflow.
+FID / IS / LPIPS (optional_metrics=[fid]) need packages and weights this project does not ship;
+asking for them says which.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = job_parser("spae evaluate", SUMMARY, EPILOG)
+    cfg, _ = parse_job_config(EvaluateJobConfig, parser, argv)
+
+    import mlflow
+
+    from pipeline.evaluate import METRICS_JSON, PICTURE
+    from pipeline.storage import resolve
+    from pipeline.tracking import log_params_flat, start_run
+
+    out = resolve(cfg.output)
+    default_dir = out.path if not out.is_s3 else "outputs"
+    with start_run(cfg.mlflow, cfg.run_name or f"evaluate:{cfg.tokenizer}", default_dir) as run:
+        if run is not None:
+            log_params_flat(cfg)
+        result = run_evaluate(cfg)
+        if run is not None:
+            mlflow.log_metrics(result.metrics)
+            mlflow.log_text(out.join(METRICS_JSON).read_text(), METRICS_JSON)
+            if cfg.picture_images:
+                import tempfile
+                from pathlib import Path
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    png = Path(tmp) / PICTURE
+                    png.write_bytes(out.join(PICTURE).read_bytes())
+                    mlflow.log_artifact(str(png))
+    print(format_metrics(result.metrics))
+    print(f"evaluate: {int(result.metrics['images'])} images in {result.seconds:.1f}s -> {result.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

@@ -1,0 +1,221 @@
+"""``spae report``: an HTML page + PNG of a corpus's token pyramids (the paper's Fig. 4 layout)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jobs.common import job_parser, parse_job_config, run_main
+
+SUMMARY = "a corpus's token pyramids as grids of words + reconstructions per prefix -> HTML + PNG"
+
+EPILOG = """\
+examples:
+  spae report corpus=outputs/corpus output=outputs/report                     # the first 4 images
+  spae report corpus=s3://bucket/corpus image_ids=[mnist-test-000007,mnist-test-000011] \\
+      pools=outputs/pools output=outputs/report        # cells shaded by the tokens' semantic scores
+
+Per image: the original, layers 1-4 as grids of words (row-major, as in the text), each cell shaded
+darker for a higher semantic score of the token for that image (from the pools table, when given),
+else for a more frequent token in the corpus layer, then decodes from every covering prefix present
+with their PSNR. Writes <output>/index.html (self-contained) and <output>/pyramids.png.
+"""
+
+SHOWN_LAYERS = 4  # as in the paper's Fig. 4: the first four layers as word grids
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    corpus: str = ""  # a corpus folder (spae tokenize output), local or s3://
+    image_ids: tuple[str, ...] = ()  # images to show; () = the first num_images rows
+    num_images: int = 4
+    tokenizer: str = ""  # "" = the tokenizer named in the corpus manifest
+    pools: str = ""  # optional pools table (spae pools) for semantic-score shading
+    output: str = "report"  # folder for index.html and pyramids.png (local or s3://)
+    title: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {self.num_images}")
+
+
+CONFIG_CLASS = ReportConfig
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    html: str  # URI of index.html
+    png: str  # URI of pyramids.png
+    image_ids: list[str]
+    shading: str
+
+
+def _pick_rows(cfg: ReportConfig) -> tuple[Any, list[str]]:
+    """The wanted corpus rows and, per row, the shard id (= the input shard) it came from."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.corpus import part_files
+    from pipeline.storage import resolve
+
+    corpus = resolve(cfg.corpus)
+    parts = part_files(corpus)
+    if not parts:
+        raise FileNotFoundError(f"{corpus.uri}: no corpus shards (part-*.parquet) found")
+    wanted = list(cfg.image_ids)
+    found: dict[str, tuple[Any, str]] = {}
+    for part in parts:
+        table = pq.read_table(part.path, filesystem=part.fs)
+        shard_id = part.name[len("part-") : -len(".parquet")]
+        ids = table.column("image_id").to_pylist()
+        for i, iid in enumerate(ids):
+            if (iid in wanted if wanted else len(found) < cfg.num_images) and iid not in found:
+                found[iid] = (table.slice(i, 1), shard_id)
+        if (wanted and all(w in found for w in wanted)) or (not wanted and len(found) >= cfg.num_images):
+            break
+    order = wanted or list(found)
+    missing = [w for w in order if w not in found]
+    if missing:
+        raise ValueError(f"image ids not in {corpus.uri}: {', '.join(missing[:10])}")
+    return pa.concat_tables([found[i][0] for i in order]), [found[i][1] for i in order]
+
+
+def _originals(manifest: dict, image_ids: list[str], shard_ids: list[str], size: int, fit: str) -> np.ndarray:
+    """The source images of the rows, decoded as the tokenize job did: uint8 [k, H, W, 3]."""
+    from pipeline.images import decode_batch
+    from pipeline.sources import SourceConfig, list_shards, read_shard
+    from spae.config import from_dict
+
+    source = from_dict(SourceConfig, manifest["config"]["source"])
+    shards = {s.shard_id: s for s in list_shards(source)}
+    pixels: dict[str, np.ndarray] = {}
+    for shard_id in dict.fromkeys(shard_ids):
+        raw = read_shard(shards[shard_id])
+        batch = {k: np.array(raw.column(k).to_pylist(), dtype=object) for k in ("image_bytes", "error")}
+        max_pixels = int(manifest["config"].get("max_pixels", 50_000_000))
+        decoded = decode_batch(batch, size, max_pixels=max_pixels, fit=fit)
+        for iid, px in zip(raw.column("image_id").to_pylist(), decoded["pixels"], strict=True):
+            pixels[iid] = px
+    return np.stack([pixels[i] for i in image_ids])
+
+
+def _pool_scores(pools: str, image_ids: list[str]) -> dict[str, dict[int, float]]:
+    """image_id -> {token_id: eq. 6 score} from a pools table."""
+    from pipeline.shards import read_output
+
+    table = read_output(pools, columns=["image_id", "topk_ids", "topk_scores"])
+    want = set(image_ids)
+    out = {}
+    for row in table.to_pylist():
+        if row["image_id"] in want:
+            out[row["image_id"]] = dict(zip(row["topk_ids"], row["topk_scores"], strict=True))
+    missing = want - set(out)
+    if missing:
+        raise ValueError(f"pools table {pools} has no rows for {', '.join(sorted(missing)[:10])}")
+    return out
+
+
+def run_report(cfg: ReportConfig) -> ReportResult:
+    import torch
+
+    from pipeline.corpus import read_manifest, token_pyramid, tokens_column, words_column
+    from pipeline.images import to_float
+    from pipeline.storage import resolve
+    from pipeline.tokenize import load_tokenizer, token_counts
+    from spae.metrics import psnr
+    from spae.report import (
+        SHADE_FREQUENCY,
+        SHADE_SEMANTIC,
+        PyramidPanel,
+        Reconstruction,
+        figure_png,
+        frequency_shade,
+        layer_grid,
+        report_html,
+        score_shade,
+    )
+
+    if not cfg.corpus:
+        raise ValueError("corpus: required (a corpus folder written by spae tokenize)")
+    manifest = read_manifest(cfg.corpus)
+    tokenizer = load_tokenizer(cfg.tokenizer or manifest["tokenizer"]["uri"])
+    if tokenizer.fingerprint() != manifest["tokenizer"]["fingerprint"]:
+        raise ValueError(f"the tokenizer given is not the one that wrote {cfg.corpus} (fingerprints differ)")
+    spec = tokenizer.pyramid
+    layers = tuple(int(l) for l in manifest["layers"])
+    table, shard_ids = _pick_rows(cfg)
+    image_ids = table.column("image_id").to_pylist()
+    size = tokenizer.config.image_size
+    originals = _originals(manifest, image_ids, shard_ids, size, manifest["config"].get("fit", "auto"))
+    images = torch.from_numpy(to_float(originals))  # [k, 3, H, W]
+    if cfg.pools:
+        scores, shading = _pool_scores(cfg.pools, image_ids), SHADE_SEMANTIC
+    else:
+        counts = token_counts(resolve(cfg.corpus), layers, len(tokenizer.vocabulary))
+        scores, shading = {}, SHADE_FREQUENCY
+    pyramid = token_pyramid(table, tokenizer, layers)
+    prefixes = [c for c in spec.covering_layers if all(l in layers for l in range(1, c + 1))]
+    decodes = {c: tokenizer.decode(pyramid, up_to_layer=c) for c in prefixes}  # [k, 3, H, W] each
+    panels = []
+    labels = table.column("label").to_pylist()
+    for i, iid in enumerate(image_ids):
+        grids = []
+        for l in [l for l in layers if l <= SHOWN_LAYERS]:
+            ids = table.column(tokens_column(l))[i].as_py()
+            words = table.column(words_column(l))[i].as_py()
+            shade = score_shade(ids, scores[iid]) if cfg.pools else frequency_shade(ids, _as_map(counts[l]))
+            grids.append(layer_grid(l, words, spec.layer_size(l), shade, shading))
+        recons = tuple(
+            Reconstruction(
+                prefix=c,
+                tokens=spec.cumulative_counts[c - 1],
+                image=decodes[c][i].permute(1, 2, 0).numpy(),
+                psnr=float(psnr(decodes[c][i : i + 1], images[i : i + 1]).clamp(max=100.0)),
+            )
+            for c in prefixes
+        )
+        label = None if labels[i] is None else str(labels[i])
+        panels.append(PyramidPanel(iid, originals[i], tuple(grids), recons, label))
+    title = cfg.title or f"Token pyramids of {manifest['output']}"
+    out = resolve(cfg.output)
+    png = out.join("pyramids.png")
+    png.write_bytes(figure_png(panels, title=title))
+    tok = manifest["tokenizer"]
+    card = tok["codebook_card"]
+    meta = {
+        "corpus": manifest["output"],
+        "input": manifest["input"]["uri"],
+        "tokenizer": f"{tok['uri']} (fingerprint {tok['fingerprint'][:12]})",
+        "codebook": f"{card.get('source', '')} ({card.get('size', '?')} tokens, {card.get('hash', '')[:12]})",
+        "rows": f"{manifest['rows_written']} written, {manifest['errors']} errors",
+        "shading": shading
+        + (f" (pools {cfg.pools})" if cfg.pools else " of each token in its layer, corpus-wide"),
+    }
+    html = out.join("index.html")
+    html.write_text(report_html(panels, title=title, meta=meta, figure_href="pyramids.png"))
+    return ReportResult(html=html.uri, png=png.uri, image_ids=image_ids, shading=shading)
+
+
+def _as_map(counts: np.ndarray) -> dict[int, int]:
+    nz = np.flatnonzero(counts)
+    return dict(zip(nz.tolist(), counts[nz].tolist(), strict=True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = job_parser("spae report", __doc__.splitlines()[0].split(": ", 1)[-1], EPILOG)
+    cfg, _ = parse_job_config(ReportConfig, parser, argv)
+    try:
+        result = run_report(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"{parser.prog}: {e}\n")
+    print(f"report: {result.html}\nfigure: {result.png}")
+    print(f"images: {', '.join(result.image_ids)} (shaded by {result.shading})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

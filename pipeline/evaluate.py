@@ -1,0 +1,420 @@
+"""Evaluate a tokenizer on a held-out source: reconstruction, codebook usage, semantics.
+
+::
+
+    tokenizer (dir | s3:// | runs:/ | models:/) + eval source (+ its pools table + the vocab table)
+        -> for every covering prefix l: PSNR, SSIM of the reconstruction from layers 1..l
+        -> for every layer: utilization and perplexity over the WHOLE set, distinct tokens,
+           semantic relevance (mean normalised eq. 6 score of the emitted tokens; needs pools + vocab)
+        -> layer 1: label-word accuracy (the top token is the class's word or numeral; needs labels)
+        -> metrics.json + reconstructions.png under ``output``; the same metrics to MLflow
+
+It runs on the driver with plain torch (no Ray): the evaluation set is read shard by shard with
+``pipeline.sources.read_shard`` and decoded with ``pipeline.images.decode_batch``. That suits the
+held-out sets used here (thousands of images); the training job calls ``evaluate_tokenizer`` on
+rank 0 the same way.
+
+Pools are joined to images per input shard: the pools job writes ``part-<shard_id>.parquet`` for
+the shard of the same id, and its manifest records each shard's input digest, so a pools table
+computed from a different listing (another ``shard_size`` or ``limit``) is refused, not mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from pipeline.images import decode_batch
+from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
+from pipeline.storage import Location, resolve
+from pipeline.tracking import MlflowConfig
+from spae.metrics import (
+    TokenUsage,
+    check_optional_metrics,
+    label_word_accuracy,
+    psnr,
+    semantic_relevance,
+    ssim,
+)
+
+METRICS_JSON = "metrics.json"
+PICTURE = "reconstructions.png"
+
+
+# ----------------------------------------------------------------------------- pools <-> image shards
+
+
+def pools_manifest(pools: str | Location) -> dict[str, Any]:
+    loc = resolve(pools) if isinstance(pools, str) else pools
+    manifest = loc.join("_manifest.json")
+    if not manifest.exists():
+        raise FileNotFoundError(
+            f"{loc.uri}: no _manifest.json; run the pools job (spae pools) on this source first"
+        )
+    return json.loads(manifest.read_text())
+
+
+def check_pools_cover(shards: Sequence[Shard], pools: str | Location) -> dict[str, Any]:
+    """Refuse a pools table computed from another listing of the source; returns its manifest."""
+    manifest = pools_manifest(pools)
+    by_id = {s["shard_id"]: s for s in manifest.get("shards", [])}
+    for shard in shards:
+        entry = by_id.get(shard.shard_id)
+        if entry is None:
+            raise ValueError(
+                f"pools {manifest.get('output')}: no part for input shard {shard.shard_id} of "
+                f"{shard.config.uri}; compute pools for this source with the same shard_size and limit"
+            )
+        if entry.get("input_digest") != shard.digest:
+            raise ValueError(
+                f"pools {manifest.get('output')}: shard {shard.shard_id} was computed from other images "
+                f"(digest {entry.get('input_digest')} != {shard.digest}); the source, its shard_size or "
+                "limit differ from the pools job's"
+            )
+    return manifest
+
+
+def check_pools_vocab(pools_manifest_: dict[str, Any], vocab_card: dict[str, Any], pools_uri: str) -> None:
+    """The pools' token ids must be rows of this vocab table (same job digest and row count)."""
+    identity = pools_manifest_.get("identity", {})
+    want, got = vocab_card.get("job_digest"), identity.get("vocab_job_digest")
+    if want != got or identity.get("vocab_rows") != vocab_card.get("rows"):
+        raise ValueError(
+            f"pools {pools_uri} were computed against vocab digest {got} "
+            f"({identity.get('vocab_rows')} rows) but the vocab table has digest {want} "
+            f"({vocab_card.get('rows')} rows); their token ids would not be the same codebook rows"
+        )
+
+
+def read_pools_part(pools: Location, shard_id: str, columns: Sequence[str]) -> pa.Table:
+    from pipeline.shards import part_name
+
+    return pq.read_table(pools.join(part_name(shard_id)).path, columns=list(columns), filesystem=pools.fs)
+
+
+def shard_pixels(shard: Shard, image_size: int, fit: str = "auto") -> dict[str, np.ndarray]:
+    """One input shard read and decoded: ``image_id``, ``label`` (-1 none), ``pixels`` uint8 [n, H, W, 3];
+    rows that failed to read or decode are dropped."""
+    table = read_shard(shard)
+    rows = {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+    decoded = decode_batch(rows, image_size, fit=fit)
+    ok = np.array([not e for e in decoded["error"]], dtype=bool)
+    labels = np.array([-1 if v is None else int(v) for v in decoded["label"]], dtype=np.int64)
+    return {
+        "image_id": np.asarray(decoded["image_id"][ok], dtype=object),
+        "label": labels[ok],
+        "pixels": decoded["pixels"][ok],
+    }
+
+
+def join_on_image_id(left_ids: np.ndarray, right: pa.Table) -> np.ndarray:
+    """Row of ``right`` for every id in ``left_ids`` (-1 where missing)."""
+    index = {v: i for i, v in enumerate(right.column("image_id").to_pylist())}
+    return np.array([index.get(v, -1) for v in left_ids], dtype=np.int64)
+
+
+def list_matrix(column: pa.ChunkedArray | pa.Array, fill: float, dtype: Any) -> np.ndarray:
+    """A list column -> ``[n, max_len]`` padded with ``fill``."""
+    values = column.to_pylist()
+    width = max((len(v) for v in values if v is not None), default=0)
+    out = np.full((len(values), width), fill, dtype=dtype)
+    for i, v in enumerate(values):
+        if v:
+            out[i, : len(v)] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation data
+
+
+@dataclass
+class EvalData:
+    """A held-out set in memory. images [n, 3, H, W] in [0, 1]; labels [n] (-1 = none); pool columns
+    (image_features [n, d], s_min / s_max [n]) are None without a pools table."""
+
+    images: Tensor
+    labels: Tensor
+    image_ids: list[str]
+    kind: str  # "mnist" | "folder" | "parquet"
+    classes: tuple[str, ...] = ()
+    image_features: Tensor | None = None
+    s_min: Tensor | None = None
+    s_max: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def load_eval_data(
+    source: SourceConfig, image_size: int, pools: str = "", fit: str = "auto", limit: int = 0
+) -> EvalData:
+    """Read and decode (at most ``limit``) images of ``source``; with ``pools``, attach their features."""
+    shards = list_shards(source)
+    pools_loc = resolve(pools) if pools else None
+    if pools_loc is not None:
+        check_pools_cover(shards, pools_loc)
+    ids: list[str] = []
+    labels, pixels, feats, smin, smax = [], [], [], [], []
+    n = 0
+    for shard in shards:
+        part = shard_pixels(shard, image_size, fit)
+        keep = np.ones(len(part["image_id"]), dtype=bool)
+        if pools_loc is not None:
+            table = read_pools_part(
+                pools_loc, shard.shard_id, ["image_id", "image_feature", "s_min", "s_max"]
+            )
+            rows = join_on_image_id(part["image_id"], table)
+            keep = rows >= 0  # images without a pool row (errors in the pools job) are left out
+            rows = rows[keep]
+            feats.append(list_matrix(table.column("image_feature").take(rows), 0.0, np.float32))
+            smin.append(table.column("s_min").take(rows).to_numpy().astype(np.float32))
+            smax.append(table.column("s_max").take(rows).to_numpy().astype(np.float32))
+        ids += list(part["image_id"][keep])
+        labels.append(part["label"][keep])
+        pixels.append(part["pixels"][keep])
+        n += int(keep.sum())
+        if limit and n >= limit:
+            break
+    if n == 0:
+        raise ValueError(f"{source.uri}: no decodable images (with pools) to evaluate on")
+    take = min(n, limit) if limit else n
+    images = torch.from_numpy(np.concatenate(pixels)[:take]).permute(0, 3, 1, 2).float().div(255.0)
+    data = EvalData(
+        images=images.contiguous(),
+        labels=torch.from_numpy(np.concatenate(labels)[:take]),
+        image_ids=ids[:take],
+        kind=shards[0].kind,
+        classes=tuple(shards[0].classes),
+    )
+    if pools_loc is not None:
+        data.image_features = torch.from_numpy(np.concatenate(feats)[:take])
+        data.s_min = torch.from_numpy(np.concatenate(smin)[:take])
+        data.s_max = torch.from_numpy(np.concatenate(smax)[:take])
+    return data
+
+
+def class_words(data: EvalData) -> list[list[str]] | None:
+    """The words that name each class: MNIST digits' word and numeral; folder class names; else None."""
+    if data.kind == "mnist":
+        from spae.data import MNIST_CLASS_WORDS
+
+        return [[word, str(i)] for i, word in enumerate(MNIST_CLASS_WORDS)]
+    if data.classes:
+        return [[name] for name in data.classes]
+    return None
+
+
+def class_token_rows(words_per_class: Sequence[Sequence[str]], vocabulary: Sequence[str]) -> list[set[int]]:
+    """Codebook rows of each class's words (case-insensitive match of the display text)."""
+    rows_of: dict[str, set[int]] = {}
+    for row, word in enumerate(vocabulary):
+        rows_of.setdefault(word.lower(), set()).add(row)
+    return [set().union(*(rows_of.get(w.lower(), set()) for w in words)) for words in words_per_class]
+
+
+# ----------------------------------------------------------------------------- the evaluator
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    tokenizer: Any,
+    data: EvalData,
+    text_features: Tensor | None = None,
+    class_rows: Sequence[set[int]] | None = None,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Every metric of the module docstring for ``tokenizer`` (an ``SPAETokenizer``) on ``data``.
+
+    Keys: ``psnr/p<l>``, ``ssim/p<l>`` (covering prefixes), ``utilization/l<l>``, ``perplexity/l<l>``,
+    ``distinct/l<l>``, ``relevance/l<l>`` (with pools and ``text_features`` [v, d]),
+    ``label_word_accuracy/l1`` (with labels and ``class_rows``), ``images``.
+    """
+    spec = tokenizer.pyramid
+    model = tokenizer.model
+    device = tokenizer.device
+    vocab_size = len(tokenizer.vocabulary)
+    prefixes = tuple(spec.covering_layers)
+    usage = [TokenUsage(vocab_size) for _ in range(spec.num_layers)]
+    sums: dict[str, float] = {}
+    relevance = data.image_features is not None and text_features is not None
+    labelled = class_rows is not None and bool((data.labels >= 0).any())
+    top_ids, top_labels = [], []
+
+    def add(key: str, values: Tensor) -> None:
+        sums[key] = sums.get(key, 0.0) + float(values.double().sum())
+
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(data), batch_size):
+            images = data.images[start : start + batch_size].to(device)
+            out = model(images, prefixes)
+            for l in prefixes:
+                recon = ((out.reconstructions[l].float() + 1.0) / 2.0).clamp(
+                    0.0, 1.0
+                )  # the decode_latent path
+                add(f"psnr/p{l}", psnr(recon, images))
+                add(f"ssim/p{l}", ssim(recon, images))
+            for l, ids in enumerate(out.quant.ids, start=1):
+                usage[l - 1].update(ids)
+                if relevance:
+                    sl = slice(start, start + images.shape[0])
+                    rel = semantic_relevance(
+                        ids.reshape(ids.shape[0], -1).cpu(),
+                        data.image_features[sl],
+                        text_features,
+                        data.s_min[sl],
+                        data.s_max[sl],
+                    )
+                    add(f"relevance/l{l}", rel)
+            if labelled:
+                top_ids.append(out.quant.ids[0].reshape(-1).cpu())
+                top_labels.append(data.labels[start : start + images.shape[0]])
+    finally:
+        model.train(was_training)
+    n = len(data)
+    metrics = {key: total / n for key, total in sums.items()}
+    for l, u in enumerate(usage, start=1):
+        stats = u.compute()
+        metrics[f"utilization/l{l}"] = stats.utilization
+        metrics[f"perplexity/l{l}"] = stats.perplexity
+        metrics[f"distinct/l{l}"] = float(stats.distinct)
+    if labelled:
+        ids, labels = torch.cat(top_ids), torch.cat(top_labels)
+        known = labels >= 0
+        metrics["label_word_accuracy/l1"] = label_word_accuracy(ids[known], labels[known], class_rows)
+    metrics["images"] = float(n)
+    return metrics
+
+
+@torch.no_grad()
+def picture(tokenizer: Any, data: EvalData, path: str | Path, n: int = 8, title: str = "") -> Path:
+    """The reconstruction picture (``spae.viz``) of the first ``n`` images of ``data``."""
+    from spae.viz import save_reconstruction_figure
+
+    images = data.images[:n].to(tokenizer.device)
+    tokens = tokenizer.encode(images)
+    recons = {l: tokenizer.decode(tokens, up_to_layer=l).cpu() for l in tokenizer.pyramid.covering_layers}
+    words = [w[0] for w in tokens.words(1)]
+    counts = {l: tokenizer.pyramid.cumulative_counts[l - 1] for l in recons}
+    return save_reconstruction_figure(path, images.cpu(), recons, words, counts, title)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class EvaluateJobConfig:
+    tokenizer: str = (
+        "outputs/runs/spae-mnist/tokenizer"  # folder, s3://, runs:/<id>/tokenizer, models:/<name>/<v>
+    )
+    source: SourceConfig = field(default_factory=lambda: SourceConfig(uri="mnist://test"))
+    pools: str = ""  # pools table of ``source`` (semantic relevance); "" = skip relevance
+    vocab: str = ""  # vocab table the pools refer to (its text features); needed with ``pools``
+    limit: int = 1000  # images evaluated (0 = all)
+    batch_size: int = 64
+    fit: Literal["auto", "crop", "pad"] = "auto"
+    class_words: Literal["auto", "none"] = "auto"  # auto: MNIST word + numeral, folder class names
+    optional_metrics: tuple[str, ...] = ()  # "fid", "is", "lpips": need their package and local weights
+    weights: dict[str, str] = field(default_factory=dict)  # optional metric -> local weights file
+    picture_images: int = 8
+    output: str = "outputs/eval"  # metrics.json + reconstructions.png (local or s3://)
+    device: str = "auto"  # auto = cuda if available
+    run_name: str = ""  # MLflow run; "" = "evaluate:<tokenizer>"
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def __post_init__(self) -> None:
+        if not self.tokenizer:
+            raise ValueError("tokenizer: empty; give a save_pretrained folder or an MLflow/S3 URI")
+        if self.pools and not self.vocab:
+            raise ValueError(
+                "pools is set but vocab is empty: semantic relevance needs the vocab table's text features"
+            )
+        if self.limit < 0 or self.batch_size < 1 or self.picture_images < 0:
+            raise ValueError("limit >= 0, batch_size >= 1 and picture_images >= 0 are required")
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    metrics: dict[str, float]
+    output: str
+    seconds: float
+
+
+def run_evaluate(cfg: EvaluateJobConfig, tokenizer: Any | None = None, log: Any = print) -> EvaluateResult:
+    """Load the tokenizer and the data, compute the metrics, write ``metrics.json`` and the picture."""
+    from spae.tokenizer import SPAETokenizer
+
+    if cfg.optional_metrics:
+        check_optional_metrics(cfg.optional_metrics, cfg.weights)
+        raise NotImplementedError(
+            f"optional metrics {list(cfg.optional_metrics)}: the packages and weights are present but this "
+            "project does not wire them yet"
+        )
+    start = time.perf_counter()
+    device = (
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    tok = (
+        tokenizer
+        if tokenizer is not None
+        else SPAETokenizer.from_pretrained(cfg.tokenizer, map_location=device)
+    )
+    text_features = None
+    if cfg.pools:
+        from pipeline.vocab import load_vocab
+
+        vocab = load_vocab(cfg.vocab)
+        if vocab.card["codebook"]["hash"] != tok.codebook.hash:
+            raise ValueError(
+                f"vocab {cfg.vocab} has codebook {vocab.card['codebook']['hash'][:12]} but the tokenizer was "
+                f"trained on {tok.codebook.hash[:12]}: its token ids are not the vocab's rows"
+            )
+        check_pools_vocab(pools_manifest(cfg.pools), vocab.card, cfg.pools)
+        text_features = vocab.text_features
+    data = load_eval_data(cfg.source, tok.config.image_size, cfg.pools, cfg.fit, cfg.limit)
+    words = class_words(data) if cfg.class_words == "auto" else None
+    rows = class_token_rows(words, tok.vocabulary.words) if words else None
+    if rows is not None and not any(rows):
+        log("evaluate: none of the class words is in the vocabulary; label-word accuracy skipped")
+        rows = None
+    metrics = evaluate_tokenizer(tok, data, text_features, rows, cfg.batch_size)
+    out = resolve(cfg.output)
+    out.join(METRICS_JSON).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if cfg.picture_images:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            png = picture(tok, data, Path(tmp) / PICTURE, cfg.picture_images, title=cfg.source.uri)
+            out.join(PICTURE).write_bytes(png.read_bytes())
+    return EvaluateResult(metrics, out.uri, time.perf_counter() - start)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A compact multi-line summary (prefix metrics, then layer metrics)."""
+    lines = []
+    for group in (
+        "psnr",
+        "ssim",
+        "utilization",
+        "perplexity",
+        "distinct",
+        "relevance",
+        "label_word_accuracy",
+    ):
+        items = [(k.split("/", 1)[1], v) for k, v in sorted(metrics.items()) if k.startswith(group + "/")]
+        if items:
+            lines.append(f"{group:<20} " + "  ".join(f"{k}={v:.4g}" for k, v in items))
+    return "\n".join(lines)

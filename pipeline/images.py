@@ -1,0 +1,186 @@
+"""Decode image bytes into fixed-size RGB pixels, one error reason per failing row.
+
+``decode_batch`` runs inside ``map_batches`` (the jobs never use ``ray.data.read_images``). Every
+mode becomes RGB: grey and palette images are expanded, CMYK converted, 16-bit and float images
+rescaled to 8 bits, alpha composited over white; EXIF orientation is applied; multi-frame files
+use their first frame.
+
+Resizing to ``size x size`` (``fit``):
+
+- ``auto`` (default): an image that nearly fits (both sides <= ``size``, the longer >= 3/4 of it)
+  is centre-padded with black, no resampling (MNIST 28 -> 32 gets 2 px on each side, like
+  ``spae.data.mnist_images``); any other is resized so its shorter side is ``size`` and
+  centre-cropped (MNIST 28 -> 224 is upsampled, not padded);
+- ``crop``: always shorter side to ``size`` then centre-crop (up- or down-sampling);
+- ``pad``: always longer side to ``size`` then centre-pad with black.
+
+A row that cannot be decoded keeps its id, gets zero pixels and a reason in ``error``: ``zero-byte
+file``, ``undecodable: ...``, ``truncated: ...``, ``too large: WxH > max_pixels``, ``unsupported
+mode: ...``. Nothing raises per row.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.schemas import error_mask
+
+if TYPE_CHECKING:
+    from pipeline.sources import SourceConfig
+
+FIT_MODES = ("auto", "crop", "pad")
+DECODE_STAGE = "decode"
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    size: int,
+    max_pixels: int = 50_000_000,
+    fit: Literal["auto", "crop", "pad"] = "auto",
+) -> dict[str, np.ndarray]:
+    """``batch["image_bytes"]`` -> adds ``pixels`` uint8 ``[n, size, size, 3]``, ``error``, ``error_stage``.
+
+    Rows that arrive with an ``error`` (e.g. unreadable files) keep it and are not decoded.
+    """
+    if fit not in FIT_MODES:
+        raise ValueError(f"fit: {fit!r} is not one of {', '.join(FIT_MODES)}")
+    data = batch["image_bytes"]
+    n = len(data)
+    prior = error_mask(batch["error"]) if "error" in batch else np.zeros(n, dtype=bool)
+    prior_stage = batch.get("error_stage")
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)  # [n, H, W, 3]
+    errors = np.empty(n, dtype=object)
+    stages = np.empty(n, dtype=object)
+    for i in range(n):
+        if prior[i]:
+            errors[i] = batch["error"][i]
+            stages[i] = (
+                prior_stage[i] if prior_stage is not None and isinstance(prior_stage[i], str) else "read"
+            )
+            continue
+        try:
+            pixels[i] = decode_image(data[i], size, max_pixels, fit)
+        except DecodeError as e:
+            errors[i], stages[i] = str(e), DECODE_STAGE
+    return {**batch, "pixels": pixels, "error": errors, "error_stage": stages}
+
+
+class DecodeError(ValueError):
+    """One image cannot be turned into pixels; the message is the reason stored in errors tables."""
+
+
+def decode_image(
+    data: bytes | None, size: int, max_pixels: int = 50_000_000, fit: str = "auto"
+) -> np.ndarray:
+    """Image file bytes -> uint8 ``[size, size, 3]`` RGB; raises ``DecodeError`` with the reason."""
+    if data is None or len(data) == 0:
+        raise DecodeError("zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(bytes(data)))
+        w, h = image.size
+        if w * h > max_pixels:
+            raise DecodeError(f"too large: {w}x{h} > max_pixels {max_pixels}")
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        rgb = to_rgb(image)
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"too large: {e}") from e
+    except UnidentifiedImageError as e:
+        raise DecodeError("undecodable: not a recognised image format") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        text = f"{type(e).__name__}: {e}"
+        if "truncated" in str(e).lower() or isinstance(e, EOFError) or "premature end" in str(e).lower():
+            raise DecodeError(f"truncated: {text}") from e
+        raise DecodeError(f"undecodable: {text}") from e
+    except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the shard
+        raise DecodeError(f"undecodable: {type(e).__name__}: {e}") from e
+    return fit_square(rgb, size, fit)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> ``RGB`` (8 bits per channel)."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(image).astype(np.float64)
+        if mode == "F":
+            a = a * 255.0 if a.size and a.max() <= 1.0 else a
+        elif mode == "I" and (not a.size or a.max() <= 255):
+            pass  # 32-bit container of 8-bit values
+        else:
+            a = a / 257.0  # 16-bit range -> 8 bits
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        return image.convert("RGB")
+    raise DecodeError(f"unsupported mode: {mode}")
+
+
+def fit_square(image: Image.Image, size: int, fit: str = "auto") -> np.ndarray:
+    """RGB image -> uint8 ``[size, size, 3]`` by the ``fit`` policy of this module."""
+    w, h = image.size
+    nearly_fits = w <= size and h <= size and 4 * max(w, h) >= 3 * size
+    if fit == "pad" or (fit == "auto" and nearly_fits):
+        scale = size / max(w, h) if fit == "pad" else 1.0
+        if scale != 1.0:
+            new = (max(1, round(w * scale)), max(1, round(h * scale)))
+            image = image.resize(new, Image.Resampling.BICUBIC)
+        out = np.zeros((size, size, 3), dtype=np.uint8)  # [H, W, 3]
+        a = np.asarray(image)
+        top, left = (size - a.shape[0]) // 2, (size - a.shape[1]) // 2
+        out[top : top + a.shape[0], left : left + a.shape[1]] = a
+        return out
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    image = image.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def to_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 ``[n, H, W, 3]`` -> float32 ``[n, 3, H, W]`` in ``[0, 1]`` (the library's image layout)."""
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+
+
+@dataclass(frozen=True)
+class DecodedImages:
+    """A whole (small) source decoded in this process: the rows that decoded, and why others did not."""
+
+    image_ids: list[str]
+    labels: np.ndarray  # int64 [n], -1 = no label
+    pixels: np.ndarray  # uint8 [n, size, size, 3]
+    errors: dict[str, str]  # image_id -> reason, for rows left out
+
+
+def decode_source(
+    cfg: SourceConfig, size: int, max_pixels: int = 50_000_000, fit: str = "auto"
+) -> DecodedImages:
+    """Every image of a source, without Ray (probe training, evaluation sets, tests)."""
+    from pipeline.sources import list_shards, read_shard
+
+    ids, labels, pixels, errors = [], [], [], {}
+    for shard in list_shards(cfg):
+        table = read_shard(shard)
+        rows = {c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}
+        out = decode_batch(rows, size, max_pixels=max_pixels, fit=fit)
+        bad = error_mask(out["error"])
+        errors.update({rows["image_id"][i]: out["error"][i] for i in np.flatnonzero(bad)})
+        ids += [str(x) for x in rows["image_id"][~bad]]
+        labels.append(np.array([-1 if x is None else x for x in rows["label"][~bad]], dtype=np.int64))
+        pixels.append(out["pixels"][~bad])
+    return DecodedImages(ids, np.concatenate(labels), np.concatenate(pixels), errors)

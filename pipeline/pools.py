@@ -1,0 +1,307 @@
+"""The candidate-pool job: for every image, its top-K vocabulary tokens by semantic score (eq. 4-6).
+
+::
+
+    source shards -> read + decode (tasks) -> PoolStage on an actor pool (scorer + TokenSearch)
+        -> driver: ShardWriter (one part-<shard>.parquet each, exactly once) -> _manifest.json
+
+Per image (``POOLS_SCHEMA``): the image feature ``f_I(I)`` (float16), ``s_min`` / ``s_max`` of
+``s'(I, k) = f_I(I) . f'_T(k)`` over the WHOLE vocabulary, the top-K token ids (codebook rows) and
+their eq. 6 normalised scores ``(s' - s_min) / (s_max - s_min)``, and ``n_above_min_threshold``:
+how many of the top-K reach ``min_threshold`` (the lowest rho of eq. 4). When it equals K the pool
+is truncated (``pool_truncated``): more tokens may pass, raise ``top_k``. Thresholds are applied at
+training time, so rho can change without recomputing pools.
+
+Label-probe scorer: when ``scorer.probe_path`` does not exist, the probe is trained first on
+``probe_train_uri`` (a labelled source: MNIST, or an ImageFolder-style folder) and saved there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipeline.images import decode_source, to_float
+from pipeline.ray_utils import RayConfig
+from pipeline.schemas import POOLS_SCHEMA
+from pipeline.search import SearchConfig, TokenSearch, normalize_scores
+from pipeline.sources import SourceConfig, list_shards
+from pipeline.stages import ShardedJobResult, carry, map_stage, ok_rows, run_sharded_job
+from pipeline.tracking import MlflowConfig
+from spae.config import from_dict, to_dict
+from spae.scorers import ScorerConfig, build_scorer, describe_scorer
+
+STAGE = "pools"
+FORMAT = "spae-pools-v1"
+
+
+@dataclass(frozen=True)
+class PoolsJobConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    vocab: str = "outputs/vocab"  # URI of the vocab table (spae vocab)
+    scorer: ScorerConfig = field(
+        default_factory=lambda: ScorerConfig(kind="label_probe", probe_path="outputs/probe")
+    )
+    search: SearchConfig = field(default_factory=SearchConfig)
+    top_k: int = 64  # clamped to the vocabulary size
+    min_threshold: float = 0.8  # the lowest rho of eq. 4, for n_above_min_threshold
+    output: str = "outputs/pools"  # local path, file:// or s3://bucket/prefix
+    image_size: int = 0  # decode size; 0 = the scorer's input size
+    fit: Literal["auto", "crop", "pad"] = "auto"  # resize policy, see pipeline.images
+    max_pixels: int = 50_000_000  # larger images become error rows
+    batch_size: int = 256  # images per actor call
+    actors: int = 1
+    num_gpus_per_actor: float = 0
+    num_cpus_per_actor: float = 1
+    probe_train_uri: str = "mnist://train?limit=5000"  # label probe: trained here when probe_path is missing
+    probe_steps: int = 300
+    progress: bool = True
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise ValueError("output: empty; give a local path or s3://bucket/prefix")
+        if not self.vocab:
+            raise ValueError("vocab: empty; give the URI of a vocab table (spae vocab)")
+        for name in ("top_k", "batch_size", "actors", "probe_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.min_threshold <= 1.0:
+            raise ValueError(
+                f"min_threshold: must lie in [0, 1] (a normalised score), got {self.min_threshold}"
+            )
+        if self.image_size < 0:
+            raise ValueError(f"image_size: must be >= 0 (0 = the scorer's), got {self.image_size}")
+
+
+# ----------------------------------------------------------------------------- the stage (Ray-free)
+
+
+class PoolStage:
+    """``pixels`` uint8 ``[n, H, W, 3]`` -> the pool columns of ``POOLS_SCHEMA`` (+ ``KEEP`` columns)."""
+
+    def __init__(
+        self,
+        scorer: Mapping[str, Any],
+        vocab: str,
+        search: Mapping[str, Any],
+        top_k: int,
+        min_threshold: float,
+    ):
+        from pipeline.vocab import load_vocab
+
+        self.scorer = build_scorer(from_dict(ScorerConfig, dict(scorer)))
+        table = load_vocab(vocab)
+        self.search = TokenSearch(table.text_features, from_dict(SearchConfig, dict(search)))  # [v, d]
+        self.k = min(top_k, len(table))
+        self.min_threshold = min_threshold
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = ok_rows(batch)  # [n]
+        n, k, d = len(ok), self.k, self.scorer.dim
+        feats = np.zeros((n, d), np.float16)
+        s_min = np.zeros(n, np.float32)
+        s_max = np.zeros(n, np.float32)
+        ids = np.zeros((n, k), np.int32)
+        scores = np.zeros((n, k), np.float32)
+        if ok.any():
+            images = torch.from_numpy(to_float(batch["pixels"][ok]))  # [b, 3, H, W] in [0, 1]
+            f = self.scorer.embed_images(images).float().cpu().numpy()  # [b, d]  f_I(I)
+            result = self.search.search(f, k)  # eq. 4's s'(I, k) for the top-K, min and max
+            feats[ok] = f.astype(np.float16)
+            s_min[ok], s_max[ok] = result.s_min, result.s_max
+            ids[ok] = result.topk_ids.astype(np.int32)
+            scores[ok] = normalize_scores(result)  # eq. 6
+        above = (scores >= self.min_threshold).sum(axis=1).astype(np.int32)  # [n]
+        return {
+            **carry(batch),
+            "image_feature": feats,
+            "s_min": s_min,
+            "s_max": s_max,
+            "topk_ids": ids,
+            "topk_scores": scores,
+            "n_above_min_threshold": above,
+            "pool_truncated": above == k,
+        }
+
+
+# ----------------------------------------------------------------------------- label probe
+
+
+def mnist_class_words() -> list[list[str]]:
+    """``[["zero", "0"], ["one", "1"], ...]``: a digit's word and numeral."""
+    from spae.data import MNIST_CLASS_WORDS
+
+    return [[word, str(i)] for i, word in enumerate(MNIST_CLASS_WORDS)]
+
+
+def ensure_probe(cfg: PoolsJobConfig, log: Callable[[str], None] = print) -> bool:
+    """Train and save the label probe at ``scorer.probe_path`` if it is missing; True if trained now."""
+    scorer = cfg.scorer
+    if scorer.kind != "label_probe":
+        return False
+    if not scorer.probe_path:
+        raise ValueError("scorer.probe_path: the label probe needs a folder (trained there if missing)")
+    path = Path(scorer.probe_path)
+    if (path / "probe.json").is_file():
+        return False
+    from spae.scorers import train_label_probe
+
+    source = SourceConfig(uri=cfg.probe_train_uri, shard_size=10_000)
+    if source.uri.startswith("mnist://"):
+        class_words = mnist_class_words()
+    else:
+        classes = list_shards(source)[0].classes
+        if not classes:
+            raise ValueError(
+                f"probe_train_uri: {cfg.probe_train_uri} has no labels; the label probe needs mnist://... or "
+                "an ImageFolder-style folder (one subfolder per class)"
+            )
+        class_words = [[name] for name in classes]
+    size = cfg.image_size or 32
+    data = decode_source(source, size, max_pixels=cfg.max_pixels, fit=cfg.fit)
+    keep = data.labels >= 0
+    x = torch.from_numpy(to_float(data.pixels[keep]))  # [n, 3, s, s]
+    y = torch.from_numpy(data.labels[keep])  # [n]
+    log(
+        f"label probe: {path} is missing; training it on {cfg.probe_train_uri} "
+        f"({len(y)} images, {cfg.probe_steps} steps)"
+    )
+    probe = train_label_probe(
+        x, y, class_words, steps=cfg.probe_steps, image_size=size, renormalize_text=scorer.renormalize_text
+    )
+    probe.save(path)
+    log(f"label probe: saved to {path} (held-out accuracy {probe.meta.get('accuracy')})")
+    return True
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class PoolsJobResult:
+    output: str
+    manifest: dict[str, Any]
+    run: ShardedJobResult
+    probe_trained: bool
+
+
+def scorer_image_size(cfg: ScorerConfig) -> int:
+    """The side the scorer reads images at, without building it."""
+    if cfg.kind == "label_probe":
+        import json
+
+        return int(json.loads((Path(cfg.probe_path) / "probe.json").read_text())["image_size"])
+    import open_clip
+
+    arch = cfg.arch
+    if arch.startswith("local-dir:"):
+        import json
+
+        model_cfg = json.loads((Path(arch[len("local-dir:") :]) / "open_clip_config.json").read_text())
+        model_cfg = model_cfg.get("model_cfg", model_cfg)
+    else:
+        model_cfg = open_clip.get_model_config(arch) or {}
+    size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
+    return int(size[0] if isinstance(size, list | tuple) else size)
+
+
+def check_same_space(
+    vocab_scorer: Mapping[str, Any] | None, scorer: Mapping[str, Any], vocab_uri: str
+) -> None:
+    """The vocab's text features and our image features must come from one embedding space."""
+    if not vocab_scorer:
+        return
+    keys = ("kind", "text_encoder") if scorer["kind"] == "label_probe" else ("kind", "arch", "weights")
+    diff = [k for k in keys if vocab_scorer.get(k) != scorer.get(k)]
+    if diff:
+        theirs = ", ".join(f"{k}={vocab_scorer.get(k)!r}" for k in diff)
+        ours = ", ".join(f"{k}={scorer.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"vocab {vocab_uri} was computed with another scorer ({theirs} vs {ours}); its text features and "
+            "these image features live in different spaces. Run spae vocab with this scorer."
+        )
+
+
+def job_identity(
+    cfg: PoolsJobConfig, scorer: Mapping[str, Any], vocab_card: Mapping[str, Any], k: int, size: int
+):
+    """What determines the pools' content (the job digest of every part)."""
+    return {
+        "format": FORMAT,
+        "scorer": dict(scorer),
+        "vocab_job_digest": vocab_card.get("job_digest", ""),
+        "vocab_rows": vocab_card.get("rows"),
+        "top_k": k,
+        "min_threshold": cfg.min_threshold,
+        "image_size": size,
+        "fit": cfg.fit,
+        "max_pixels": cfg.max_pixels,
+    }
+
+
+def run_pools_job(
+    cfg: PoolsJobConfig, on_commit: Callable[[str], None] | None = None, log: Callable[[str], None] = print
+) -> PoolsJobResult:
+    """Compute the missing shards of ``cfg.output``; Ray must be initialised (``init_ray``)."""
+    import json
+
+    from pipeline.storage import resolve
+    from pipeline.vocab import CARD
+
+    trained = ensure_probe(cfg, log)
+    scorer = describe_scorer(cfg.scorer)
+    card = json.loads(resolve(cfg.vocab).join(CARD).read_text())
+    check_same_space(card.get("scorer"), scorer, cfg.vocab)
+    k = min(cfg.top_k, int(card["rows"]))
+    if k < cfg.top_k:
+        log(f"pools: top_k {cfg.top_k} > vocabulary size {card['rows']}; using k={k}")
+    size = cfg.image_size or scorer_image_size(cfg.scorer)
+    shards = list_shards(cfg.source)
+    stage_kwargs = {
+        "scorer": to_dict(cfg.scorer),
+        "vocab": cfg.vocab,
+        "search": to_dict(cfg.search),
+        "top_k": k,
+        "min_threshold": cfg.min_threshold,
+    }
+
+    def model_stages(ds: Any) -> Any:
+        return map_stage(
+            ds,
+            PoolStage,
+            constructor_kwargs=stage_kwargs,
+            actors=cfg.actors,
+            batch_size=cfg.batch_size,
+            num_gpus=cfg.num_gpus_per_actor,
+            num_cpus=cfg.num_cpus_per_actor,
+        )
+
+    start = time.perf_counter()
+    result = run_sharded_job(
+        shards,
+        cfg.output,
+        POOLS_SCHEMA,
+        image_size=size,
+        model_stages=model_stages,
+        identity=job_identity(cfg, scorer, card, k, size),
+        config=to_dict(cfg),
+        max_pixels=cfg.max_pixels,
+        fit=cfg.fit,
+        progress=cfg.progress,
+        on_commit=on_commit,
+        manifest_extra={"stage": STAGE, "vocab": cfg.vocab, "vocab_card": card.get("job_digest", "")},
+    )
+    log(
+        f"pools: {result.shards_run}/{result.shards_total} shards computed now, {result.rows_run} images "
+        f"in {time.perf_counter() - start:.1f}s ({result.images_per_s:.0f} img/s); "
+        f"{result.manifest['rows_written']} rows, {result.manifest['errors']} errors in total"
+    )
+    return PoolsJobResult(result.manifest["output"], result.manifest, result, trained)

@@ -1,0 +1,84 @@
+"""Connect to Ray once per process: a local cluster by default, or ``address`` / ``$RAY_ADDRESS``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+# environment handed to workers of a cluster we start; values are never logged
+ENV_ALLOWLIST = (
+    "SPAE_S3_ENDPOINT",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "HF_HUB_OFFLINE",
+)
+CONNECT_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # "" = $RAY_ADDRESS, else a new local cluster; "auto" = the running local one
+    num_cpus: int | None = None  # local cluster only
+    num_gpus: int | None = None  # local cluster only
+    include_dashboard: bool = False  # local cluster only
+
+
+def worker_env() -> dict[str, str]:
+    """The allowlisted variables that are set here, for ``runtime_env={"env_vars": ...}``."""
+    return {name: os.environ[name] for name in ENV_ALLOWLIST if os.environ.get(name)}
+
+
+def init_ray(cfg: RayConfig | None = None) -> None:
+    """``ray.init`` once; an unreachable address fails within seconds with a message naming it."""
+    import ray
+
+    cfg = cfg or RayConfig()
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address and address != "auto":
+        _check_reachable(address)
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        log.info("starting a local Ray cluster (workers get %d allowlisted env vars)", len(worker_env()))
+        ray.init(
+            address="local",  # never attach silently to another cluster on this machine
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            include_dashboard=cfg.include_dashboard,
+            runtime_env={"env_vars": worker_env()},
+        )
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on ``host:port`` / ``ray://host:port`` / ``http://host:port`` that nobody serves."""
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        raise ValueError(f"Ray address {address!r} is not of the form host:port, ray://host:port or 'auto'")
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise ConnectionError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}); is the head running? "
+            "Leave the address empty to start a local cluster."
+        ) from e

@@ -1,0 +1,73 @@
+"""Parquet schemas of the pipeline's tables, and numpy batch -> Arrow column conversion."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pyarrow as pa
+
+# bookkeeping columns every sharded stage carries through (see pipeline.stages.KEEP)
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("stage", pa.string()),  # "read", "decode", or the model stage's name
+        ("reason", pa.string()),
+    ]
+)
+
+POOLS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source", pa.string()),
+        ("label", pa.int64()),  # null when the source has no labels
+        ("image_feature", pa.list_(pa.float16())),  # [d], L2-normalised
+        ("s_min", pa.float32()),  # eq. 6: min over the whole vocabulary of s(I, k)
+        ("s_max", pa.float32()),  # eq. 6: max over the whole vocabulary
+        ("topk_ids", pa.list_(pa.int32())),  # [k] codebook rows, best first
+        ("topk_scores", pa.list_(pa.float32())),  # [k] normalised scores of eq. 6, in [0, 1]
+        ("n_above_min_threshold", pa.int32()),  # tokens of the top-K with score >= the lowest rho
+        ("pool_truncated", pa.bool_()),  # n_above_min_threshold == k: more tokens may pass
+    ]
+)
+
+
+def error_mask(errors: np.ndarray | list) -> np.ndarray:
+    """bool ``[n]``: rows whose ``error`` holds a reason. None, "" and NaN (Ray's numpy view of an
+    all-null column) mean no error."""
+    return np.array([isinstance(e, str) and e != "" for e in errors], dtype=bool)
+
+
+def to_arrow_column(values: np.ndarray | list, type_: pa.DataType) -> pa.Array:
+    """A numpy batch column (as Ray Data hands it back) -> an Arrow array of ``type_``.
+
+    Handles 2-D arrays for list types (``[n, k]``), object arrays of arrays/None, and integer
+    columns that came back as float with NaN for null (Ray's numpy view of a nullable int).
+    """
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        value_type = type_.value_type
+        if isinstance(values, np.ndarray) and values.dtype != object and values.ndim == 2:
+            n, k = values.shape
+            flat = pa.array(values.reshape(-1).astype(value_type.to_pandas_dtype()), type=value_type)
+            offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32), type=pa.int32())
+            return pa.ListArray.from_arrays(offsets, flat).cast(type_)
+        rows = [None if v is None else np.asarray(v).astype(value_type.to_pandas_dtype()) for v in values]
+        return pa.array(rows, type=type_)
+    if pa.types.is_integer(type_) and isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        mask = np.isnan(values)
+        return pa.array(np.where(mask, 0, values).astype(type_.to_pandas_dtype()), type=type_, mask=mask)
+    if isinstance(values, np.ndarray) and values.dtype == object:
+        values = values.tolist()
+    return pa.array(values, type=type_)
+
+
+def to_table(batch: Mapping[str, np.ndarray | list], schema: pa.Schema) -> pa.Table:
+    """Select and convert the ``schema`` columns of a numpy batch; a missing column is an error."""
+    missing = [name for name in schema.names if name not in batch]
+    if missing:
+        raise KeyError(
+            f"batch lacks column(s) {', '.join(missing)} of the output schema; has {', '.join(batch)}"
+        )
+    arrays = [to_arrow_column(batch[f.name], f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)

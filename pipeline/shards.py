@@ -1,0 +1,349 @@
+"""Exactly-once output for sharded jobs: one ``part-<shard_id>.parquet`` per input shard.
+
+Layout under an output URI (local or ``s3://``)::
+
+    part-00000.parquet ...     one file per input shard, visible only complete
+    _errors/part-00000.parquet failed rows of that shard (only when it has any)
+    _errors.parquet            all failed rows (image_id, path, stage, reason), merged at the end
+    _manifest.json             input, counts, shard list, config, job identity
+    _tmp/                      files being written; committed by a move
+
+``ShardWriter`` runs on the driver. It receives output batches (numpy dicts carrying ``shard_id``,
+``image_id``, ``path``, ``error``, ``error_stage`` and the output columns) in any order, buffers rows
+per shard and commits a shard once it holds exactly the shard's row count (rows written +
+errors): first the shard's errors file, then the data file, each written to ``_tmp/`` and moved
+into place. The data file's footer records the input digest, the job digest and the counts, so a
+re-run skips committed shards, recomputes missing ones, and refuses to mix outputs of a changed
+input or a different job configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.schemas import ERRORS_SCHEMA, error_mask, to_table
+from pipeline.sources import Shard, source_info
+from pipeline.storage import Location, resolve
+
+MANIFEST = "_manifest.json"
+ERRORS = "_errors.parquet"
+ERRORS_DIR = "_errors"
+TMP_DIR = "_tmp"
+META_PREFIX = b"spae."
+
+
+class ShardError(RuntimeError):
+    """A shard's output is inconsistent (counts, duplicates, stale input); the message names it."""
+
+
+def part_name(shard_id: str) -> str:
+    return f"part-{shard_id}.parquet"
+
+
+def job_digest(identity: Mapping[str, Any]) -> str:
+    """A short hash of what determines the output's content (model, vocab, output config)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CommittedPart:
+    shard_id: str
+    input_digest: str
+    job_digest: str
+    rows_in: int
+    rows_written: int
+    errors: int
+
+
+def read_part_meta(out: Location, shard_id: str) -> CommittedPart | None:
+    """The footer record of a committed part, or None if the part does not exist."""
+    path = out.join(part_name(shard_id)).path
+    try:
+        with out.fs.open_input_file(path) as f:
+            meta = pq.read_metadata(f)
+    except FileNotFoundError:
+        return None
+    kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if k.startswith(META_PREFIX)}
+    return CommittedPart(
+        shard_id=shard_id,
+        input_digest=kv.get("spae.input_digest", ""),
+        job_digest=kv.get("spae.job_digest", ""),
+        rows_in=int(kv.get("spae.rows_in", -1)),
+        rows_written=meta.num_rows,
+        errors=int(kv.get("spae.errors", -1)),
+    )
+
+
+def pending(out: Location | str, shards: list[Shard], identity: Mapping[str, Any]) -> list[Shard]:
+    """The shards whose part is not committed yet; raises ``ShardError`` on a stale or foreign part."""
+    out = resolve(out) if isinstance(out, str) else out
+    existing = _names(out)
+    digest = job_digest(identity)
+    todo = []
+    for shard in shards:
+        if part_name(shard.shard_id) not in existing:
+            todo.append(shard)
+            continue
+        part = read_part_meta(out, shard.shard_id)
+        if part is None:
+            todo.append(shard)
+        elif part.input_digest != shard.digest:
+            raise ShardError(
+                f"{out.uri}/{part_name(shard.shard_id)}: written from different input items "
+                f"(digest {part.input_digest} != {shard.digest}); the input changed since. "
+                "Write to a new output or delete the old one."
+            )
+        elif part.job_digest != digest:
+            raise ShardError(
+                f"{out.uri}/{part_name(shard.shard_id)}: written by a job with a different configuration "
+                f"(job digest {part.job_digest} != {digest}). Write to a new output or delete the old one."
+            )
+    return todo
+
+
+class ShardWriter:
+    """Driver-side committer; see the module docstring.
+
+    ``schema``: the output columns (taken from the ok rows of each batch). ``identity``: what
+    determines the content (e.g. scorer, vocab card, top_k); it goes into every part and the manifest.
+    ``config``: the job config for the manifest. ``sidecars(shard_id, table) -> {name: bytes}``:
+    extra per-shard files (e.g. a JSONL twin), committed before the shard's data file.
+    ``on_commit(shard_id)``: called right after each commit (progress; tests that kill a run).
+    """
+
+    def __init__(
+        self,
+        output: Location | str,
+        shards: list[Shard],
+        schema: pa.Schema,
+        *,
+        identity: Mapping[str, Any],
+        config: Mapping[str, Any] | None = None,
+        sidecars: Callable[[str, pa.Table], Mapping[str, bytes]] | None = None,
+        on_commit: Callable[[str], None] | None = None,
+    ) -> None:
+        self.out = resolve(output) if isinstance(output, str) else output
+        self.shards = {s.shard_id: s for s in shards}
+        assert len(self.shards) == len(shards), "duplicate shard ids"
+        self.schema = schema
+        self.identity = dict(identity)
+        self.digest = job_digest(self.identity)
+        self.config = dict(config or {})
+        self.sidecars = sidecars
+        self.on_commit = on_commit
+        self.committed: list[str] = []  # committed by this writer, in order
+        self._buffers: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def pending(self) -> list[Shard]:
+        return pending(self.out, list(self.shards.values()), self.identity)
+
+    def add(self, batch: Mapping[str, np.ndarray]) -> list[str]:
+        """Buffer a batch; commit every shard it completes. Returns the shard ids committed now."""
+        shard_ids = np.asarray(batch["shard_id"]).astype(str)
+        done = []
+        for shard_id in np.unique(shard_ids).tolist():
+            if shard_id not in self.shards:
+                raise ShardError(f"batch row for unknown shard {shard_id!r}")
+            rows = np.flatnonzero(shard_ids == shard_id)
+            self._buffers[shard_id].append({k: np.asarray(v)[rows] for k, v in batch.items()})
+            self._counts[shard_id] += len(rows)
+            expected = self.shards[shard_id].num_rows
+            if self._counts[shard_id] > expected:
+                raise ShardError(
+                    f"shard {shard_id}: received {self._counts[shard_id]} rows, expected {expected}"
+                )
+            if self._counts[shard_id] == expected:
+                self._commit(shard_id)
+                done.append(shard_id)
+        return done
+
+    def incomplete(self) -> dict[str, tuple[int, int]]:
+        """Shards with buffered rows but not all of them: ``{shard_id: (received, expected)}``."""
+        return {s: (n, self.shards[s].num_rows) for s, n in self._counts.items() if s not in self.committed}
+
+    def _commit(self, shard_id: str) -> None:
+        parts = self._buffers.pop(shard_id)
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        errors = error_mask(batch["error"])
+        ids = np.asarray(batch["image_id"]).astype(str)
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise ShardError(f"shard {shard_id}: duplicate image_id(s) {', '.join(uniq[counts > 1][:5])}")
+        order = np.argsort(ids, kind="stable")
+        ok = order[~errors[order]]
+        bad = order[errors[order]]
+        data = to_table({k: v[ok] for k, v in batch.items()}, self.schema)
+        shard = self.shards[shard_id]
+        assert data.num_rows + len(bad) == shard.num_rows
+        if len(bad):
+            stage = batch.get("error_stage")
+            err = pa.table(
+                {
+                    "image_id": ids[bad].tolist(),
+                    "path": [str(p) for p in np.asarray(batch["path"])[bad]],
+                    "stage": [
+                        stage[i] if stage is not None and isinstance(stage[i], str) else "unknown"
+                        for i in bad
+                    ],
+                    "reason": [str(batch["error"][i]) for i in bad],
+                },
+                schema=ERRORS_SCHEMA,
+            )
+            self._put(f"{ERRORS_DIR}/{part_name(shard_id)}", err)
+        meta = {
+            "spae.input_digest": shard.digest,
+            "spae.job_digest": self.digest,
+            "spae.rows_in": str(shard.num_rows),
+            "spae.errors": str(len(bad)),
+        }
+        for name, blob in (self.sidecars(shard_id, data) if self.sidecars else {}).items():
+            self._put_bytes(name, blob)
+        data = data.replace_schema_metadata({**(data.schema.metadata or {}), **meta})
+        self._put(part_name(shard_id), data)  # the commit point of the shard
+        self.committed.append(shard_id)
+        self._counts.pop(shard_id, None)
+        if self.on_commit is not None:
+            self.on_commit(shard_id)
+
+    def _put(self, name: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self._put_bytes(name, buf.getvalue())
+
+    def _put_bytes(self, name: str, blob: bytes) -> None:
+        """Write ``blob`` under ``_tmp/`` and move it to ``name`` (atomic on local disks and S3)."""
+        tmp = self.out.join(TMP_DIR, f"{name.replace('/', '__')}.{uuid.uuid4().hex[:12]}")
+        final = self.out.join(name)
+        if not self.out.is_s3:
+            self.out.fs.create_dir(tmp.path.rsplit("/", 1)[0], recursive=True)
+            self.out.fs.create_dir(final.path.rsplit("/", 1)[0], recursive=True)
+        with self.out.fs.open_output_stream(tmp.path) as f:
+            f.write(blob)
+        self.out.fs.move(tmp.path, final.path)
+
+    def finish(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Check every shard is committed and counts add up; merge errors; write the manifest.
+
+        Writes nothing when nothing changed since the last finish (same manifest content).
+        Returns the manifest.
+        """
+        if self.incomplete():
+            missing = ", ".join(f"shard {s} has {n} of {e} rows" for s, (n, e) in self.incomplete().items())
+            raise ShardError(f"{self.out.uri}: incomplete shards: {missing}")
+        todo = self.pending()
+        if todo:
+            raise ShardError(f"{self.out.uri}: shards not committed: {', '.join(s.shard_id for s in todo)}")
+        parts = []
+        for shard in self.shards.values():
+            part = read_part_meta(self.out, shard.shard_id)
+            assert part is not None
+            if part.rows_in != shard.num_rows or part.rows_written + part.errors != shard.num_rows:
+                raise ShardError(
+                    f"{self.out.uri}/{part_name(shard.shard_id)}: rows in {shard.num_rows} != "
+                    f"rows written {part.rows_written} + errors {part.errors}"
+                )
+            parts.append(part)
+        shards = list(self.shards.values())
+        manifest = {
+            "input": source_info(shards),
+            "output": self.out.uri,
+            "rows_in": sum(s.num_rows for s in shards),
+            "rows_written": sum(p.rows_written for p in parts),
+            "errors": sum(p.errors for p in parts),
+            "shards": [
+                {
+                    "shard_id": p.shard_id,
+                    "file": part_name(p.shard_id),
+                    "input_digest": p.input_digest,
+                    "rows_in": p.rows_in,
+                    "rows_written": p.rows_written,
+                    "errors": p.errors,
+                }
+                for p in parts
+            ],
+            "job_digest": self.digest,
+            "identity": self.identity,
+            "config": self.config,
+            **(extra or {}),
+        }
+        manifest = json.loads(json.dumps(manifest, default=str))
+        manifest_loc = self.out.join(MANIFEST)
+        if not self.committed and manifest_loc.exists() and json.loads(manifest_loc.read_text()) == manifest:
+            return manifest  # a re-run of a finished job: nothing to write
+        self._check_unique(parts)
+        errors = [
+            pq.read_table(self.out.join(ERRORS_DIR, part_name(p.shard_id)).path, filesystem=self.out.fs)
+            for p in parts
+            if p.errors
+        ]
+        merged = pa.concat_tables(errors) if errors else ERRORS_SCHEMA.empty_table()
+        self._put(ERRORS, merged.cast(ERRORS_SCHEMA))
+        manifest_loc.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        self._clean_tmp()
+        return manifest
+
+    def _check_unique(self, parts: list[CommittedPart]) -> None:
+        """image_id unique across the whole output (data parts and errors)."""
+        seen: dict[str, str] = {}
+        for p in parts:
+            ids = pq.read_table(
+                self.out.join(part_name(p.shard_id)).path, columns=["image_id"], filesystem=self.out.fs
+            )
+            names = ids.column("image_id").to_pylist()
+            if p.errors:
+                err = self.out.join(ERRORS_DIR, part_name(p.shard_id)).path
+                names += (
+                    pq.read_table(err, columns=["image_id"], filesystem=self.out.fs)
+                    .column("image_id")
+                    .to_pylist()
+                )
+            for name in names:
+                if name in seen:
+                    raise ShardError(
+                        f"image_id {name!r} appears in shard {seen[name]} and shard {p.shard_id}"
+                    )
+                seen[name] = p.shard_id
+
+    def _clean_tmp(self) -> None:
+        tmp = self.out.join(TMP_DIR)
+        try:
+            if tmp.exists():
+                tmp.delete()
+        except OSError:
+            pass  # leftovers of temporary files never count as output
+
+
+def read_manifest(output: Location | str) -> dict[str, Any]:
+    out = resolve(output) if isinstance(output, str) else output
+    return json.loads(out.join(MANIFEST).read_text())
+
+
+def read_output(output: Location | str, columns: list[str] | None = None) -> pa.Table:
+    """All committed parts of an output, in shard order (for tests and small outputs)."""
+    out = resolve(output) if isinstance(output, str) else output
+    names = sorted(n for n in _names(out) if n.startswith("part-") and n.endswith(".parquet"))
+    tables = [pq.read_table(out.join(n).path, columns=columns, filesystem=out.fs) for n in names]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def read_errors(output: Location | str) -> pa.Table:
+    out = resolve(output) if isinstance(output, str) else output
+    return pq.read_table(out.join(ERRORS).path, filesystem=out.fs)
+
+
+def _names(out: Location) -> set[str]:
+    selector = pafs.FileSelector(out.path.rstrip("/"), recursive=False, allow_not_found=True)
+    return {info.base_name for info in out.fs.get_file_info(selector) if info.type == pafs.FileType.File}

@@ -1,0 +1,542 @@
+"""The tokenize job: a dataset of images -> a lexical corpus (see docs/CORPUS.md), exactly once.
+
+    input shards -> read + decode (tasks) -> TokenizeStage (actor pool, CPU or GPU)
+        -> ShardWriter on the driver: per shard, errors, then part-<id>.jsonl, then part-<id>.parquet
+
+``TokenizeStage`` is Ray-free: it loads the tokenizer once and maps a numpy batch (``KEEP`` columns
++ ``pixels``) to corpus columns. The driver then checks the corpus (counts, token histograms and
+utilization per layer, a round trip on a sample: the emitted ids are re-derived with the library
+and decoded, PSNR against the originals) and logs everything to one MLflow run per output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.corpus import (
+    JSONL_SUFFIX,
+    PART_PREFIX,
+    corpus_schema,
+    deepest_decodable,
+    jsonl_bytes,
+    part_files,
+    token_pyramid,
+    tokens_column,
+    words_column,
+)
+from pipeline.images import FIT_MODES, decode_batch, to_float
+from pipeline.ray_utils import RayConfig, init_ray
+from pipeline.shards import ShardWriter, read_manifest
+from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
+from pipeline.stages import ShardedJobResult, carry, map_stage, read_and_decode, run_sharded_job
+from pipeline.storage import resolve
+from pipeline.tracking import MAX_PARAM_VALUE, MlflowConfig, is_secret, start_run
+from spae.config import flatten, to_dict
+
+log = logging.getLogger(__name__)
+
+TOKENIZE_STAGE = "tokenize"
+HISTOGRAM_TOP = 40
+
+
+@dataclass(frozen=True)
+class TokenizeJobConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    tokenizer: str = ""  # save_pretrained folder (local, s3://) or an MLflow URI (runs:/, models:/)
+    layers: tuple[int, ...] = ()  # pyramid layers to emit (1-indexed); () = all
+    output: str = ""  # corpus folder, local or s3://
+    batch_size: int = 64
+    actors: int = 1
+    num_gpus_per_actor: float = 0.0
+    device: str = "auto"  # "auto" = cuda when the actor sees a GPU, else cpu
+    fit: str = "auto"  # pipeline.images fit policy
+    max_pixels: int = 50_000_000
+    roundtrip_sample: int = 8  # images decoded back for the round-trip check (0 = skip)
+    run_name: str = ""  # MLflow run name; "" = derived from the output URI (a re-run resumes it)
+    progress: bool = True
+    fail_after_shards: int = 0  # test hook: die while committing shard N+1 (0 = never)
+    in_process: bool = False  # no Ray: read, decode, tokenize and commit here (small inputs, debugging)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.actors < 1:
+            raise ValueError(f"batch_size ({self.batch_size}) and actors ({self.actors}) must be >= 1")
+        if self.num_gpus_per_actor < 0 or self.roundtrip_sample < 0 or self.fail_after_shards < 0:
+            raise ValueError("num_gpus_per_actor, roundtrip_sample and fail_after_shards must be >= 0")
+        if self.fit not in FIT_MODES:
+            raise ValueError(f"fit: {self.fit!r} is not one of {', '.join(FIT_MODES)}")
+        if any(l < 1 for l in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise ValueError(
+                f"layers: {list(self.layers)} must be distinct 1-indexed layers (or empty for all)"
+            )
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the ``fail_after_shards`` test hook."""
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+
+_DOWNLOADS: dict[str, Path] = {}
+
+
+def load_tokenizer(uri: str, device: str = "cpu") -> Any:
+    """``SPAETokenizer`` from a local folder, ``s3://`` prefix (copied once per process) or MLflow URI."""
+    import torch
+
+    from spae.tokenizer import SPAETokenizer
+
+    if not uri:
+        raise ValueError(
+            "tokenizer: empty; give a save_pretrained folder (local or s3://) or runs:/, models:/"
+        )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    path: str | Path = uri
+    if uri.startswith("s3://"):
+        if uri not in _DOWNLOADS:
+            _DOWNLOADS[uri] = _download_folder(uri)
+        path = _DOWNLOADS[uri]
+    return SPAETokenizer.from_pretrained(path, map_location=device).eval()
+
+
+def _download_folder(uri: str) -> Path:
+    src = resolve(uri)
+    files = [loc for loc in src.list(recursive=True) if not loc.is_dir()]
+    if not files:
+        raise FileNotFoundError(f"tokenizer {uri}: no files under this prefix")
+    dest = Path(tempfile.mkdtemp(prefix="spae-tokenizer-"))
+    base = src.path.rstrip("/") + "/"
+    for loc in files:
+        target = dest / loc.path[len(base) :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(loc.read_bytes())
+    return dest
+
+
+def resolve_layers(layers: Sequence[int], pyramid: Any) -> tuple[int, ...]:
+    """``()`` -> every layer; else the sorted layers, each checked against the pyramid."""
+    if not layers:
+        return tuple(range(1, pyramid.num_layers + 1))
+    for l in layers:
+        pyramid.layer_size(l)  # ValueError naming the allowed range
+    return tuple(sorted(layers))
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+class TokenizeStage:
+    """Ray-free: ``KEEP`` columns + ``pixels`` uint8 ``[n, H, W, 3]`` -> ``KEEP`` + corpus columns.
+
+    Rows with an error pass through (empty tokens); an encode failure turns the batch's rows into
+    errors of stage ``tokenize`` instead of killing the job.
+    """
+
+    def __init__(self, tokenizer: str, layers: Sequence[int] = (), device: str = "auto"):
+        self.tokenizer = load_tokenizer(tokenizer, device)
+        self.layers = resolve_layers(layers, self.tokenizer.pyramid)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        out = carry(batch)
+        n = len(batch["image_id"])
+        error = np.array([_reason(e) for e in batch["error"]], dtype=object)
+        stage = np.array([_reason(s) for s in batch.get("error_stage", [None] * n)], dtype=object)
+        ok = error == ""
+        tokens = {l: np.zeros((n, self.tokenizer.pyramid.token_counts[l - 1]), np.int32) for l in self.layers}
+        words = {l: _object_array([[] for _ in range(n)]) for l in self.layers}
+        text = np.full(n, "", dtype=object)
+        rows = np.flatnonzero(ok)
+        if len(rows):
+            try:
+                images = torch.from_numpy(to_float(np.asarray(batch["pixels"])[rows]))  # [k, 3, H, W]
+                pyramid = self.tokenizer.encode(images, layers=self.layers)
+                for l in self.layers:
+                    tokens[l][rows] = pyramid.layer_ids(l).reshape(len(rows), -1).numpy()  # [k, n_l]
+                    for i, w in zip(rows, pyramid.words(l), strict=True):
+                        words[l][i] = w
+                text[rows] = pyramid.to_text(self.layers)
+            except Exception as e:  # noqa: BLE001 - a failing batch becomes error rows, not a dead job
+                error[rows] = f"tokenize failed: {type(e).__name__}: {e}"
+                stage[rows] = TOKENIZE_STAGE
+        out.update(error=error, error_stage=stage, text=text)
+        for l in self.layers:
+            out[tokens_column(l)] = tokens[l]
+            out[words_column(l)] = words[l]
+        return out
+
+
+def _reason(value: Any) -> str:
+    """An error cell -> its reason, ``""`` for none. Ray hands an all-null string column back as a
+    float NaN array, so anything but a string means "no error" (as ``pipeline.schemas.error_mask``);
+    emitting ``""`` keeps the column a string column."""
+    return value if isinstance(value, str) else ""
+
+
+def _object_array(items: list) -> np.ndarray:
+    """A 1-D object array of Python objects (lists stay lists: Ray turns them into list columns)."""
+    arr = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        arr[i] = item
+    return arr
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    manifest: dict[str, Any]
+    shards_total: int
+    shards_run: int
+    rows_run: int
+    seconds: float
+    metrics: dict[str, float]
+    run_id: str | None
+
+
+def jsonl_sidecar(shard_id: str, table: pa.Table) -> dict[str, bytes]:
+    """The JSONL twin of a shard, committed before its Parquet part."""
+    return {f"{PART_PREFIX}{shard_id}{JSONL_SUFFIX}": jsonl_bytes(table)}
+
+
+def run_name_for(cfg: TokenizeJobConfig, output_uri: str) -> str:
+    """One MLflow run per corpus: a re-run (after a crash) resumes it."""
+    return cfg.run_name or f"tokenize:{output_uri}"
+
+
+def tracking_dir(output: str) -> str:
+    """Where the default local MLflow store goes: beside a local output, else ./outputs."""
+    return str(Path(output).expanduser().resolve().parent) if "://" not in output else "outputs"
+
+
+def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
+    if not cfg.output:
+        raise ValueError("output: empty; give the corpus folder (local path or s3://bucket/prefix)")
+    out = resolve(cfg.output)
+    tokenizer = load_tokenizer(cfg.tokenizer, "cpu")
+    layers = resolve_layers(cfg.layers, tokenizer.pyramid)
+    shards = list_shards(cfg.source)
+    fingerprint = tokenizer.fingerprint()
+    card = dict(tokenizer.codebook.card)
+    identity = {
+        "tokenizer_fingerprint": fingerprint,
+        "codebook_hash": card.get("hash", ""),
+        "layers": list(layers),
+        "image_size": tokenizer.config.image_size,
+        "fit": cfg.fit,
+        "max_pixels": cfg.max_pixels,
+    }
+    manifest_extra = {
+        "tokenizer": {"uri": cfg.tokenizer, "fingerprint": fingerprint, "codebook_card": card},
+        "layers": list(layers),
+        "text_format": "[L<l>] w w ... per layer, ascending; row-major within a layer (docs/CORPUS.md)",
+    }
+    if not cfg.in_process:
+        init_ray(cfg.ray)
+    committing = 0
+
+    def sidecars(shard_id: str, table: pa.Table) -> dict[str, bytes]:
+        nonlocal committing
+        committing += 1
+        if cfg.fail_after_shards and committing > cfg.fail_after_shards:  # dies inside the next commit
+            raise InjectedFailure(
+                f"fail_after_shards={cfg.fail_after_shards}: stopping while committing {shard_id}"
+            )
+        return jsonl_sidecar(shard_id, table)
+
+    def stages(ds: Any) -> Any:
+        return map_stage(
+            ds,
+            TokenizeStage,
+            constructor_kwargs={"tokenizer": cfg.tokenizer, "layers": layers, "device": cfg.device},
+            actors=cfg.actors,
+            batch_size=cfg.batch_size,
+            num_gpus=cfg.num_gpus_per_actor,
+        )
+
+    run_name = run_name_for(cfg, out.uri)
+    tags = {"spae.job": "tokenize", "spae.output": out.uri, "spae.tokenizer_fingerprint": fingerprint}
+    with start_run(cfg.mlflow, run_name, default_dir=tracking_dir(cfg.output), tags=tags) as run:
+        if run is not None:
+            _log_params(cfg, run)
+            _log_dataset(
+                cfg.source.uri, "input", digest=_shards_digest(shards), rows=sum(s.num_rows for s in shards)
+            )
+        runner = run_in_process if cfg.in_process else run_sharded_job
+        result = runner(
+            shards,
+            out,
+            corpus_schema(layers),
+            image_size=tokenizer.config.image_size,
+            model_stages=stages,
+            identity=identity,
+            config=to_dict(cfg),
+            max_pixels=cfg.max_pixels,
+            fit=cfg.fit,
+            progress=cfg.progress,
+            manifest_extra=manifest_extra,
+            sidecars=sidecars,
+        )
+        manifest = result.manifest
+        metrics: dict[str, float] = {
+            "rows_in": manifest["rows_in"],
+            "rows_written": manifest["rows_written"],
+            "errors": manifest["errors"],
+            "shards_total": result.shards_total,
+            "shards_run": result.shards_run,
+            "rows_run": result.rows_run,
+            "seconds": result.seconds,
+            "images_per_s": result.images_per_s,
+        }
+        counts = token_counts(out, layers, len(tokenizer.vocabulary))
+        for l, c in counts.items():
+            metrics.update(_usage_metrics(l, c))
+        check = roundtrip_check(tokenizer, out, shards, layers, cfg) if cfg.roundtrip_sample else None
+        if check is not None:
+            metrics.update(check.metrics)
+        if run is not None:
+            _log_run(metrics, counts, tokenizer.vocabulary.words, check, out.uri, manifest)
+        return TokenizeResult(
+            manifest=manifest,
+            shards_total=result.shards_total,
+            shards_run=result.shards_run,
+            rows_run=result.rows_run,
+            seconds=result.seconds,
+            metrics=metrics,
+            run_id=run.info.run_id if run is not None else None,
+        )
+
+
+def run_in_process(
+    shards: list[Shard],
+    output: Any,
+    schema: pa.Schema,
+    *,
+    image_size: int,
+    model_stages: Any,
+    identity: dict[str, Any],
+    config: dict[str, Any],
+    max_pixels: int,
+    fit: str,
+    progress: bool,
+    manifest_extra: dict[str, Any],
+    sidecars: Any,
+) -> ShardedJobResult:
+    """``run_sharded_job`` without Ray: the same stages and the same exactly-once commits, in this process.
+
+    ``model_stages`` is ignored; the stage is built from the constructor kwargs of ``TokenizeStage``
+    that the caller bound into ``config``.
+    """
+    del model_stages, progress
+    writer = ShardWriter(output, shards, schema, identity=identity, config=config, sidecars=sidecars)
+    todo = writer.pending()
+    stage = TokenizeStage(config["tokenizer"], tuple(identity["layers"]), config["device"]) if todo else None
+    start, rows = time.perf_counter(), 0
+    for shard in todo:
+        batch = read_and_decode(
+            {"shard": np.array([shard.to_json()], dtype=object)}, image_size, max_pixels=max_pixels, fit=fit
+        )
+        writer.add(stage(batch))
+        rows += shard.num_rows
+    seconds = time.perf_counter() - start
+    manifest = writer.finish(extra=manifest_extra)
+    return ShardedJobResult(manifest, len(shards), len(todo), rows, seconds)
+
+
+def _shards_digest(shards: list[Shard]) -> str:
+    return hashlib.sha256("".join(s.digest for s in shards).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- corpus checks
+
+
+def token_counts(out: Any, layers: Sequence[int], vocab_size: int) -> dict[int, np.ndarray]:
+    """Per layer, ``[v]`` counts of every token over the whole corpus (read one part at a time)."""
+    counts = {l: np.zeros(vocab_size, np.int64) for l in layers}
+    for part in part_files(out):
+        table = pq.read_table(part.path, columns=[tokens_column(l) for l in layers], filesystem=part.fs)
+        for l in layers:
+            flat = pc.list_flatten(table.column(tokens_column(l))).to_numpy(zero_copy_only=False)
+            counts[l] += np.bincount(flat.astype(np.int64), minlength=vocab_size)
+    return counts
+
+
+def _usage_metrics(layer: int, counts: np.ndarray) -> dict[str, float]:
+    total = int(counts.sum())
+    if total == 0:
+        return {}
+    p = counts[counts > 0] / total
+    return {
+        f"layer{layer}/utilization": float((counts > 0).mean()),
+        f"layer{layer}/distinct_tokens": int((counts > 0).sum()),
+        f"layer{layer}/perplexity": float(np.exp(-(p * np.log(p)).sum())),
+    }
+
+
+@dataclass(frozen=True)
+class RoundTrip:
+    image_ids: list[str]
+    originals: np.ndarray  # [k, H, W, 3] uint8
+    decodes: np.ndarray | None  # [k, H, W, 3] uint8, None if no covering prefix was emitted
+    metrics: dict[str, float]
+
+
+def roundtrip_check(
+    tokenizer: Any, out: Any, shards: list[Shard], layers: Sequence[int], cfg: TokenizeJobConfig
+):
+    """Re-derive a sample's ids with the library, compare with the corpus, decode them, PSNR."""
+    import torch
+
+    from spae.metrics import psnr
+
+    size = tokenizer.config.image_size
+    sample, originals = [], []
+    for shard in shards:  # the first committed rows in shard order
+        part = out.join(f"{PART_PREFIX}{shard.shard_id}.parquet")
+        if not part.exists():
+            continue
+        table = pq.read_table(part.path, filesystem=part.fs)
+        if table.num_rows == 0:
+            continue
+        raw = read_shard(shard)
+        decoded = decode_batch(
+            {k: np.array(raw.column(k).to_pylist(), dtype=object) for k in raw.column_names},
+            size,
+            max_pixels=cfg.max_pixels,
+            fit=cfg.fit,
+        )
+        index = {iid: i for i, iid in enumerate(raw.column("image_id").to_pylist())}
+        take = table.slice(0, cfg.roundtrip_sample - sum(t.num_rows for t in sample))
+        sample.append(take)
+        originals.append(decoded["pixels"][[index[i] for i in take.column("image_id").to_pylist()]])
+        if sum(t.num_rows for t in sample) >= cfg.roundtrip_sample:
+            break
+    if not sample:
+        return None
+    table = pa.concat_tables(sample)
+    pixels = np.concatenate(originals)  # [k, H, W, 3]
+    images = torch.from_numpy(to_float(pixels))  # [k, 3, H, W]
+    stored = token_pyramid(table, tokenizer, layers)
+    fresh = tokenizer.encode(images, layers=layers)
+    same = [bool((stored.layer_ids(l) == fresh.layer_ids(l)).all()) for l in layers]
+    metrics = {"roundtrip/images": table.num_rows, "roundtrip/ids_match": float(all(same))}
+    texts_ok = table.column("text").to_pylist() == stored.to_text(layers)
+    metrics["roundtrip/text_match"] = float(texts_ok)
+    prefix = deepest_decodable(layers, tokenizer.pyramid.covering_layers)
+    decodes = None
+    if prefix is not None:
+        recon = tokenizer.decode(stored, up_to_layer=prefix)  # [k, 3, H, W]
+        metrics["roundtrip/psnr"] = float(psnr(recon, images).clamp(max=100.0).mean())
+        metrics["roundtrip/prefix"] = prefix
+        decodes = (recon.permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
+    return RoundTrip(table.column("image_id").to_pylist(), pixels, decodes, metrics)
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+VOLATILE_PARAMS = ("fail_after_shards", "progress")  # do not change the corpus: not params
+
+
+def _log_params(cfg: TokenizeJobConfig, run: Any) -> None:
+    """Params of the job; a resumed run keeps its params (MLflow forbids changing one): new keys are
+    added, a changed value is recorded as a ``spae.rerun_param.<key>`` tag instead."""
+    import mlflow
+
+    params = {k: str(v)[:MAX_PARAM_VALUE] for k, v in flatten(cfg).items() if not is_secret(k)}
+    params = {k: v for k, v in params.items() if k not in VOLATILE_PARAMS}
+    existing = mlflow.get_run(run.info.run_id).data.params
+    new = {k: v for k, v in params.items() if k not in existing}
+    if new:
+        mlflow.log_params(new)
+    changed = {f"spae.rerun_param.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
+    if changed:
+        mlflow.set_tags(changed)
+
+
+def _log_dataset(uri: str, context: str, digest: str, rows: int | None = None) -> None:
+    """Lineage: an MLflow dataset whose source is ``uri`` (input or output of the run)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    try:
+        source = resolve_dataset_source(uri)
+    except Exception:  # noqa: BLE001 - e.g. mnist://: no resolver; keep the URI as an opaque source
+        source = HTTPDatasetSource(url=uri)
+    name = f"{context}:{uri}" if rows is None else f"{context}:{uri} ({rows} rows)"
+    mlflow.log_input(MetaDataset(source=source, name=name[:500], digest=digest), context=context)
+
+
+def histogram_figure(layer: int, counts: np.ndarray, words: Sequence[str]) -> Any:
+    """Bar chart of a layer's most frequent tokens (count per word) + utilization in the title."""
+    from matplotlib.figure import Figure
+
+    top = np.argsort(-counts, kind="stable")[:HISTOGRAM_TOP]
+    top = top[counts[top] > 0]
+    fig = Figure(figsize=(8, 3.2), dpi=100)
+    ax = fig.subplots()
+    ax.bar(range(len(top)), counts[top], color="#c06010")
+    ax.set_xticks(range(len(top)), [words[i] for i in top], rotation=70, fontsize=7)
+    used = int((counts > 0).sum())
+    ax.set_title(f"layer {layer}: {used} of {len(counts)} tokens used; top {len(top)}", fontsize=9)
+    ax.set_ylabel("count")
+    fig.tight_layout()
+    return fig
+
+
+def roundtrip_picture(check: RoundTrip) -> np.ndarray:
+    """Originals (top row) over decodes (bottom row), uint8 ``[2H, k*W, 3]``."""
+    top = np.concatenate(list(check.originals), axis=1)
+    if check.decodes is None:
+        return top
+    return np.concatenate([top, np.concatenate(list(check.decodes), axis=1)], axis=0)
+
+
+def _log_run(metrics, counts, words, check, output_uri, manifest) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    _log_dataset(output_uri, "output", digest=manifest["job_digest"], rows=manifest["rows_written"])
+    for l, c in counts.items():
+        mlflow.log_figure(histogram_figure(l, c, words), f"histograms/layer_{l}.png")
+    mlflow.log_dict(manifest, "corpus_manifest.json")
+    if check is not None:
+        picture = roundtrip_picture(check)
+        scale = max(1, 128 // picture.shape[0])
+        mlflow.log_image(picture.repeat(scale, 0).repeat(scale, 1), artifact_file="roundtrip.png")
+        mlflow.log_dict({"image_ids": check.image_ids, **check.metrics}, "roundtrip.json")
+
+
+def corpus_summary(output: str) -> dict[str, Any]:
+    """The manifest's counts of a finished corpus (for the CLI)."""
+    m = read_manifest(output)
+    return {k: m[k] for k in ("rows_in", "rows_written", "errors")} | {"shards": len(m["shards"])}
+
+
+__all__ = [
+    "InjectedFailure",
+    "TokenizeJobConfig",
+    "TokenizeResult",
+    "TokenizeStage",
+    "load_tokenizer",
+    "run_tokenize_job",
+]

@@ -1,0 +1,107 @@
+"""MLflow for every job: one run per run name, resumed on restart, params without secrets.
+
+With no tracking URI configured, runs go to a local SQLite store (no server needed) that
+``mlflow ui --backend-store-uri sqlite:///.../mlflow.db`` opens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spae.config import flatten
+
+RUN_NAME_TAG = "spae.run_name"
+SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
+MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (characters)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<output dir>/mlflow.db
+    experiment: str = "spae"
+    enabled: bool = True
+
+
+def resolve_tracking_uri(cfg: MlflowConfig, default_dir: str) -> str:
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    path = Path(default_dir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def find_run_id(client: Any, experiment_id: str, run_name: str) -> str | None:
+    """The id of the newest run tagged ``spae.run_name == run_name``, or None."""
+    escaped = run_name.replace("'", "\\'")
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{escaped}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+@contextmanager
+def start_run(
+    cfg: MlflowConfig,
+    run_name: str,
+    default_dir: str,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[Any]:
+    """Resume the run named ``run_name`` in ``cfg.experiment`` or create it; yields the ActiveRun.
+
+    ``cfg.enabled=False`` yields None and logs nothing.
+    """
+    if not cfg.enabled:
+        yield None
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(cfg, default_dir))
+    experiment = mlflow.set_experiment(cfg.experiment)
+    run_id = find_run_id(mlflow.MlflowClient(), experiment.experiment_id, run_name)
+    all_tags = {RUN_NAME_TAG: run_name, **(tags or {})}
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id, tags=all_tags)
+    else:
+        run = mlflow.start_run(run_name=run_name, experiment_id=experiment.experiment_id, tags=all_tags)
+    with run:
+        yield run
+
+
+def is_secret(key: str) -> bool:
+    lowered = key.lower()
+    return any(marker in lowered for marker in SECRET_MARKERS)
+
+
+def log_params_flat(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """Log a config dataclass or dict as flat ``a.b`` params (no secrets); returns what was logged."""
+    import mlflow
+
+    params = {}
+    for key, value in flatten(cfg, prefix).items():
+        if is_secret(key):
+            continue
+        params[key] = str(value)[:MAX_PARAM_VALUE]
+    if params:
+        mlflow.log_params(params)
+    return params
+
+
+def log_figure_png(fig_or_path: Any, artifact_path: str) -> None:
+    """Log a matplotlib figure (as PNG) or an existing image file under ``artifact_path``."""
+    import mlflow
+
+    if isinstance(fig_or_path, str | os.PathLike):
+        mlflow.log_artifact(os.fspath(fig_or_path), artifact_path=artifact_path or None)
+        return
+    name = artifact_path if artifact_path.endswith(".png") else f"{artifact_path.rstrip('/')}/figure.png"
+    mlflow.log_figure(fig_or_path, name)

@@ -1,0 +1,347 @@
+"""The vocabulary job: eq. 5's text feature of every codebook token, as Parquet on local disk or S3.
+
+::
+
+    codebook (load_codebook) -> token rows, grouped into shards of ``shard_size`` rows
+        -> TextFeatureStage on an actor pool (GPU or CPU; each actor loads the scorer once)
+        -> driver: + codebook columns -> ShardWriter (one ``part-<shard>.parquet`` each, exactly once)
+        -> vocab_card.json
+
+Output table (one row per codebook row, ``token_id`` order): ``token_id`` (codebook row),
+``llm_id``, ``token``, ``word`` (display text), ``embedding`` (the codebook vector, list<float32>),
+``text_feature`` (``f'_T(k)`` of eq. 5, list<float16>). ``vocab_card.json`` holds the codebook card,
+the scorer identity, the templates, the row count and the shard list. ``load_vocab`` reads it back.
+
+Shards are token-id ranges; their digest covers the codebook hash and the range, and the job
+digest covers the scorer and the templates, so a re-run skips committed shards and refuses to
+mix outputs of another codebook or scorer (``pipeline.shards``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from pipeline.ray_utils import RayConfig
+from pipeline.shards import CommittedPart, ShardError, ShardWriter, part_name, read_output
+from pipeline.sources import Shard, SourceConfig
+from pipeline.storage import Location, resolve
+from pipeline.tracking import MlflowConfig
+from spae.codebook import CodebookConfig, FrozenCodebook
+from spae.config import from_dict, to_dict
+from spae.scorers import ScorerConfig, build_scorer, describe_scorer, scorer_templates, token_text_features
+
+CARD = "vocab_card.json"
+FORMAT = "spae-vocab-v1"
+
+VOCAB_SCHEMA = pa.schema(
+    [
+        ("token_id", pa.int64()),  # codebook row
+        ("llm_id", pa.int64()),  # id in the LLM's vocabulary
+        ("token", pa.string()),  # the LLM's token string ("##ing", "▁word")
+        ("word", pa.string()),  # display text, unique
+        ("embedding", pa.list_(pa.float32())),  # [c] codebook vector e(k)
+        ("text_feature", pa.list_(pa.float16())),  # [d] f'_T(k), eq. 5
+    ]
+)
+
+
+@dataclass(frozen=True)
+class VocabJobConfig:
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    scorer: ScorerConfig = field(default_factory=lambda: ScorerConfig(kind="open_clip"))
+    output: str = "outputs/vocab"  # local path, file:// or s3://bucket/prefix
+    batch_size: int = 256  # tokens per actor call
+    prompt_batch: int = 2048  # prompts per text-encoder call (tokens x templates)
+    actors: int = 1  # actor pool size
+    num_gpus_per_actor: float = 0
+    num_cpus_per_actor: float = 1
+    shard_size: int = 8192  # tokens per output shard
+    progress: bool = True
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise ValueError("output: empty; give a local path or s3://bucket/prefix")
+        for name in ("batch_size", "prompt_batch", "actors", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0:
+            raise ValueError("num_gpus_per_actor and num_cpus_per_actor must be >= 0")
+
+
+# ----------------------------------------------------------------------------- the stage (Ray-free)
+
+
+class TextFeatureStage:
+    """``{"word": [n]} -> + "text_feature" float16 [n, d]``: eq. 5 with the scorer's text tower."""
+
+    def __init__(self, scorer: Mapping[str, Any], templates: Sequence[str], prompt_batch: int = 2048):
+        self.scorer = build_scorer(from_dict(ScorerConfig, dict(scorer)))
+        self.templates = list(templates)
+        self.prompt_batch = prompt_batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        words = [str(w) for w in batch["word"]]
+        feats = token_text_features(
+            self.scorer, words, self.templates, batch_size=self.prompt_batch
+        )  # [n, d]
+        return {**batch, "text_feature": feats.to(torch.float16).cpu().numpy()}
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def token_shards(codebook: FrozenCodebook, shard_size: int) -> list[Shard]:
+    """Token-id ranges ``[start, stop)`` of ``shard_size`` rows; digests cover the codebook hash."""
+    shards = []
+    v = len(codebook)
+    for i, start in enumerate(range(0, v, shard_size)):
+        stop = min(start + shard_size, v)
+        digest = hashlib.sha256(f"{codebook.hash}:{start}:{stop}".encode()).hexdigest()[:16]
+        shards.append(
+            Shard(
+                shard_id=f"{i:05d}",
+                kind="vocab",
+                root=f"codebook:{codebook.hash[:16]}",
+                items=((start, stop),),
+                num_rows=stop - start,
+                digest=digest,
+                config=SourceConfig(uri=f"codebook:{codebook.card.get('source', '')}", shard_size=shard_size),
+            )
+        )
+    return shards
+
+
+def _shard_rows(codebook: FrozenCodebook, shards: Sequence[Shard]) -> list[dict[str, Any]]:
+    """The rows the actors see: ids and words only (the driver adds the embeddings)."""
+    rows = []
+    for shard in shards:
+        ((start, stop),) = shard.items
+        for k in range(start, stop):
+            rows.append(
+                {"token_id": k, "word": codebook.words[k], "shard_id": shard.shard_id,
+                 "image_id": f"{k:09d}", "path": "", "error": ""}
+            )  # fmt: skip
+    return rows
+
+
+def _add_codebook_columns(batch: dict[str, np.ndarray], codebook: FrozenCodebook) -> dict[str, np.ndarray]:
+    ids = np.array(batch["token_id"], dtype=np.int64)  # [n], a writable copy
+    return {
+        **batch,
+        "token_id": ids,
+        "llm_id": np.asarray([codebook.llm_ids[i] for i in ids], dtype=np.int64),
+        "token": np.asarray([codebook.tokens[i] for i in ids], dtype=object),
+        "word": np.asarray([codebook.words[i] for i in ids], dtype=object),
+        "embedding": codebook.embeddings[torch.from_numpy(ids)].numpy(),  # [n, c]
+        "text_feature": np.stack(list(batch["text_feature"])) if batch["text_feature"].dtype == object
+        else batch["text_feature"],  # [n, d]
+    }  # fmt: skip
+
+
+class TokenShardWriter(ShardWriter):
+    """``ShardWriter`` for token rows: uniqueness is checked on ``token_id`` ranges, not ``image_id``."""
+
+    def _check_unique(self, parts: list[CommittedPart]) -> None:
+        import pyarrow.parquet as pq
+
+        for p in parts:
+            ((start, stop),) = self.shards[p.shard_id].items
+            path = self.out.join(part_name(p.shard_id)).path
+            ids = (
+                pq.read_table(path, columns=["token_id"], filesystem=self.out.fs)
+                .column("token_id")
+                .to_numpy()
+            )
+            if not np.array_equal(np.sort(ids), np.arange(start, stop)):
+                raise ShardError(
+                    f"{self.out.uri}/{part_name(p.shard_id)}: token ids are not exactly {start}..{stop - 1}"
+                )
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class VocabJobResult:
+    output: str  # URI
+    card: dict[str, Any]
+    rows: int
+    shards_total: int
+    shards_run: int  # shards computed by this run; 0 for a re-run of a finished job
+    tokens_run: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_run / self.seconds if self.seconds > 0 else 0.0
+
+
+def job_identity(cfg: VocabJobConfig, codebook: FrozenCodebook, templates: Sequence[str]) -> dict[str, Any]:
+    """What determines the table's content (the job digest of every part)."""
+    return {
+        "format": FORMAT,
+        "codebook_hash": codebook.hash,
+        "scorer": describe_scorer(cfg.scorer),
+        "templates_sha256": hashlib.sha256("\n".join(templates).encode()).hexdigest()[:16],
+    }
+
+
+def run_vocab_job(
+    cfg: VocabJobConfig,
+    codebook: FrozenCodebook | None = None,
+    on_commit: Callable[[str], None] | None = None,
+) -> VocabJobResult:
+    """Compute the missing shards of ``cfg.output`` and write the card. Ray must be initialised.
+
+    ``codebook``: an already loaded one (else ``load_codebook(cfg.codebook)``), e.g. a filtered subset.
+    ``on_commit(shard_id)`` runs after each shard commit (progress hooks; tests that interrupt a run).
+    """
+    import ray
+
+    from spae.codebook import load_codebook
+
+    start = time.perf_counter()
+    codebook = load_codebook(cfg.codebook) if codebook is None else codebook
+    templates = scorer_templates(cfg.scorer)  # a label probe's own templates must match
+    out = resolve(cfg.output)
+    shards = token_shards(codebook, cfg.shard_size)
+    identity = job_identity(cfg, codebook, templates)
+    writer = TokenShardWriter(out, shards, VOCAB_SCHEMA, identity=identity, config=to_dict(cfg))
+    todo = writer.pending()
+    tokens_run = 0
+    if todo:
+        from pipeline.stages import map_stage
+
+        rows = _shard_rows(codebook, todo)
+        ds = ray.data.from_items(rows, override_num_blocks=max(len(todo), min(cfg.actors * 2, len(rows))))
+        ds = map_stage(
+            ds,
+            TextFeatureStage,
+            constructor_kwargs={
+                "scorer": to_dict(cfg.scorer),
+                "templates": templates,
+                "prompt_batch": cfg.prompt_batch,
+            },
+            actors=cfg.actors,
+            batch_size=cfg.batch_size,
+            num_gpus=cfg.num_gpus_per_actor,
+            num_cpus=cfg.num_cpus_per_actor,
+        )
+        bar = _progress(len(rows), cfg.progress)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for shard_id in writer.add(_add_codebook_columns(batch, codebook)):
+                    if on_commit is not None:
+                        on_commit(shard_id)
+                n = len(batch["token_id"])
+                tokens_run += n
+                bar.update(n)
+        finally:
+            bar.close()
+    manifest = writer.finish()
+    seconds = time.perf_counter() - start
+    dim = _feature_dim(out, shards[0])
+    card = {
+        "format": FORMAT,
+        "codebook": codebook.card,
+        "scorer": identity["scorer"],
+        "scorer_config": to_dict(cfg.scorer),
+        "templates": templates,
+        "renormalize_text": cfg.scorer.renormalize_text,
+        "rows": len(codebook),
+        "dim": dim,
+        "text_feature_dtype": "float16",
+        "job_digest": manifest["job_digest"],
+        "shards": [s["file"] for s in manifest["shards"]],
+    }
+    card_loc = out.join(CARD)
+    if not card_loc.exists() or json.loads(card_loc.read_text()) != json.loads(json.dumps(card)):
+        card_loc.write_text(json.dumps(card, indent=2))
+    return VocabJobResult(out.uri, card, len(codebook), len(shards), len(todo), tokens_run, seconds)
+
+
+def _feature_dim(out: Location, shard: Shard) -> int:
+    import pyarrow.parquet as pq
+
+    from pipeline.shards import part_name
+
+    table = pq.read_table(
+        out.join(part_name(shard.shard_id)).path, columns=["text_feature"], filesystem=out.fs
+    )
+    return len(table.column("text_feature")[0].as_py())
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tok", desc="vocab", disable=not enabled)
+
+
+# ----------------------------------------------------------------------------- reading it back
+
+
+@dataclass
+class VocabTable:
+    """A vocab output read back, rows in ``token_id`` order (``token_id == row``)."""
+
+    text_features: Tensor  # [v, d] float32, f'_T(k) of eq. 5
+    embeddings: Tensor  # [v, c] float32, the codebook vectors e(k)
+    words: list[str]
+    tokens: list[str]
+    llm_ids: list[int]
+    card: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def codebook(self) -> FrozenCodebook:
+        card = {k: v for k, v in self.card["codebook"].items() if k not in ("size", "dim", "hash")}
+        cb = FrozenCodebook(self.embeddings, self.tokens, self.words, self.llm_ids, card)
+        if cb.hash != self.card["codebook"]["hash"]:
+            raise ValueError(
+                f"vocab table: codebook hash {cb.hash[:12]} != card {self.card['codebook']['hash'][:12]}"
+            )
+        return cb
+
+
+def load_vocab(uri: str | Location) -> VocabTable:
+    """Read ``vocab_card.json`` and every part under ``uri``; checks the rows against the card."""
+    out = resolve(uri) if isinstance(uri, str) else uri
+    card_loc = out.join(CARD)
+    if not card_loc.exists():
+        raise FileNotFoundError(f"{out.uri}: no {CARD}; run the vocab job (spae vocab) first")
+    card = json.loads(card_loc.read_text())
+    table = read_output(out).sort_by("token_id")
+    ids = table.column("token_id").to_numpy()
+    if len(ids) != card["rows"] or not np.array_equal(ids, np.arange(card["rows"])):
+        raise ValueError(
+            f"{out.uri}: {len(ids)} rows with token ids not 0..{card['rows'] - 1} (card says {card['rows']})"
+        )
+    return VocabTable(
+        text_features=torch.from_numpy(_list_matrix(table.column("text_feature"), np.float32)),
+        embeddings=torch.from_numpy(_list_matrix(table.column("embedding"), np.float32)),
+        words=table.column("word").to_pylist(),
+        tokens=table.column("token").to_pylist(),
+        llm_ids=table.column("llm_id").to_pylist(),
+        card=card,
+    )
+
+
+def _list_matrix(column: pa.ChunkedArray, dtype: type) -> np.ndarray:
+    """A list<float> column of equal-length rows -> ``[n, d]``."""
+    arr = column.combine_chunks()
+    n = len(arr)
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    return flat.reshape(n, -1) if n else flat.reshape(0, 0)

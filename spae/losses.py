@@ -1,0 +1,339 @@
+"""The SPAE training losses (section 3.1): semantic (eq. 4, 7), appearance (eq. 8), total (eq. 9).
+
+Legend: ``b`` batch, ``n_l`` tokens of layer l, ``c`` codebook dim, ``v`` codebook rows, ``k`` pool
+size, ``l`` semantic layer. Every term is its own function; ``appearance_loss`` is the one place
+that weighs the eq. 8 terms and ``spae_total`` the one place for eq. 9.
+
+Semantic temperature: eq. 7 uses logits ``-||z_l - e||^2``. With codebook rows of norm ~1 the
+softmax over thousands of words is nearly flat even at ``z_l = e(c)``, so training inflates
+``|z|`` to sharpen it. ``semantic_temperature`` T < 1 (logits ``-||z_l - e||^2 / T``) sharpens the
+softmax without inflating ``|z|``; T = 1 is eq. 7 as printed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    alpha: float = 1.0  # eq. 9 semantic weight
+    beta: float = 0.33  # eq. 8 commitment
+    gan_weight: float = 0.1  # lambda, eq. 8
+    perceptual_weight: float = 0.1  # eta, eq. 8
+    lecam_weight: float = 1e-4  # phi, eq. 8
+    semantic_layers: int = 5  # D': layers 1..D' get the semantic loss
+    thresholds: tuple[float, ...] = (0.98, 0.95, 0.9, 0.85, 0.8)  # rho_l, eq. 4 (len == semantic_layers)
+    semantic_temperature: float = 1.0  # logits = -||z_l - e||^2 / T; T = 1 is eq. 7 as printed
+    dynamic_weight: bool = True  # w = sg(L_app / L_sem); False: w = 1
+    max_dynamic_weight: float = 0.0  # 0 = no cap
+    lecam_ema_decay: float = 0.999
+    perceptual_weights: str = ""  # torchvision VGG16 weights file; "" = perceptual loss OFF
+
+    def __post_init__(self) -> None:
+        if len(self.thresholds) != self.semantic_layers:
+            raise ValueError(
+                f"thresholds has {len(self.thresholds)} values but semantic_layers={self.semantic_layers}"
+            )
+        if any(a < b for a, b in zip(self.thresholds, self.thresholds[1:], strict=False)):
+            raise ValueError(f"thresholds {self.thresholds} must be non-increasing (rho_l >= rho_l+1, eq. 4)")
+        if self.semantic_temperature <= 0:
+            raise ValueError(f"semantic_temperature={self.semantic_temperature} must be > 0")
+        if not 0.0 <= self.lecam_ema_decay < 1.0:
+            raise ValueError(f"lecam_ema_decay={self.lecam_ema_decay} must be in [0, 1)")
+        weights = (self.alpha, self.beta, self.gan_weight, self.perceptual_weight, self.lecam_weight)
+        if min(weights) < 0 or self.max_dynamic_weight < 0:
+            raise ValueError("loss weights must be >= 0")
+
+    @property
+    def perceptual_enabled(self) -> bool:
+        return bool(self.perceptual_weights) and self.perceptual_weight > 0
+
+    def describe(self) -> str:
+        """One log line saying which eq. 8 / 9 terms are on."""
+        perceptual = (
+            f"perceptual ON (eta={self.perceptual_weight}, VGG16 weights {self.perceptual_weights})"
+            if self.perceptual_enabled
+            else "perceptual OFF (no perceptual_weights file)"
+            if self.perceptual_weight > 0
+            else "perceptual OFF (eta=0)"
+        )
+        w = f"dynamic w (cap {self.max_dynamic_weight or 'none'})" if self.dynamic_weight else "w=1"
+        return (
+            f"losses: L2 + beta={self.beta} x commitment, GAN lambda={self.gan_weight}, {perceptual}, "
+            f"LeCAM phi={self.lecam_weight}; semantic alpha={self.alpha} on layers 1..{self.semantic_layers} "
+            f"(rho={list(self.thresholds)}, T={self.semantic_temperature}), {w}"
+        )
+
+
+# --------------------------------------------------------------------------- semantic loss
+
+
+def candidate_mask(pool_scores: Tensor, thresholds: Sequence[float]) -> Tensor:
+    """Eq. 4: ``[b, k]`` normalised scores (eq. 6, computed by the pools job) -> ``[l, b, k]`` bool.
+
+    Padding entries should carry a NaN or -inf score; they never pass a threshold.
+    """
+    rho = torch.as_tensor(thresholds, dtype=pool_scores.dtype, device=pool_scores.device)  # [l]
+    return pool_scores.unsqueeze(0) >= rho[:, None, None]  # [l, b, k], s(I, k) >= rho_l (eq. 4)
+
+
+def sample_semantic_targets(
+    pool_ids: Tensor,
+    pool_scores: Tensor,
+    thresholds: Sequence[float],
+    token_counts: Sequence[int],
+    generator: torch.Generator | None = None,
+) -> list[Tensor]:
+    """A uniformly random candidate c in C_l(I) for every latent position of layers 1..len(thresholds).
+
+    pool_ids ``[b, k]`` codebook rows (-1 = padding), pool_scores ``[b, k]``; returns per semantic
+    layer ``[b, n_l]`` int64 codebook rows, -1 where an image has no candidate at that layer.
+    """
+    if len(token_counts) < len(thresholds):
+        raise ValueError(f"{len(thresholds)} thresholds but only {len(token_counts)} pyramid layers")
+    valid = pool_ids >= 0  # [b, k]
+    mask = candidate_mask(pool_scores, thresholds) & valid  # [l, b, k]
+    targets = []
+    for layer, n in enumerate(token_counts[: len(thresholds)]):
+        m = mask[layer]  # [b, k]
+        has = m.any(dim=1)  # [b]
+        probs = torch.where(has[:, None], m, torch.ones_like(m)).float()  # uniform over candidates
+        picks = torch.multinomial(probs, n, replacement=True, generator=generator)  # [b, n_l]
+        rows = pool_ids.long().gather(1, picks)  # [b, n_l]
+        targets.append(torch.where(has[:, None], rows, torch.full_like(rows, -1)))
+    return targets
+
+
+class _StreamingLogSumExp(torch.autograd.Function):
+    """lse_k((2 z.e_k - |e_k|^2) / T) over codebook chunks; backward recomputes the softmax per chunk.
+
+    Memory is ``[N, chunk]`` in both passes; the codebook gets no gradient.
+    d lse / d z = (2 / T) sum_k p_k e_k.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, codebook: Tensor, temperature: float, chunk: int) -> Tensor:
+        lse = _chunked_lse(z, codebook, temperature, chunk)  # [N]
+        ctx.save_for_backward(z, codebook, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse: Tensor):
+        z, codebook, lse = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk
+        expected = torch.zeros_like(z, dtype=torch.float32)  # [N, c]: sum_k p_k e_k
+        for start in range(0, codebook.shape[0], chunk):
+            e = codebook[start : start + chunk].float()  # [v', c]
+            p = torch.exp(_logits(z, e, t) - lse[:, None])  # [N, v']
+            expected += p @ e
+        grad_z = grad_lse[:, None] * (2.0 / t) * expected
+        return grad_z.to(z.dtype), None, None, None
+
+
+def _logits(z: Tensor, e: Tensor, t: float) -> Tensor:
+    """``-||z - e||^2 / T`` up to the per-row constant ``-|z|^2 / T`` (it cancels in eq. 7)."""
+    return (2.0 * z.float() @ e.T - (e * e).sum(-1)[None, :]) / t  # [N, v']
+
+
+def _chunked_lse(z: Tensor, codebook: Tensor, t: float, chunk: int) -> Tensor:
+    lse = torch.full((z.shape[0],), float("-inf"), device=z.device)  # [N], running logsumexp
+    for start in range(0, codebook.shape[0], chunk):
+        lse = torch.logaddexp(
+            lse, torch.logsumexp(_logits(z, codebook[start : start + chunk].float(), t), -1)
+        )
+    return lse
+
+
+def semantic_loss(
+    layer_inputs: Sequence[Tensor],
+    codebook: Tensor,
+    targets: Sequence[Tensor],
+    temperature: float = 1.0,
+    chunk: int = 8192,
+) -> Tensor:
+    """Eq. 7: mean over layers, positions and sampled targets of ``-log softmax(-||z_l - e||^2 / T)[c]``.
+
+    layer_inputs: per semantic layer ``[b, n_l, c]`` (z_l of eq. 2); codebook ``[v, c]`` (no gradient);
+    targets: per layer ``[b, n_l]`` codebook rows, -1 = skip. Layers without any target are left
+    out of the mean; with no target at all the loss is a graph-connected zero. Computed in float32
+    (autocast off): bf16 logits would blur a softmax over thousands of nearly equal distances.
+    """
+    if len(targets) > len(layer_inputs):
+        raise ValueError(f"{len(targets)} target layers but {len(layer_inputs)} layer inputs")
+    with torch.autocast(codebook.device.type, enabled=False):
+        return _semantic_loss(layer_inputs, codebook.detach(), targets, temperature, chunk)
+
+
+def _semantic_loss(
+    layer_inputs: Sequence[Tensor], e_all: Tensor, targets: Sequence[Tensor], temperature: float, chunk: int
+) -> Tensor:
+    per_layer = []
+    for z_l, c_l in zip(layer_inputs, targets, strict=False):
+        keep = c_l.reshape(-1) >= 0  # [b * n_l]
+        if not bool(keep.any()):
+            continue
+        z = z_l.reshape(-1, z_l.shape[-1])[keep]  # [N, c]
+        c = c_l.reshape(-1)[keep].long()  # [N]
+        e_c = e_all[c].float()  # [N, c]
+        target_logit = (2.0 * (z.float() * e_c).sum(-1) - (e_c * e_c).sum(-1)) / temperature  # [N]
+        lse = _StreamingLogSumExp.apply(z, e_all, float(temperature), int(chunk))  # [N]
+        per_layer.append((lse - target_logit).mean())  # E_z E_c -log softmax (eq. 7)
+    if not per_layer:
+        return sum((z.sum() * 0.0 for z in layer_inputs), torch.zeros((), device=e_all.device))
+    return torch.stack(per_layer).mean()  # E_l, l in [1, D'] (eq. 7)
+
+
+# --------------------------------------------------------------------------- appearance terms (eq. 8)
+
+
+def reconstruction_loss(images: Tensor, recon: Tensor) -> Tensor:
+    """``||I - Î||^2`` of eq. 8, as a mean over pixels (both in the same range)."""
+    return F.mse_loss(recon.float(), images.float())
+
+
+def generator_gan_loss(fake_logits: Tensor) -> Tensor:
+    """Non-saturating generator loss (VQGAN's L_GAN of eq. 8): ``softplus(-D(fake))``."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """``softplus(-D(real)) + softplus(D(fake))`` (logistic loss on all patch logits)."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+class LeCAMEMA(nn.Module):
+    """EMA anchors alpha_R, alpha_F of the mean discriminator outputs on real and fake images.
+
+    The first ``update`` copies the batch means; later ones blend with ``decay``.
+    """
+
+    ema_real: Tensor
+    ema_fake: Tensor
+    num_updates: Tensor
+
+    def __init__(self, decay: float = 0.999) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, real_logits: Tensor, fake_logits: Tensor) -> None:
+        d = self.decay if int(self.num_updates) > 0 else 0.0
+        self.ema_real.mul_(d).add_((1 - d) * real_logits.detach().float().mean())
+        self.ema_fake.mul_(d).add_((1 - d) * fake_logits.detach().float().mean())
+        self.num_updates += 1
+
+
+def lecam_loss(real_logits: Tensor, fake_logits: Tensor, ema: LeCAMEMA) -> Tensor:
+    """LeCAM regulariser (Tseng et al. 2021, "Regularizing GANs under limited data", eq. 3):
+    ``E[relu(D(real) - alpha_F)^2] + E[relu(alpha_R - D(fake))^2]`` -- the relu form of the
+    authors' code (google/lecam-gan ``lecam_reg``) also used by MAGVIT. Call ``ema.update`` first.
+    """
+    real_term = F.relu(real_logits.float() - ema.ema_fake).pow(2).mean()
+    fake_term = F.relu(ema.ema_real - fake_logits.float()).pow(2).mean()
+    return real_term + fake_term
+
+
+class PerceptualLoss(nn.Module):
+    """LPIPS-style distance on torchvision VGG16 features, without LPIPS's learned linear heads.
+
+    Inputs ``[b, 3, H, W]`` in [-1, 1]; features at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 are
+    unit-normalised over channels, squared differences are summed over channels, averaged over
+    positions, summed over stages and averaged over the batch. Weights come from a file
+    (a ``vgg16`` state dict, or just its ``features.*`` part); the network is frozen.
+    """
+
+    STAGES = (3, 8, 15, 22, 29)  # indices of relu1_2 ... relu5_3 in vgg16.features
+
+    def __init__(self, weights_path: str | Path) -> None:
+        super().__init__()
+        import torchvision
+
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"perceptual loss weights file {str(path)!r} does not exist")
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
+        with torch.device("meta"):  # no random init: every weight comes from the file
+            vgg = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])[: self.STAGES[-1] + 1]
+        missing, _ = vgg.load_state_dict(features, strict=False, assign=True)
+        if missing:
+            raise ValueError(f"{str(path)!r} is not a VGG16 state dict (missing features.{missing[0]}, ...)")
+        self.vgg = vgg.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> PerceptualLoss:
+        super().train(mode)
+        self.vgg.eval()  # always frozen
+        return self
+
+    def _features(self, x: Tensor) -> list[Tensor]:
+        h = ((x + 1) / 2 - self.mean) / self.std  # [-1, 1] -> ImageNet normalisation
+        out = []
+        for i, layer in enumerate(self.vgg):
+            h = layer(h)
+            if i in self.STAGES:
+                out.append(h)
+        return out
+
+    def forward(self, images: Tensor, recon: Tensor) -> Tensor:
+        dist = images.new_zeros((images.shape[0],), dtype=torch.float32)  # [b]
+        for fa, fb in zip(self._features(images), self._features(recon), strict=True):
+            na, nb = F.normalize(fa.float(), dim=1, eps=1e-10), F.normalize(fb.float(), dim=1, eps=1e-10)
+            dist = dist + (na - nb).pow(2).sum(1).mean(dim=(1, 2))  # [b]
+        return dist.mean()
+
+
+# --------------------------------------------------------------------------- totals (eq. 8, 9)
+
+
+def appearance_loss(terms: dict[str, Tensor], cfg: LossConfig) -> Tensor:
+    """Eq. 8 from its named terms: required ``reconstruction`` and ``commitment`` (the quantizer's
+    sum over prefixes); ``gan``, ``perceptual`` and ``lecam`` are added when present.
+
+    LeCAM regularises the discriminator; the usual place for it is ``discriminator_total``.
+    """
+    missing = {"reconstruction", "commitment"} - set(terms)
+    if missing:
+        raise KeyError(f"appearance_loss needs terms {sorted(missing)}; got {sorted(terms)}")
+    unknown = set(terms) - {"reconstruction", "commitment", "gan", "perceptual", "lecam"}
+    if unknown:
+        raise KeyError(f"unknown appearance terms {sorted(unknown)}")
+    # ||I - Î||^2 + beta sum_l ||Z - sg(Z_<=l)||^2 (eq. 8)
+    loss = terms["reconstruction"] + cfg.beta * terms["commitment"]
+    if "gan" in terms:
+        loss = loss + cfg.gan_weight * terms["gan"]  # + lambda L_GAN
+    if "perceptual" in terms:
+        loss = loss + cfg.perceptual_weight * terms["perceptual"]  # + eta L_Perceptual
+    if "lecam" in terms:
+        loss = loss + cfg.lecam_weight * terms["lecam"]  # + phi L_LeCAM
+    return loss
+
+
+def discriminator_total(real_logits: Tensor, fake_logits: Tensor, ema: LeCAMEMA, cfg: LossConfig) -> Tensor:
+    """Discriminator objective: logistic loss + phi * LeCAM (updates the EMA anchors first)."""
+    ema.update(real_logits, fake_logits)
+    reg = lecam_loss(real_logits, fake_logits, ema)
+    return discriminator_loss(real_logits, fake_logits) + cfg.lecam_weight * reg  # + phi L_LeCAM
+
+
+def dynamic_weight(l_app: Tensor, l_sem: Tensor, max_weight: float = 0.0) -> Tensor:
+    """``w = sg(L_app / L_sem)`` (eq. 9 context): no gradient; clamped to ``max_weight`` if > 0."""
+    w = l_app.detach().float() / l_sem.detach().float().clamp_min(1e-8)
+    return w.clamp(max=max_weight) if max_weight > 0 else w
+
+
+def spae_total(l_app: Tensor, l_sem: Tensor, alpha: float, w: Tensor | float) -> Tensor:
+    """Eq. 9: ``L_app + alpha * w * L_sem``."""
+    return l_app + alpha * w * l_sem

@@ -1,0 +1,156 @@
+"""The SPAE module: encoder -> pyramid quantizer (eqs. 1-3) -> decoder, for every covering prefix.
+
+Legend: ``b`` batch, ``H W`` image size, ``h w`` latent grid, ``c`` codebook dim, ``l`` prefix length.
+
+Value ranges: images enter the public API in ``[0, 1]``; the networks work in ``[-1, 1]``.
+``SPAE.forward`` returns the network-space tensors the losses need: ``target`` (the input images
+mapped to ``[-1, 1]``) and ``reconstructions`` (decoder outputs, unclamped, trained towards
+``[-1, 1]``), so the pixel L2, the discriminator and the perceptual loss all see one range.
+``decode_latent`` is the output path: it maps back to ``[0, 1]`` and clamps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from spae.codebook import NUMBER_WORDS, CodebookConfig, FrozenCodebook, read_word_list
+from spae.losses import LossConfig
+from spae.networks import Decoder, Encoder, NetworkConfig
+from spae.pyramid import PyramidConfig, PyramidSpec
+from spae.quantize import Quantizer, QuantizerConfig, QuantizerOutput
+
+
+@dataclass(frozen=True)
+class SPAEConfig:
+    image_size: int = 32  # H = W
+    image_channels: int = 3
+    pyramid: PyramidConfig = field(default_factory=PyramidConfig.mnist)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    network: NetworkConfig = field(default_factory=lambda: NetworkConfig.preset("mnist"))
+    loss: LossConfig = field(
+        default_factory=lambda: LossConfig(semantic_layers=4, thresholds=(0.98, 0.95, 0.9, 0.85))
+    )
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.image_channels < 1:
+            raise ValueError(
+                f"image_size={self.image_size} and image_channels={self.image_channels} must be >= 1"
+            )
+        f = self.network.downsample_factor
+        if self.image_size % f:
+            raise ValueError(
+                f"image_size={self.image_size} is not divisible by the network's downsample factor {f} "
+                f"(network.channel_multipliers={self.network.channel_multipliers})"
+            )
+        latent = (self.image_size // f, self.image_size // f)
+        if tuple(self.pyramid.latent_size) != latent:
+            raise ValueError(
+                f"pyramid.latent_size={tuple(self.pyramid.latent_size)} but the encoder maps "
+                f"{self.image_size}px images to a {latent} latent (downsample factor {f})"
+            )
+        layers = len(self.pyramid.layer_sizes)
+        if self.loss.semantic_layers > layers:
+            raise ValueError(
+                f"loss.semantic_layers={self.loss.semantic_layers} exceeds the pyramid's {layers} layers"
+            )
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return tuple(self.pyramid.latent_size)
+
+
+def preset(name: str) -> SPAEConfig:
+    """``tiny`` (tests: 16x16 images, 4x4x384 latent, layers 1,2,4,4), ``mnist`` (32x32, 8x8x384,
+    layers 1,2,4,8,8, MiniLM codebook) or ``paper`` (128x128, 16x16x384, layers 1,2,4,8,16,16)."""
+    if name == "tiny":
+        return SPAEConfig(
+            image_size=16,
+            pyramid=PyramidConfig(latent_size=(4, 4), layer_sizes=((1, 1), (2, 2), (4, 4), (4, 4))),
+            codebook=CodebookConfig(top_n=512),
+            network=NetworkConfig.preset("tiny", latent_dim=384, channel_multipliers=(1, 2, 2)),
+            loss=LossConfig(semantic_layers=2, thresholds=(0.98, 0.95)),
+        )
+    if name == "mnist":  # 4,096 MiniLM words, the number words and numerals always kept
+        return SPAEConfig(codebook=CodebookConfig(top_n=4096, keep_words=tuple(read_word_list(NUMBER_WORDS))))
+    if name == "paper":  # the paper's layout; c = 384 fits the offline MiniLM codebook (set
+        # network.latent_dim to the codebook's dimension for another LLM, e.g. 768)
+        return SPAEConfig(
+            image_size=128,
+            pyramid=PyramidConfig.paper(),
+            network=NetworkConfig.preset("paper", latent_dim=384),
+            loss=LossConfig(),
+        )
+    raise ValueError(f"unknown SPAE preset {name!r}; allowed: tiny, mnist, paper")
+
+
+@dataclass
+class SPAEOutput:
+    """z [b, c, h, w] encoder output; quant (see ``QuantizerOutput``); target [b, C, H, W] the input
+    images in [-1, 1]; reconstructions: prefix length l -> [b, C, H, W] decoder output in [-1, 1]
+    network space (unclamped)."""
+
+    z: Tensor
+    quant: QuantizerOutput
+    target: Tensor
+    reconstructions: dict[int, Tensor]
+
+
+class SPAE(nn.Module):
+    def __init__(self, cfg: SPAEConfig, codebook: FrozenCodebook):
+        super().__init__()
+        if cfg.network.latent_dim != codebook.dim:
+            raise ValueError(
+                f"network.latent_dim={cfg.network.latent_dim} must equal the codebook dimension "
+                f"{codebook.dim} (codebook {codebook.card.get('source')!r}, {len(codebook)} rows)"
+            )
+        self.cfg = cfg
+        self.pyramid = PyramidSpec(cfg.pyramid)
+        self.encoder = Encoder(cfg.network, cfg.image_channels)
+        self.decoder = Decoder(cfg.network, cfg.image_channels)
+        self.quantizer = Quantizer(cfg.quantizer, self.pyramid, codebook)
+
+    @property
+    def codebook(self) -> FrozenCodebook:
+        return self.quantizer.codebook
+
+    def encode_latent(self, images: Tensor) -> Tensor:
+        """images [b, C, H, W] in [0, 1] -> z [b, c, h, w]."""
+        self._check_images(images)
+        return self.encoder(images * 2.0 - 1.0)
+
+    def decode_latent(self, zq: Tensor) -> Tensor:
+        """Ẑ [b, c, h, w] -> images [b, C, H, W] in [0, 1] (clamped: the output path, not the loss path)."""
+        return ((self.decoder(zq) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def check_prefixes(self, prefixes: Sequence[int]) -> tuple[int, ...]:
+        bad = [l for l in prefixes if l not in self.pyramid.covering_layers]
+        if bad or not prefixes:
+            raise ValueError(
+                f"prefix lengths {list(prefixes)} cannot be decoded: only prefixes that cover every latent "
+                f"position can, here {list(self.pyramid.covering_layers)}"
+            )
+        return tuple(prefixes)
+
+    def forward(self, images: Tensor, prefixes: Sequence[int] | None = None) -> SPAEOutput:
+        """images [b, C, H, W] in [0, 1]; decodes every prefix in ``prefixes`` (default: all covering
+        prefixes) in one batched decoder pass."""
+        prefixes = self.check_prefixes(self.pyramid.covering_layers if prefixes is None else prefixes)
+        self._check_images(images)
+        x = images * 2.0 - 1.0  # [b, C, H, W] in [-1, 1]
+        z = self.encoder(x)  # [b, c, h, w]
+        quant = self.quantizer(z)
+        zq = torch.cat([quant.prefix_latents[l - 1] for l in prefixes], dim=0)  # [len(prefixes) * b, c, h, w]
+        recon = self.decoder(zq).chunk(len(prefixes), dim=0)  # each [b, C, H, W]
+        return SPAEOutput(z=z, quant=quant, target=x, reconstructions=dict(zip(prefixes, recon, strict=True)))
+
+    def _check_images(self, images: Tensor) -> None:
+        want = (self.cfg.image_channels, self.cfg.image_size, self.cfg.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(
+                f"expected images [b, {want[0]}, {want[1]}, {want[2]}] in [0, 1], got {tuple(images.shape)}"
+            )

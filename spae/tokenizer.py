@@ -1,0 +1,514 @@
+"""The tokenizer API: images <-> token pyramids <-> text, and the self-contained tokenizer folder.
+
+Text form of one image (serialization order of ``spae.pyramid``: layer 1 first, each layer
+row-major over (i, j) of eq. 1)::
+
+    [L1] seven [L2] seven 7 digit seven [L3] ...
+
+``TokenPyramid.from_text`` reads what an LLM writes back and never raises on free text:
+
+- a word that is not in the vocabulary maps to the nearest word (exact, then case-insensitive,
+  then without surrounding punctuation, then by ``difflib`` string similarity); each is reported;
+- a layer with too many words is cut; a layer with too few words, or a missing layer, is padded:
+  a missing position takes the token of the nearest coarser layer present at the same place
+  (nearest-neighbour upsampling of that layer's grid), which keeps the streaming average close to
+  the coarser prefix; layer 1 (or a layer with nothing coarser) takes the most frequent word of the
+  parsed text, or row 0 when the text had no usable word. Every fix goes into a ``ParseReport``;
+- text without any ``[Ln]`` tag is read as the serialized word stream (layer 1 first);
+  words before the first tag are ignored (counted), tags outside the pyramid are reported.
+
+Folder written by ``save_pretrained`` (loaded with weights-only semantics, no pickle)::
+
+    config.json           {"format", "config" (SPAEConfig, spae.config.to_dict), "codebook_card",
+                           "fingerprint"}
+    model.safetensors     encoder, decoder (and the learned vq codebook, if any)
+    codebook.safetensors  {"embeddings": [v, c] float32} -- the frozen codebook travels with the model
+    codebook.json         {"tokens", "words", "llm_ids", "card"}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from spae.codebook import FrozenCodebook, load_codebook
+from spae.config import from_dict, to_dict
+from spae.model import SPAE, SPAEConfig
+from spae.pyramid import PyramidSpec
+
+FORMAT = "spae-tokenizer/1"
+CONFIG_JSON, MODEL_FILE = "config.json", "model.safetensors"
+CODEBOOK_FILE, CODEBOOK_JSON = "codebook.safetensors", "codebook.json"
+_TAG = re.compile(r"\[\s*L\s*(\d+)\s*\]", re.IGNORECASE)
+
+
+class Vocabulary:
+    """Words <-> codebook rows. Words are the codebook's unique display strings (no whitespace)."""
+
+    def __init__(self, words: Sequence[str]):
+        self.words = list(words)
+        if not self.words:
+            raise ValueError("a vocabulary needs at least one word")
+        self._index: dict[str, int] = {}
+        for i, w in enumerate(self.words):
+            if not w or any(ch.isspace() for ch in w) or _TAG.fullmatch(w):
+                raise ValueError(
+                    f"vocabulary word {i} {w!r} is empty, holds whitespace or looks like a layer tag"
+                )
+            if w in self._index:
+                raise ValueError(f"vocabulary word {w!r} repeats (rows {self._index[w]} and {i})")
+            self._index[w] = i
+        self._lower: dict[str, int] = {}
+        for i, w in enumerate(self.words):
+            self._lower.setdefault(w.lower(), i)
+        self._lower_words = list(self._lower)
+        self._nearest_cache: dict[str, tuple[int, str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.words == other.words
+
+    __hash__ = None  # mutable cache inside; compare by words
+
+    def id(self, word: str) -> int:
+        if word not in self._index:
+            raise KeyError(
+                f"{word!r} is not in the vocabulary ({len(self)} words); use nearest() for free text"
+            )
+        return self._index[word]
+
+    def word(self, id: int) -> str:
+        if not 0 <= int(id) < len(self.words):
+            raise IndexError(f"token id {id} is out of range 0..{len(self.words) - 1}")
+        return self.words[int(id)]
+
+    def nearest(self, word: str) -> tuple[int, str]:
+        """(id, word) of the closest vocabulary word; exact matches first, never raises."""
+        if word in self._index:
+            return self._index[word], word
+        if word not in self._nearest_cache:
+            self._nearest_cache[word] = self._search(word)
+        return self._nearest_cache[word]
+
+    def _search(self, word: str) -> tuple[int, str]:
+        for key in (word.lower(), word.strip(string.punctuation), word.strip(string.punctuation).lower()):
+            if key in self._index:
+                return self._index[key], key
+            if key.lower() in self._lower:
+                i = self._lower[key.lower()]
+                return i, self.words[i]
+        key = word.lower()
+        for cutoff in (0.6, 0.0):
+            match = difflib.get_close_matches(key, self._lower_words, n=1, cutoff=cutoff)
+            if match:
+                i = self._lower[match[0]]
+                return i, self.words[i]
+        return 0, self.words[0]
+
+
+@dataclass
+class ParseReport:
+    """What ``from_text`` fixed in one image's text.
+
+    unknown_words: (written, mapped to) for words not in the vocabulary as written.
+    length_fixes: layer -> (words found, words expected) for layers cut or padded.
+    missing_layers: expected layers with no words at all (padded).
+    extra_layers: tags outside the expected layers, or repeated tags (ignored).
+    ignored_words: words outside any expected layer (before the first tag, under ignored tags).
+    """
+
+    unknown_words: list[tuple[str, str]] = field(default_factory=list)
+    length_fixes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    missing_layers: list[int] = field(default_factory=list)
+    extra_layers: list[int] = field(default_factory=list)
+    ignored_words: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.unknown_words
+            or self.length_fixes
+            or self.missing_layers
+            or self.extra_layers
+            or self.ignored_words
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-safe form, ``ok`` included."""
+        out = dataclasses.asdict(self)
+        out["unknown_words"] = [list(p) for p in self.unknown_words]
+        out["length_fixes"] = {str(l): list(v) for l, v in self.length_fixes.items()}
+        out["ok"] = self.ok
+        return out
+
+
+@dataclass(eq=False)
+class TokenPyramid:
+    """Tokens of a batch of images: ``ids[i]`` is layer ``layers[i]`` as [b, h_l, w_l] int64 rows."""
+
+    ids: list[Tensor]
+    layers: tuple[int, ...]
+    vocabulary: Vocabulary
+    pyramid: PyramidSpec
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(l) for l in self.layers)
+        if list(self.layers) != sorted(set(self.layers)) or len(self.ids) != len(self.layers):
+            raise ValueError(
+                f"layers {self.layers} must be sorted, unique and match the {len(self.ids)} id tensors"
+            )
+        for l, t in zip(self.layers, self.ids, strict=True):
+            size = self.pyramid.layer_size(l)
+            if t.dim() != 3 or tuple(t.shape[1:]) != size or t.shape[0] != self.ids[0].shape[0]:
+                raise ValueError(
+                    f"layer {l}: ids of shape {tuple(t.shape)}, expected [b, {size[0]}, {size[1]}]"
+                )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.ids[0].shape[0])
+
+    def layer_ids(self, layer: int) -> Tensor:
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} is not in this token pyramid (layers {list(self.layers)})")
+        return self.ids[self.layers.index(layer)]
+
+    def words(self, layer: int) -> list[list[str]]:
+        """Per image, the words of ``layer`` in serialization order."""
+        rows = self.layer_ids(layer).reshape(self.batch_size, -1).tolist()
+        return [[self.vocabulary.words[r] for r in img] for img in rows]
+
+    def to_text(self, layers: Sequence[int] | None = None) -> list[str]:
+        """One string per image: ``"[L1] w [L2] w w w w ..."``."""
+        layers = self.layers if layers is None else tuple(layers)
+        per_layer = {l: self.words(l) for l in layers}
+        return [
+            " ".join(f"[L{l}] " + " ".join(per_layer[l][b]) for l in layers) for b in range(self.batch_size)
+        ]
+
+    @classmethod
+    def from_text(
+        cls,
+        text: str | Sequence[str],
+        vocabulary: Vocabulary,
+        pyramid: PyramidSpec,
+        layers: Sequence[int] | None = None,
+    ) -> tuple[TokenPyramid, list[ParseReport]]:
+        """Tolerant parse of one string per image (see the module docstring); never raises on free text.
+
+        ``layers``: the layers to produce; default 1..the deepest layer found in any of the texts.
+        """
+        texts = [text] if isinstance(text, str) else [str(t) for t in text]
+        if not texts:
+            raise ValueError("from_text needs at least one text")
+        parsed = [_split_layers(t, pyramid) for t in texts]  # per text: ({layer: words}, extra, ignored)
+        if layers is None:
+            deepest = max([max(p[0], default=1) for p in parsed])
+            layers = tuple(range(1, deepest + 1))
+        layers = tuple(sorted(set(int(l) for l in layers)))
+        for l in layers:
+            pyramid.layer_size(l)  # ValueError for a layer outside the pyramid (a caller error, not text)
+        ids = {l: [] for l in layers}
+        reports = []
+        for found, extra, ignored in parsed:
+            report = ParseReport(extra_layers=sorted(extra), ignored_words=ignored)
+            report.extra_layers += sorted(l for l in found if l not in layers)
+            report.ignored_words += sum(len(found[l]) for l in found if l not in layers)
+            rows = {l: [_word_id(w, vocabulary, report) for w in found.get(l, [])] for l in layers}
+            counts = Counter(r for l in layers for r in rows[l])
+            fallback = counts.most_common(1)[0][0] if counts else 0
+            grids: dict[int, Tensor] = {}
+            for l in layers:
+                h, w = pyramid.layer_size(l)
+                got = rows[l]
+                if l not in found:
+                    report.missing_layers.append(l)
+                elif len(got) != h * w:
+                    report.length_fixes[l] = (len(got), h * w)
+                got = got[: h * w]
+                grid = _pad_from_coarser(grids, pyramid, (h, w), fallback).reshape(-1)
+                if got:
+                    grid[: len(got)] = torch.tensor(got, dtype=torch.long)
+                grids[l] = grid.view(h, w)
+                ids[l].append(grids[l])
+            reports.append(report)
+        out = cls([torch.stack(ids[l]) for l in layers], layers, vocabulary, pyramid)
+        return out, reports
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, TokenPyramid)
+            and self.layers == other.layers
+            and self.pyramid == other.pyramid
+            and self.vocabulary == other.vocabulary
+            and all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(self.ids, other.ids, strict=True))
+        )
+
+    __hash__ = None
+
+
+def _split_layers(text: str, pyramid: PyramidSpec) -> tuple[dict[int, list[str]], list[int], int]:
+    """-> ({layer: words}, tags outside the pyramid or repeated, words ignored)."""
+    found: dict[int, list[str]] = {}
+    extra: list[int] = []
+    tags = list(_TAG.finditer(text))
+    if not tags:  # no tags: the serialized stream, layer 1 first
+        words = text.split()
+        start = 0
+        for l in range(1, pyramid.num_layers + 1):
+            if start >= len(words):
+                break
+            n = pyramid.token_counts[l - 1]
+            found[l] = words[start : start + n]
+            start += n
+        return found, extra, max(0, len(words) - start)
+    ignored = len(text[: tags[0].start()].split())
+    for i, m in enumerate(tags):
+        end = tags[i + 1].start() if i + 1 < len(tags) else len(text)
+        words = text[m.end() : end].split()
+        l = int(m.group(1))
+        if not 1 <= l <= pyramid.num_layers or l in found:
+            extra.append(l)
+            ignored += len(words)
+        else:
+            found[l] = words
+    return found, extra, ignored
+
+
+def _word_id(word: str, vocabulary: Vocabulary, report: ParseReport) -> int:
+    i, mapped = vocabulary.nearest(word)
+    if mapped != word:
+        report.unknown_words.append((word, mapped))
+    return i
+
+
+def _pad_from_coarser(
+    grids: dict[int, Tensor], pyramid: PyramidSpec, size: tuple[int, int], fallback: int
+) -> Tensor:
+    """[h, w] ids from the nearest coarser grid present (nearest-neighbour), else ``fallback`` everywhere."""
+    h, w = size
+    if not grids:
+        return torch.full((h, w), fallback, dtype=torch.long)
+    parent = grids[max(grids)]  # [h_m, w_m]
+    hm, wm = parent.shape
+    rows = torch.arange(h) * hm // h
+    cols = torch.arange(w) * wm // w
+    return parent[rows][:, cols].clone()
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+
+class SPAETokenizer(nn.Module):
+    """Images <-> token pyramids <-> text around a trained ``SPAE``."""
+
+    def __init__(self, model: SPAE):
+        super().__init__()
+        self.model = model
+        self.config: SPAEConfig = model.cfg
+        self.pyramid: PyramidSpec = model.pyramid
+        if self.config.quantizer.kind == "vq":  # a learned codebook has no words: name its rows
+            words = [f"vq{i}" for i in range(self.config.quantizer.vq_codebook_size)]
+        else:
+            words = model.codebook.words
+        self.vocabulary = Vocabulary(words)
+
+    @property
+    def codebook(self) -> FrozenCodebook:
+        return self.model.codebook
+
+    @classmethod
+    def from_config(cls, cfg: SPAEConfig, codebook: FrozenCodebook | None = None) -> SPAETokenizer:
+        """A freshly initialised tokenizer; loads ``cfg.codebook`` unless a codebook is given."""
+        return cls(SPAE(cfg, codebook if codebook is not None else load_codebook(cfg.codebook)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.codebook.embeddings.device
+
+    # -- images <-> tokens
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, layers: Sequence[int] | None = None) -> TokenPyramid:
+        """images [b, C, H, W] in [0, 1] -> TokenPyramid of ``layers`` (default: all)."""
+        layers = (
+            tuple(range(1, self.pyramid.num_layers + 1)) if layers is None else tuple(sorted(set(layers)))
+        )
+        for l in layers:
+            self.pyramid.layer_size(l)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            z = self.model.encode_latent(images.to(self.device, torch.float32))
+            quant = self.model.quantizer(z)
+        finally:
+            self.model.train(was_training)
+        return TokenPyramid([quant.ids[l - 1].cpu() for l in layers], layers, self.vocabulary, self.pyramid)
+
+    @torch.no_grad()
+    def decode(self, pyramid: TokenPyramid, up_to_layer: int | None = None) -> Tensor:
+        """TokenPyramid -> images [b, C, H, W] in [0, 1] from the prefix of ``up_to_layer`` layers
+        (default: the deepest layer present). The prefix must cover every latent position."""
+        if pyramid.pyramid != self.pyramid:
+            raise ValueError(
+                f"token pyramid layout {pyramid.pyramid} differs from this tokenizer's {self.pyramid}"
+            )
+        if len(pyramid.vocabulary) != len(self.vocabulary):
+            raise ValueError(
+                f"token pyramid vocabulary has {len(pyramid.vocabulary)} words, "
+                f"this tokenizer {len(self.vocabulary)}"
+            )
+        l = max(pyramid.layers) if up_to_layer is None else int(up_to_layer)
+        if l not in self.pyramid.covering_layers:
+            raise ValueError(
+                f"cannot decode from the first {l} layers: only prefixes that cover every latent "
+                f"position can be decoded, here {list(self.pyramid.covering_layers)}"
+            )
+        missing = [i for i in range(1, l + 1) if i not in pyramid.layers]
+        if missing:
+            raise ValueError(
+                f"decoding the first {l} layers needs layers {missing}, absent from the token pyramid"
+            )
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            zq = self.model.quantizer.lookup(
+                [pyramid.layer_ids(i).to(self.device) for i in range(1, l + 1)], l
+            )
+            return self.model.decode_latent(zq)
+        finally:
+            self.model.train(was_training)
+
+    # -- tokens <-> text
+
+    def to_text(self, pyramid: TokenPyramid, layers: Sequence[int] | None = None) -> list[str]:
+        return pyramid.to_text(layers)
+
+    def from_text(
+        self, text: str | Sequence[str], layers: Sequence[int] | None = None
+    ) -> tuple[TokenPyramid, list[ParseReport]]:
+        return TokenPyramid.from_text(text, self.vocabulary, self.pyramid, layers)
+
+    # -- persistence
+
+    def _weights(self) -> dict[str, Tensor]:
+        """Model weights without the frozen codebook (it travels in codebook.safetensors)."""
+        state = self.model.state_dict()
+        return {
+            k: v.detach().cpu().contiguous()
+            for k, v in state.items()
+            if not k.startswith("quantizer.codebook.")
+        }
+
+    def fingerprint(self) -> str:
+        """sha256 of the weights, the config and the codebook hash: the tokenizer's identity."""
+        h = hashlib.sha256()
+        h.update(json.dumps(to_dict(self.config), sort_keys=True).encode())
+        h.update(self.codebook.hash.encode())
+        for name, t in sorted(self._weights().items()):
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the self-contained tokenizer folder (see the module docstring); returns its path."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        cb = self.codebook
+        save_file(self._weights(), str(out / MODEL_FILE))
+        save_file({"embeddings": cb.embeddings.detach().cpu().contiguous()}, str(out / CODEBOOK_FILE))
+        (out / CODEBOOK_JSON).write_text(
+            json.dumps({"tokens": cb.tokens, "words": cb.words, "llm_ids": cb.llm_ids, "card": cb.card})
+        )
+        meta = {
+            "format": FORMAT,
+            "config": to_dict(self.config),
+            "codebook_card": cb.card,
+            "fingerprint": self.fingerprint(),
+        }
+        (out / CONFIG_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_uri: str | Path,
+        codebook: FrozenCodebook | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> SPAETokenizer:
+        """Load a folder written by ``save_pretrained``: a local path, ``file://``, or an MLflow
+        artifact URI (``s3://``, ``runs:/``, ``models:/``, downloaded with mlflow, imported lazily).
+        A given ``codebook`` must have the saved codebook's hash."""
+        folder = _find_folder(_resolve(path_or_uri))
+        meta = json.loads((folder / CONFIG_JSON).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{folder / CONFIG_JSON} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        cfg = from_dict(SPAEConfig, meta["config"])
+        saved_hash = meta["codebook_card"]["hash"]
+        if codebook is not None and codebook.hash != saved_hash:
+            raise ValueError(
+                f"codebook mismatch: the tokenizer in {folder} was trained with codebook {saved_hash} "
+                f"but the codebook given has hash {codebook.hash}"
+            )
+        if codebook is None:
+            info = json.loads((folder / CODEBOOK_JSON).read_text())
+            emb = load_file(str(folder / CODEBOOK_FILE))["embeddings"]
+            card = {k: v for k, v in info["card"].items() if k not in ("hash", "size", "dim")}
+            codebook = FrozenCodebook(emb, info["tokens"], info["words"], info["llm_ids"], card)
+            if codebook.hash != saved_hash:
+                raise ValueError(
+                    f"{folder / CODEBOOK_FILE} has hash {codebook.hash}, config.json says {saved_hash}"
+                )
+        model = SPAE(cfg, codebook)
+        state = load_file(str(folder / MODEL_FILE))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("quantizer.codebook.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"{folder / MODEL_FILE} does not fit the config: missing {missing}, unexpected {unexpected}"
+            )
+        return cls(model.to(map_location))
+
+
+def _resolve(path_or_uri: str | Path) -> Path:
+    uri = str(path_or_uri)
+    if uri.startswith("file://"):
+        return Path(uri[len("file://") :])
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/", uri) and not re.match(r"^[a-zA-Z]:[\\/]", uri):
+        try:
+            import mlflow  # lazy: spae never imports mlflow at module level
+        except ImportError as e:
+            raise ValueError(f"loading {uri!r} needs mlflow (pip install mlflow)") from e
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    return Path(uri)
+
+
+def _find_folder(path: Path) -> Path:
+    """The folder holding config.json + model.safetensors: ``path`` itself or one below it."""
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer folder {str(path)!r} does not exist")
+    if (path / CONFIG_JSON).is_file() and (path / MODEL_FILE).is_file():
+        return path
+    found = sorted(p.parent for p in path.rglob(MODEL_FILE) if (p.parent / CONFIG_JSON).is_file())
+    if not found:
+        raise FileNotFoundError(
+            f"{str(path)!r} holds no {CONFIG_JSON} + {MODEL_FILE} (not a save_pretrained folder)"
+        )
+    return found[0]
+
+
+__all__ = ["ParseReport", "SPAETokenizer", "TokenPyramid", "Vocabulary"]

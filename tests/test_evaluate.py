@@ -1,0 +1,190 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.evaluate import (
+    EvaluateJobConfig,
+    check_pools_cover,
+    class_token_rows,
+    evaluate_tokenizer,
+    load_eval_data,
+    run_evaluate,
+)
+from pipeline.sources import SourceConfig, list_shards, read_shard
+from spae.codebook import FrozenCodebook
+from spae.config import replace
+from spae.data import MNIST_CLASS_WORDS
+from spae.metrics import MissingMetricDependency
+from spae.model import preset
+from spae.tokenizer import SPAETokenizer
+
+DIM = 16
+WORDS = [*MNIST_CLASS_WORDS, *[str(i) for i in range(10)], *[f"filler{i}" for i in range(12)]]  # 32 rows
+
+
+def tiny_codebook() -> FrozenCodebook:
+    emb = torch.randn(len(WORDS), DIM, generator=torch.Generator().manual_seed(0))
+    return FrozenCodebook.from_tensor(emb, tokens=WORDS, words=WORDS)
+
+
+def write_vocab(root, codebook: FrozenCodebook, feature_dim: int = 8) -> str:
+    """A vocab table as the vocab job writes it (parts + vocab_card.json), one-hot text features."""
+    root.mkdir(parents=True, exist_ok=True)
+    v = len(codebook)
+    feats = np.zeros((v, feature_dim), dtype=np.float16)
+    for row in range(v):
+        feats[row, (row % 10) % feature_dim] = 1.0  # "seven" and "7" share an axis
+    table = pa.table(
+        {
+            "token_id": pa.array(range(v), pa.int64()),
+            "llm_id": pa.array(codebook.llm_ids, pa.int64()),
+            "token": codebook.tokens,
+            "word": codebook.words,
+            "embedding": pa.array(codebook.embeddings.numpy().tolist(), pa.list_(pa.float32())),
+            "text_feature": pa.array(feats.tolist(), pa.list_(pa.float16())),
+        }
+    )
+    pq.write_table(table, str(root / "part-00000.parquet"))
+    card = {"codebook": codebook.card, "rows": v, "dim": feature_dim, "job_digest": "vocabdigest01"}
+    (root / "vocab_card.json").write_text(json.dumps(card))
+    return str(root)
+
+
+def write_pools(root, source: SourceConfig, vocab_rows: int = 32, k: int = 4, feature_dim: int = 8) -> str:
+    """A pools table as the pools job writes it: a label probe's pools (class word + numeral first)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shards = list_shards(source)
+    for shard in shards:
+        rows = read_shard(shard)
+        labels = rows.column("label").to_pylist()
+        ids = [[lab, 10 + lab, 20 + lab % 12, 21] for lab in labels]
+        scores = [[1.0, 0.97, 0.5, 0.1] for _ in labels]
+        feats = np.zeros((len(labels), feature_dim), dtype=np.float16)
+        feats[np.arange(len(labels)), [lab % feature_dim for lab in labels]] = 1.0
+        table = pa.table(
+            {
+                "image_id": rows.column("image_id"),
+                "source": rows.column("source"),
+                "label": rows.column("label"),
+                "image_feature": pa.array(feats.tolist(), pa.list_(pa.float16())),
+                "s_min": pa.array([0.0] * len(labels), pa.float32()),
+                "s_max": pa.array([1.0] * len(labels), pa.float32()),
+                "topk_ids": pa.array(ids, pa.list_(pa.int32())),
+                "topk_scores": pa.array(scores, pa.list_(pa.float32())),
+            }
+        )
+        pq.write_table(table, str(root / f"part-{shard.shard_id}.parquet"))
+    manifest = {
+        "output": str(root),
+        "shards": [{"shard_id": s.shard_id, "input_digest": s.digest} for s in shards],
+        "identity": {"vocab_job_digest": "vocabdigest01", "vocab_rows": vocab_rows, "top_k": k},
+    }
+    (root / "_manifest.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+def tiny_tokenizer() -> SPAETokenizer:
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    cfg = replace(cfg, network={"latent_dim": DIM})
+    return SPAETokenizer.from_config(cfg, tiny_codebook())
+
+
+EVAL = SourceConfig(uri="mnist://test?limit=24", shard_size=16)
+
+
+def test_evaluate_metrics_and_files(tmp_path):
+    tok = tiny_tokenizer()
+    folder = tok.save_pretrained(tmp_path / "tok")
+    cfg = EvaluateJobConfig(
+        tokenizer=str(folder),
+        source=EVAL,
+        pools=write_pools(tmp_path / "pools", EVAL),
+        vocab=write_vocab(tmp_path / "vocab", tiny_codebook()),
+        limit=20,
+        batch_size=8,
+        picture_images=4,
+        output=str(tmp_path / "eval"),
+    )
+    result = run_evaluate(cfg)
+    m = result.metrics
+    assert m["images"] == 20
+    for l in tok.pyramid.covering_layers:  # (3, 4) for the tiny pyramid
+        assert 0 < m[f"psnr/p{l}"] < 60 and -1 <= m[f"ssim/p{l}"] <= 1
+    for l in range(1, tok.pyramid.num_layers + 1):
+        assert 0 < m[f"utilization/l{l}"] <= 1 and 1 <= m[f"perplexity/l{l}"] <= m[f"distinct/l{l}"] + 1e-6
+        assert 0 <= m[f"relevance/l{l}"] <= 1
+    assert m["distinct/l1"] <= 20  # one token per image on layer 1
+    assert 0 <= m["label_word_accuracy/l1"] <= 1
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved == pytest.approx(m)
+    assert (tmp_path / "eval" / "reconstructions.png").stat().st_size > 1000
+
+
+def test_relevance_and_label_accuracy_by_hand(tmp_path):
+    """A tokenizer whose layer-1 token we know: relevance and accuracy follow from the pools by hand."""
+    tok = tiny_tokenizer()
+    data = load_eval_data(EVAL, 16, write_pools(tmp_path / "pools", EVAL), limit=8)
+    text = torch.zeros(len(WORDS), 8)
+    text[:, 0] = 1.0  # every token scores 1 against an image feature on axis 0, 0 otherwise
+    rows = class_token_rows([[w, str(i)] for i, w in enumerate(MNIST_CLASS_WORDS)], tok.vocabulary.words)
+    assert rows[7] == {7, 17}
+    m = evaluate_tokenizer(tok, data, text, rows, batch_size=4)
+    expected_rel = float((data.image_features[:, 0] > 0).float().mean())  # images whose feature is axis 0
+    assert m["relevance/l1"] == pytest.approx(expected_rel, abs=1e-6)
+    top = tok.encode(data.images, layers=[1]).layer_ids(1).reshape(-1)
+    hits = sum(int(t) in rows[int(lab)] for t, lab in zip(top, data.labels, strict=True))
+    assert m["label_word_accuracy/l1"] == pytest.approx(hits / len(data))
+
+
+def test_refuses_foreign_pools_and_vocab(tmp_path):
+    pools = write_pools(tmp_path / "pools", EVAL)
+    with pytest.raises(ValueError, match="computed from other images|no part"):
+        check_pools_cover(list_shards(SourceConfig(uri="mnist://test?limit=24", shard_size=8)), pools)
+    other = FrozenCodebook.from_tensor(torch.randn(len(WORDS), DIM), tokens=WORDS, words=WORDS)
+    tok = tiny_tokenizer()
+    cfg = EvaluateJobConfig(
+        tokenizer=str(tok.save_pretrained(tmp_path / "tok")),
+        source=EVAL,
+        pools=pools,
+        vocab=write_vocab(tmp_path / "vocab", other),
+        output=str(tmp_path / "eval"),
+    )
+    with pytest.raises(ValueError, match="codebook"):
+        run_evaluate(cfg)
+
+
+def test_optional_metrics_need_package_and_weights(tmp_path):
+    cfg = EvaluateJobConfig(tokenizer="unused", optional_metrics=("fid",), output=str(tmp_path))
+    with pytest.raises(MissingMetricDependency, match="torchmetrics"):
+        run_evaluate(cfg)
+
+
+def test_evaluate_job_entry_logs_to_mlflow(tmp_path, capsys):
+    import mlflow
+
+    from jobs.evaluate import main
+
+    folder = tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main(
+        [
+            f"tokenizer={folder}",
+            "source.uri=mnist://test?limit=8",
+            "limit=8",
+            "picture_images=2",
+            f"output={tmp_path / 'eval'}",
+            f"mlflow.tracking_uri={uri}",
+            "run_name=eval-test",
+        ]
+    )
+    assert rc == 0 and "psnr" in capsys.readouterr().out
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["spae"], filter_string="tags.`spae.run_name` = 'eval-test'")
+    assert len(runs) == 1 and "metrics.psnr/p3" in runs.columns
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs.run_id[0])}
+    assert {"metrics.json", "reconstructions.png"} <= artifacts

@@ -1,0 +1,113 @@
+"""Decoding: every mode to RGB, the resize policy, and one reason per broken image."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.images import decode_batch, decode_image
+from spae.data import load_mnist, mnist_images
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def noise(h: int, w: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_broken_images_get_reasons_and_the_rest_decodes():
+    jpeg = encode(noise(64, 64), "JPEG")
+    batch = {
+        "image_id": np.array(["ok", "zero", "corrupt", "truncated", "huge", "unreadable"], dtype=object),
+        "image_bytes": np.array(
+            [
+                encode(noise(24, 24)),
+                b"",
+                b"\x89PNG not really" * 20,
+                jpeg[: len(jpeg) // 2],
+                encode(Image.new("L", (400, 300))),
+                b"",
+            ],
+            dtype=object,
+        ),
+        "error": np.array([None, None, None, None, None, "unreadable: PermissionError"], dtype=object),
+        "error_stage": np.array([None, None, None, None, None, "read"], dtype=object),
+    }
+    out = decode_batch(batch, size=24, max_pixels=100_000)
+    assert out["pixels"].shape == (6, 24, 24, 3) and out["pixels"].dtype == np.uint8
+    np.testing.assert_array_equal(out["pixels"][0], np.asarray(noise(24, 24)))
+    assert out["error"][0] is None
+    assert out["error"][1] == "zero-byte file"
+    assert out["error"][2].startswith("undecodable: ")
+    assert out["error"][3].startswith("truncated: ")
+    assert out["error"][4] == "too large: 400x300 > max_pixels 100000"
+    assert out["error"][5] == "unreadable: PermissionError" and out["error_stage"][5] == "read"
+    assert list(out["error_stage"][:5]) == [None, "decode", "decode", "decode", "decode"]
+    assert not out["pixels"][1:].any()  # failed rows carry zero pixels
+    assert list(out["image_id"]) == list(batch["image_id"])
+
+
+@pytest.mark.parametrize(
+    "image, rgb",
+    [
+        (Image.new("L", (16, 16), 77), (77, 77, 77)),
+        (Image.new("RGBA", (16, 16), (10, 20, 30, 255)), (10, 20, 30)),
+        (Image.new("RGBA", (16, 16), (10, 20, 30, 0)), (255, 255, 255)),  # transparent -> white
+        (Image.new("LA", (16, 16), (90, 255)), (90, 90, 90)),
+        (Image.new("RGB", (16, 16), (0, 0, 255)).convert("P"), (0, 0, 255)),
+        (Image.new("1", (16, 16), 1), (255, 255, 255)),
+        (Image.fromarray(np.full((16, 16), 257 * 200, np.uint16)), (200, 200, 200)),  # 16-bit
+    ],
+    ids=["L", "RGBA", "RGBA-transparent", "LA", "P", "1", "I;16"],
+)
+def test_modes_become_rgb(image, rgb):
+    pixels = decode_image(encode(image), size=16)
+    assert pixels.shape == (16, 16, 3)
+    np.testing.assert_array_equal(pixels[8, 8], rgb)
+
+
+def test_cmyk_jpeg_and_tiff():
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red
+    for fmt in ("JPEG", "TIFF"):
+        pixel = decode_image(encode(cmyk, fmt), size=16)[8, 8].astype(int)
+        assert pixel[0] > 240 and pixel[1] < 15 and pixel[2] < 15, (fmt, pixel)
+
+
+def test_mnist_pads_like_the_library_and_large_images_are_cropped():
+    images, _ = load_mnist("test")
+    images = images[:1].copy()
+    pixels = decode_image(encode(Image.fromarray(images[0], mode="L")), size=32)
+    expected = (mnist_images(images[:1], 32)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(pixels, expected)
+    # 28 -> 224 upsamples instead of padding a tiny digit
+    big = decode_image(encode(Image.fromarray(images[0], mode="L")), size=224)
+    rows = np.flatnonzero(big.any(axis=(1, 2)))
+    assert rows[-1] - rows[0] > 112
+    # a wide image: shorter side to size, centre crop keeps the middle
+    wide = np.zeros((20, 60, 3), np.uint8)
+    wide[:, 20:40] = 255
+    out = decode_image(encode(Image.fromarray(wide)), size=20)
+    assert out[:, 2:18].min() == 255 and out[:, 0].max() == 255
+    assert decode_image(encode(Image.fromarray(wide)), size=30, fit="pad")[:5].max() == 0  # bars top/bottom
+
+
+def test_decode_source_keeps_good_rows_and_reports_the_rest(tmp_path):
+    from pipeline.images import decode_source
+    from pipeline.sources import SourceConfig
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.png").write_bytes(encode(Image.new("L", (32, 32), 9)))
+    (tmp_path / "a" / "2.png").write_bytes(b"")
+    (tmp_path / "3.png").write_bytes(encode(Image.new("RGB", (32, 32), (1, 2, 3))))
+    data = decode_source(SourceConfig(uri=str(tmp_path)), size=32)
+    assert data.image_ids == ["3.png", "a/1.png"]
+    assert data.labels.tolist() == [-1, 0]
+    assert data.pixels[0, 0, 0].tolist() == [1, 2, 3] and data.pixels[1, 0, 0].tolist() == [9, 9, 9]
+    assert data.errors == {"a/2.png": "zero-byte file"}

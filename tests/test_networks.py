@@ -1,0 +1,54 @@
+"""Encoder / decoder / discriminator shapes for the presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spae.networks import NETWORK_PRESETS, Decoder, Discriminator, Encoder, NetworkConfig
+
+
+@pytest.mark.parametrize(("preset", "size", "latent"), [("tiny", 16, 8), ("mnist", 32, 8)])
+def test_encoder_decoder_shapes(preset, size, latent):
+    cfg = NetworkConfig.preset(preset)
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    z = Encoder(cfg)(x)
+    assert z.shape == (2, cfg.latent_dim, latent, latent) and size // cfg.downsample_factor == latent
+    y = Decoder(cfg)(z)
+    assert y.shape == x.shape
+
+
+def test_latent_dim_override_and_grey_images():
+    cfg = NetworkConfig.preset("tiny", latent_dim=5)
+    z = Encoder(cfg, image_channels=1)(torch.zeros(1, 1, 8, 8))
+    assert z.shape == (1, 5, 4, 4)
+    assert Decoder(cfg, image_channels=1)(z).shape == (1, 1, 8, 8)
+
+
+def test_paper_preset_geometry():
+    cfg = NETWORK_PRESETS["paper"]
+    assert cfg.latent_dim == 768 and cfg.downsample_factor == 8 and 128 // cfg.downsample_factor == 16
+    with pytest.raises(ValueError, match="unknown network preset"):
+        NetworkConfig.preset("huge")
+
+
+def test_discriminator_patch_logits_and_gradients():
+    cfg = NetworkConfig.preset("tiny")  # 2 stride-2 layers
+    disc = Discriminator(cfg, image_size=16)
+    x = (torch.rand(3, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    logits = disc(x)
+    assert logits.shape == (3, 1, 4, 4) and disc.output_size == 4
+    logits.mean().backward()
+    assert x.grad is not None and all(p.grad is not None for p in disc.parameters())
+    mnist = Discriminator(NetworkConfig.preset("mnist"), image_size=32)
+    assert mnist(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 4, 4)
+    with pytest.raises(ValueError, match="image_size"):
+        Discriminator(cfg, image_size=18)
+
+
+def test_channels_last_and_bfloat16():
+    cfg = NetworkConfig.preset("tiny")
+    enc, dec = Encoder(cfg).to(torch.bfloat16), Decoder(cfg).to(torch.bfloat16)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    out = dec(enc(x))
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 8, 8)

@@ -1,0 +1,237 @@
+"""The tokenize job: MNIST -> corpus on S3 exactly once, bad images, MLflow lineage; the stage alone."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.corpus import ids_from_table, parse_jsonl, read_corpus
+from pipeline.images import decode_batch, to_float
+from pipeline.shards import read_errors, read_manifest
+from pipeline.sources import SourceConfig, list_shards, read_shard
+from pipeline.storage import resolve
+from pipeline.tokenize import (
+    InjectedFailure,
+    TokenizeJobConfig,
+    TokenizeStage,
+    load_tokenizer,
+    run_tokenize_job,
+)
+from pipeline.tracking import MlflowConfig
+from spae.codebook import FrozenCodebook
+from spae.model import preset
+from spae.tokenizer import SPAETokenizer
+
+NO_MLFLOW = MlflowConfig(enabled=False)
+
+
+def make_tokenizer(folder: Path, vocab: int = 48, seed: int = 0) -> Path:
+    """A random-weight ``tiny`` tokenizer (16px images, layers 1x1, 2x2, 4x4, 4x4) saved to ``folder``."""
+    torch.manual_seed(seed)
+    cfg = preset("tiny")
+    words = [f"w{i}" for i in range(vocab)]
+    codebook = FrozenCodebook.from_tensor(torch.randn(vocab, cfg.network.latent_dim), words=words)
+    return SPAETokenizer.from_config(cfg, codebook).save_pretrained(folder)
+
+
+def upload(folder: Path, uri: str) -> str:
+    dest = resolve(uri)
+    for path in folder.iterdir():
+        dest.join(path.name).write_bytes(path.read_bytes())
+    return uri
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _png(mode: str, size: tuple[int, int], value) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, value).save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    return buf.getvalue()
+
+
+def test_stage_encodes_ok_rows_and_passes_errors(tokenizer_dir):
+    stage = TokenizeStage(str(tokenizer_dir), layers=(1, 2))
+    pixels = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
+    batch = {
+        "shard_id": np.array(["00000"] * 3, dtype=object),
+        "image_id": np.array(["a", "b", "c"], dtype=object),
+        "source": np.array(["s"] * 3, dtype=object),
+        "label": np.array([1, None, 3], dtype=object),
+        "path": np.array(["pa", "pb", "pc"], dtype=object),
+        "error": np.array([None, "zero-byte file", float("nan")], dtype=object),  # NaN: Ray's null
+        "error_stage": np.array([None, "decode", None], dtype=object),
+        "pixels": pixels,
+    }
+    out = stage(batch)
+    ref = stage.tokenizer.encode(torch.from_numpy(to_float(pixels[[0, 2]])), layers=(1, 2))
+    np.testing.assert_array_equal(out["tokens_l2"][[0, 2]], ref.layer_ids(2).reshape(2, 4).numpy())
+    assert out["tokens_l2"].dtype == np.int32 and out["tokens_l2"].shape == (3, 4)
+    assert list(out["words_l2"][2]) == ref.words(2)[1] and list(out["words_l2"][1]) == []
+    assert out["text"][0] == ref.to_text()[0] and out["text"][0].startswith("[L1] w")
+    assert out["error"][1] == "zero-byte file" and out["error"][0] == ""
+    assert "tokens_l3" not in out and "pixels" not in out
+
+
+def test_tokenize_mnist_to_s3_exactly_once(ray_cluster, s3_prefix, mlflow_server, tokenizer_dir):
+    tok_uri = upload(tokenizer_dir, f"{s3_prefix}/tokenizer")
+    out_uri = f"{s3_prefix}/corpus"
+    source = SourceConfig(uri="mnist://test?limit=64", shard_size=8)
+    cfg = TokenizeJobConfig(
+        source=source,
+        tokenizer=tok_uri,
+        output=out_uri,
+        batch_size=8,
+        roundtrip_sample=4,
+        mlflow=MlflowConfig(tracking_uri=mlflow_server, experiment="tokenize-test"),
+        progress=False,
+    )
+    # a run killed while committing its 3rd shard leaves 2 complete shards, each with its JSONL twin
+    with pytest.raises(InjectedFailure):
+        run_tokenize_job(TokenizeJobConfig(**{**cfg.__dict__, "fail_after_shards": 2}))
+    names = {loc.name for loc in resolve(out_uri).list()}
+    parts = {n[: -len(".parquet")] for n in names if n.startswith("part-") and n.endswith(".parquet")}
+    assert len(parts) == 2 and {n[: -len(".jsonl")] for n in names if n.endswith(".jsonl")} == parts
+    assert "_manifest.json" not in names
+
+    result = run_tokenize_job(cfg)  # the re-run computes only what is missing
+    assert (result.shards_total, result.shards_run) == (8, 8 - len(parts))
+    assert result.rows_run == 8 * (8 - len(parts))
+    table = read_corpus(out_uri)
+    ids = table.column("image_id").to_pylist()
+    assert sorted(ids) == [f"mnist-test-{i:06d}" for i in range(64)]  # every image exactly once
+
+    # rows decode to the ids the library gives for the same images
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    shard = list_shards(SourceConfig(uri="mnist://test?limit=64", shard_size=16))[1]
+    raw = read_shard(shard)
+    pixels = decode_batch({"image_bytes": np.array(raw.column("image_bytes").to_pylist(), dtype=object)}, 16)
+    ref = tokenizer.encode(torch.from_numpy(to_float(pixels["pixels"])))
+    rows = {iid: i for i, iid in enumerate(ids)}
+    picked = table.take([rows[i] for i in raw.column("image_id").to_pylist()])
+    got = ids_from_table(picked)
+    for l in (1, 2, 3, 4):
+        np.testing.assert_array_equal(got[l], ref.layer_ids(l).reshape(16, -1).numpy())
+    assert picked.column("text").to_pylist() == ref.to_text()
+    assert picked.column("label").to_pylist() == raw.column("label").to_pylist()
+
+    manifest = read_manifest(out_uri)
+    assert manifest["rows_in"] == 64 and manifest["rows_written"] + manifest["errors"] == 64
+    assert manifest["errors"] == 0 and len(manifest["shards"]) == 8
+    assert manifest["tokenizer"]["fingerprint"] == tokenizer.fingerprint()
+    assert manifest["tokenizer"]["codebook_card"]["hash"] == tokenizer.codebook.card["hash"]
+    assert manifest["input"]["uri"] == "mnist://test?limit=64" and manifest["layers"] == [1, 2, 3, 4]
+
+    # the JSONL twin of every shard equals its Parquet text
+    out = resolve(out_uri)
+    for s in manifest["shards"]:
+        part = pq.read_table(out.join(s["file"]).path, filesystem=out.fs)
+        lines = parse_jsonl(out.join(s["file"].replace(".parquet", ".jsonl")).read_bytes())
+        assert [r["text"] for r in lines] == part.column("text").to_pylist()
+        assert [r["image_id"] for r in lines] == part.column("image_id").to_pylist()
+    assert result.metrics["roundtrip/ids_match"] == 1.0 and np.isfinite(result.metrics["roundtrip/psnr"])
+    _check_mlflow_run(mlflow_server, result.run_id, tok_uri, out_uri)
+
+    # a re-run of a finished job writes nothing
+    before = {loc.name: loc.fs.get_file_info(loc.path).mtime for loc in out.list(recursive=True)}
+    again = run_tokenize_job(cfg)
+    after = {loc.name: loc.fs.get_file_info(loc.path).mtime for loc in out.list(recursive=True)}
+    assert again.shards_run == 0 and before == after
+
+
+def test_bad_images_go_to_errors(ray_cluster, tokenizer_dir, tmp_path):
+    src = tmp_path / "images"
+    (src / "cls").mkdir(parents=True)
+    good = np.random.default_rng(1).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    for i in range(3):
+        Image.fromarray(good).save(src / "cls" / f"good{i}.png")
+    (src / "cls" / "zero.png").write_bytes(b"")
+    (src / "cls" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    (src / "cls" / "truncated.png").write_bytes((src / "cls" / "good0.png").read_bytes()[:60])
+    (src / "cls" / "huge.png").write_bytes(_png("L", (400, 400), 128))
+    (src / "cls" / "palette.png").write_bytes(_png("P", (12, 12), 3))  # an unusual mode that decodes
+    (src / "cls" / "cmyk.tif").write_bytes(_png("CMYK", (12, 12), (0, 50, 100, 0)))
+    out = tmp_path / "corpus"
+    cfg = TokenizeJobConfig(
+        source=SourceConfig(uri=str(src), shard_size=4),
+        tokenizer=str(tokenizer_dir),
+        output=str(out),
+        layers=(1, 2),
+        max_pixels=100_000,
+        mlflow=NO_MLFLOW,
+        progress=False,
+    )
+    result = run_tokenize_job(cfg)
+    errors = {r["image_id"]: r for r in read_errors(str(out)).to_pylist()}
+    assert set(errors) == {"cls/zero.png", "cls/corrupt.png", "cls/truncated.png", "cls/huge.png"}
+    assert errors["cls/zero.png"]["reason"] == "zero-byte file"
+    assert errors["cls/huge.png"]["reason"].startswith("too large")
+    assert errors["cls/truncated.png"]["reason"].startswith(("truncated", "undecodable"))
+    assert all(r["stage"] == "decode" and r["path"].endswith(i) for i, r in errors.items())
+    table = read_corpus(str(out))
+    assert sorted(table.column("image_id").to_pylist()) == [
+        "cls/cmyk.tif",
+        "cls/good0.png",
+        "cls/good1.png",
+        "cls/good2.png",
+        "cls/palette.png",
+    ]
+    assert table.column_names == [
+        "image_id",
+        "source",
+        "label",
+        "tokens_l1",
+        "words_l1",
+        "tokens_l2",
+        "words_l2",
+        "text",
+    ]
+    m = result.manifest
+    assert (m["rows_in"], m["rows_written"], m["errors"]) == (9, 5, 4)
+    # the good images are tokenized like the library does it (all three are the same picture)
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    pixels = decode_batch(
+        {"image_bytes": np.array([(src / "cls" / "good0.png").read_bytes()], dtype=object)}, 16
+    )
+    ref = tokenizer.encode(torch.from_numpy(to_float(pixels["pixels"])), layers=(1, 2)).to_text()[0]
+    texts = dict(zip(table.column("image_id").to_pylist(), table.column("text").to_pylist(), strict=True))
+    assert texts["cls/good0.png"] == texts["cls/good2.png"] == ref and "[L3]" not in ref
+
+
+def _check_mlflow_run(tracking_uri: str, run_id: str, tok_uri: str, out_uri: str) -> None:
+    """The run shows lineage (input and output datasets), counts, histograms and the round trip."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    same_output = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`spae.output` = '{out_uri}'"
+    )
+    assert [r.info.run_id for r in same_output] == [run_id]  # the killed run was resumed, not duplicated
+    m = run.data.metrics
+    assert m["rows_in"] == 64 and m["rows_written"] == 64 and m["errors"] == 0 and m["images_per_s"] > 0
+    assert m["roundtrip/images"] == 4 and m["roundtrip/ids_match"] == 1.0 and "roundtrip/psnr" in m
+    assert 0 < m["layer1/utilization"] <= 1 and "layer4/perplexity" in m and m["layer2/distinct_tokens"] >= 1
+    assert (
+        run.data.params["source.uri"] == "mnist://test?limit=64" and run.data.params["tokenizer"] == tok_uri
+    )
+    sources = {i.tags[0].value: i.dataset.source for i in run.inputs.dataset_inputs}
+    assert "mnist://test?limit=64" in sources["input"] and out_uri in sources["output"]
+    files = {f.path for f in client.list_artifacts(run_id, "histograms")}
+    assert files == {f"histograms/layer_{l}.png" for l in (1, 2, 3, 4)}
+    assert {"roundtrip.png", "roundtrip.json", "corpus_manifest.json"} <= {
+        f.path for f in client.list_artifacts(run_id)
+    }
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="roundtrip.png", tracking_uri=tracking_uri
+    )
+    picture = Image.open(local)
+    assert picture.size[0] == 2 * picture.size[1]  # 4 originals over 4 decodes, 16 px each, upscaled
