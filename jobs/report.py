@@ -150,7 +150,12 @@ def run_report(cfg: ReportConfig) -> ReportResult:
     table, shard_ids = _pick_rows(cfg)
     image_ids = table.column("image_id").to_pylist()
     size = tokenizer.config.image_size
-    originals = _originals(manifest, image_ids, shard_ids, size, manifest["config"].get("fit", "auto"))
+    try:
+        originals = _originals(manifest, image_ids, shard_ids, size, manifest["config"].get("fit", "auto"))
+        missing_source = ""
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # input moved or unreachable (StorageError)
+        originals = np.full((len(image_ids), size, size, 3), 128, np.uint8)  # grey placeholders
+        missing_source = f"originals unavailable ({type(e).__name__}: {e}); grey placeholders, no PSNR"
     images = torch.from_numpy(to_float(originals))  # [k, 3, H, W]
     if cfg.pools:
         scores, shading = _pool_scores(cfg.pools, image_ids), SHADE_SEMANTIC
@@ -174,7 +179,9 @@ def run_report(cfg: ReportConfig) -> ReportResult:
                 prefix=c,
                 tokens=spec.cumulative_counts[c - 1],
                 image=decodes[c][i].permute(1, 2, 0).numpy(),
-                psnr=float(psnr(decodes[c][i : i + 1], images[i : i + 1]).clamp(max=100.0)),
+                psnr=None
+                if missing_source
+                else float(psnr(decodes[c][i : i + 1], images[i : i + 1]).clamp(max=100.0)),
             )
             for c in prefixes
         )
@@ -195,6 +202,8 @@ def run_report(cfg: ReportConfig) -> ReportResult:
         "shading": shading
         + (f" (pools {cfg.pools})" if cfg.pools else " of each token in its layer, corpus-wide"),
     }
+    if missing_source:
+        meta["originals"] = missing_source
     html = out.join("index.html")
     html.write_text(report_html(panels, title=title, meta=meta, figure_href="pyramids.png"))
     return ReportResult(html=html.uri, png=png.uri, image_ids=image_ids, shading=shading)

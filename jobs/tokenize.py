@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "roundtrip/psnr" in rt:
         print(
             f"round trip: {int(rt['roundtrip/images'])} images, "
-            f"ids match: {bool(rt['roundtrip/ids_match'])}, "
+            f"ids reproduced: {rt['roundtrip/ids_match']:.1%}, "
             f"PSNR {rt['roundtrip/psnr']:.2f} dB from layers 1-{int(rt['roundtrip/prefix'])}"
         )
     if result.run_id:

@@ -110,6 +110,15 @@ def build_table(
     return pa.Table.from_pydict(columns, schema=corpus_schema(layers))
 
 
+def table_from_pyramid(
+    pyramid: Any, image_ids: Sequence[str], sources: Sequence[str], labels: Sequence[int | None]
+) -> pa.Table:
+    """Corpus rows of a ``TokenPyramid`` (all its layers); text from ``TokenPyramid.to_text``."""
+    ids = {l: pyramid.layer_ids(l).reshape(pyramid.batch_size, -1).cpu().numpy() for l in pyramid.layers}
+    batch = CorpusBatch(list(image_ids), list(sources), list(labels), ids)
+    return build_table(batch, pyramid.vocabulary.words, texts=pyramid.to_text())
+
+
 def empty_table(layers: Sequence[int]) -> pa.Table:
     return corpus_schema(layers).empty_table()
 

@@ -57,6 +57,8 @@ class LLMConfig:
     context_window: int = 0  # 0 = the model's own (hf) or unknown (openai)
     count_tokenizer: str = ""  # openai: a local HF tokenizer folder to count prompt tokens with
     logprobs: bool = True  # ask for per-token log-probabilities
+    send_stop: bool = True  # send stop sequences to the server (false: cut the text here only; for
+    # servers whose tokenizer cannot express them, e.g. "\n" with a WordPiece vocabulary)
     device: str = "cpu"  # hf
     seed: int = 0  # hf sampling
 
@@ -152,7 +154,7 @@ class OpenAIClient:
     ) -> Completion:
         self.budget.take()
         body: dict[str, Any] = {"model": self.cfg.model, "max_tokens": max_tokens, "temperature": temperature}
-        if stop:
+        if stop and self.cfg.send_stop:
             body["stop"] = list(stop)[:4]  # the API takes at most 4 stop sequences
         if self.cfg.api == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]

@@ -6,7 +6,9 @@ With no tracking URI configured, runs go to a local SQLite store (no server need
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +18,9 @@ from typing import Any
 from spae.config import flatten
 
 RUN_NAME_TAG = "spae.run_name"
-SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
+# A key is secret when one of its dotted parts names a credential ("api_token", "secret_key", ...);
+# "max_tokens" or "tokenizer" are not.
+SECRET_PATTERN = re.compile(r"secret|password|passwd|credential|api_?key|access_?key|(^|_)token$")
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (characters)
 
 
@@ -65,7 +69,9 @@ def start_run(
         return
     import mlflow
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(cfg, default_dir))
+    uri = resolve_tracking_uri(cfg, default_dir)
+    mlflow.set_tracking_uri(uri)
+    _create_experiment(cfg.experiment, uri)
     experiment = mlflow.set_experiment(cfg.experiment)
     run_id = find_run_id(mlflow.MlflowClient(), experiment.experiment_id, run_name)
     all_tags = {RUN_NAME_TAG: run_name, **(tags or {})}
@@ -77,9 +83,20 @@ def start_run(
         yield run
 
 
+def _create_experiment(name: str, uri: str) -> None:
+    """A local SQLite store keeps its artifacts beside the database, not in ``./mlruns`` of the cwd."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith("sqlite:///") or mlflow.get_experiment_by_name(name) is not None:
+        return
+    artifacts = Path(uri[len("sqlite:///") :]).parent / "mlartifacts"
+    with contextlib.suppress(MlflowException):  # created meanwhile by another process
+        mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
+
+
 def is_secret(key: str) -> bool:
-    lowered = key.lower()
-    return any(marker in lowered for marker in SECRET_MARKERS)
+    return any(SECRET_PATTERN.search(part) for part in key.lower().split("."))
 
 
 def log_params_flat(cfg: Any, prefix: str = "") -> dict[str, str]:

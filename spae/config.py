@@ -36,10 +36,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f" under '{path}'" if path else ""
-        raise ConfigError(
-            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(_join(path, k) for k in unknown)}"
-            f"{where}; allowed: {', '.join(sorted(fields))}"
-        )
+        names = ", ".join(_join(path, k) for k in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        raise ConfigError(f"unknown config key{plural} {names}{where}; allowed: {', '.join(sorted(fields))}")
     kwargs = {name: _coerce(hints[name], data[name], _join(path, name)) for name in fields if name in data}
     try:
         obj = cls(**kwargs)
@@ -192,7 +191,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if origin is tuple and args:
             if len(value) != len(args):
                 raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+            return tuple(
+                _coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
         item = args[0] if args else Any
         coerced = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(coerced) if origin is tuple else coerced

@@ -95,9 +95,12 @@ class Encoder(nn.Module):
         self.norm_out = _norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, cfg.latent_dim, 1)
 
+    def features(self, x: Tensor) -> Tensor:
+        """The activations the output layer reads: [b, ch, h, w]."""
+        return F.silu(self.norm_out(self.mid(self.down(self.conv_in(x)))))
+
     def forward(self, x: Tensor) -> Tensor:
-        h = self.mid(self.down(self.conv_in(x)))  # [b, ch, h, w]
-        return self.conv_out(F.silu(self.norm_out(h)))  # [b, c, h, w]
+        return self.conv_out(self.features(x))  # [b, c, h, w]
 
 
 class Decoder(nn.Module):

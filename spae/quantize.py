@@ -83,6 +83,7 @@ def nearest_codes(
     chunk: int = 8192,
     codebook_sq: Tensor | None = None,
     max_elements: int = 1 << 26,
+    fused: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """argmin_k ||x - e(k)||^2 for every row of ``x``.
 
@@ -92,6 +93,9 @@ def nearest_codes(
     blocked so one score block holds at most ``max_elements`` values. The GEMM runs in the codebook's
     dtype (e.g. bf16 on GPU); ``||e||^2``, the scores and the minimum are kept in at least fp32.
     ``codebook_sq`` [v]: precomputed ``||e||^2`` (fp32) to skip recomputing it. Ties: lowest row.
+    ``fused``: on CUDA with a bf16/fp16 table, one Triton kernel does the GEMM and the argmin in its
+    epilogue, so the [n, v] scores never reach memory (``fused_nearest_codes``); None = when available
+    (``SPAE_FUSED_SEARCH=0`` turns it off), False = always the chunked GEMM above.
     """
     if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
         raise ValueError(
@@ -105,6 +109,11 @@ def nearest_codes(
         codebook_sq = codebook.to(acc).pow(2).sum(1)  # [v]
     codebook_sq = codebook_sq.to(acc)
     x_sq = x.to(acc).pow(2).sum(1)  # [n]
+    if fused is None:
+        fused = fused_search_available(x, codebook)
+    if fused and n:
+        best, ids = fused_nearest_codes(x, codebook, codebook_sq)  # [n] each
+        return ids, (best + x_sq).clamp_min(0)
     ids = torch.zeros(n, dtype=torch.long, device=x.device)
     best = torch.full((n,), float("inf"), dtype=acc, device=x.device)
     rows = max(1, max_elements // max(1, min(chunk, v)))
@@ -119,6 +128,99 @@ def nearest_codes(
             best_r.copy_(torch.where(better, d_min, best_r))
             ids_r.copy_(torch.where(better, i_min + v0, ids_r))
     return ids, (best + x_sq).clamp_min(0)
+
+
+# ----------------------------------------------------------------------------- fused search (CUDA)
+# One Triton program owns BM rows of x and a slice of the codebook; per BN-row tile it does the bf16
+# GEMM with fp32 accumulation, then ``||e||^2 - 2 x.e``, the tile's min/argmin and the running minimum,
+# all in registers. The codebook is split over ``num_splits`` program columns to fill the GPU when n
+# is small; the per-split minima [s, n] are combined in torch (ties: lowest row, as above).
+
+try:  # triton ships with CUDA builds of torch; the CPU path never needs it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only torch builds
+    triton = None
+
+
+def fused_search_available(x: Tensor, codebook: Tensor) -> bool:
+    """True when ``nearest_codes`` would take the fused kernel for these operands."""
+    import os
+
+    return (
+        triton is not None
+        and x.is_cuda
+        and codebook.is_cuda
+        and codebook.dtype in (torch.bfloat16, torch.float16)
+        and codebook.shape[1] % 32 == 0
+        and os.environ.get("SPAE_FUSED_SEARCH", "1") != "0"
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _argmin_kernel(
+        x_ptr, e_ptr, esq_ptr, best_ptr, idx_ptr, n, v,
+        K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):  # fmt: skip
+        pid_m, pid_s = tl.program_id(0), tl.program_id(1)
+        tiles = tl.cdiv(tl.cdiv(v, BN), tl.num_programs(1))  # codebook tiles per split
+        v_lo = pid_s * tiles * BN
+        v_hi = tl.minimum(v_lo + tiles * BN, v)
+        rm = pid_m * BM + tl.arange(0, BM)  # [BM]
+        rk = tl.arange(0, BK)  # [BK]
+        best = tl.full([BM], float("inf"), tl.float32)
+        best_i = tl.zeros([BM], tl.int32)
+        for v0 in range(v_lo, v_hi, BN):
+            rn = v0 + tl.arange(0, BN)  # [BN]
+            acc = tl.zeros([BM, BN], tl.float32)
+            for k0 in range(0, K, BK):
+                a = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=rm[:, None] < n, other=0.0)
+                b = tl.load(e_ptr + rn[None, :] * K + (k0 + rk)[:, None], mask=rn[None, :] < v_hi, other=0.0)
+                acc = tl.dot(a, b, acc)  # [BM, BN] x.e in fp32
+            esq = tl.load(esq_ptr + rn, mask=rn < v_hi, other=float("inf"))  # [BN]
+            dist = esq[None, :] - 2.0 * acc  # ||x||^2 is added by the caller
+            d_min = tl.min(dist, axis=1)
+            i_min = tl.argmin(dist, axis=1, tie_break_left=True)  # first minimum within the tile
+            better = d_min < best  # strict: earlier tiles win ties
+            best = tl.where(better, d_min, best)
+            best_i = tl.where(better, i_min + v0, best_i)
+        tl.store(best_ptr + pid_s * n + rm, best, mask=rm < n)
+        tl.store(idx_ptr + pid_s * n + rm, best_i, mask=rm < n)
+
+    _FUSED_CONFIGS = [
+        triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 4, 4), (128, 128, 4, 4), (256, 128, 8, 3))
+    ]
+    _argmin_tuned = triton.autotune(_FUSED_CONFIGS, key=["n", "v", "K", "BK"])(_argmin_kernel)
+
+
+def fused_nearest_codes(
+    x: Tensor, codebook: Tensor, codebook_sq: Tensor, block: tuple[int, int] | None = None
+) -> tuple[Tensor, Tensor]:
+    """x [n, c], codebook [v, c] (same dtype), codebook_sq [v] fp32 -> (min of ``||e||^2 - 2 x.e`` [n]
+    fp32, ids [n] int64). ``block=(BM, BN)`` fixes the tile (tests, the interpreter); None autotunes."""
+    assert triton is not None, "fused_nearest_codes needs triton"
+    n, c = x.shape
+    v = codebook.shape[0]
+    x, codebook = x.contiguous(), codebook.contiguous()
+    codebook_sq = codebook_sq.float().contiguous()
+    bk = 64 if c % 64 == 0 else 32
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    splits = max(1, min(64, -(-2 * sms // -(-n // 128)), -(-v // 256)))  # ~2 waves of programs
+    best = torch.empty(splits, n, dtype=torch.float32, device=x.device)
+    idx = torch.empty(splits, n, dtype=torch.int32, device=x.device)
+    if block is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BM"]), splits)  # noqa: E731
+        _argmin_tuned[grid](x, codebook, codebook_sq, best, idx, n, v, K=c, BK=bk)  # tuned once per (n, v)
+    else:
+        bm, bn = block
+        grid = (triton.cdiv(n, bm), splits)
+        _argmin_kernel[grid](x, codebook, codebook_sq, best, idx, n, v, K=c, BM=bm, BN=bn, BK=bk)
+    d_min = best.min(0).values  # [n]
+    ids = torch.where(best == d_min, idx, torch.iinfo(torch.int32).max).min(0).values  # lowest row of the ties
+    return d_min, ids.long()
 
 
 # ----------------------------------------------------------------------------- the pyramid walk
@@ -144,8 +246,8 @@ def _walk(
     search_table: Tensor | None = None,
     search_sq: Tensor | None = None,
 ) -> tuple[QuantizerOutput, list[Tensor]]:
-    """The shared SAQ / RQ walk. Returns the output and, per layer, z_l.detach()-free code vectors
-    ``emb[ids]`` [b, n_l, c] (with grad if ``emb`` has one: used for the vq codebook loss)."""
+    """The shared SAQ (``average=True``) / RQ walk. Returns the output and, per layer, the chosen code
+    vectors ``emb[ids]`` [b, n_l, c] (carrying grad if ``emb`` does: the vq codebook loss uses them)."""
     b, c, h, w = z.shape
     if (h, w) != pyramid.latent_size:
         raise ValueError(

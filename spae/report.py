@@ -73,7 +73,7 @@ class PyramidPanel:
 
 
 def to_uint8_image(image: object) -> np.ndarray:
-    """``[3, H, W]`` / ``[H, W, 3]`` / ``[H, W]``, float in [0, 1] or uint8, -> ``[H, W, 3]`` uint8."""
+    """``[3, H, W]`` / ``[H, W, 3]`` / ``[H, W]`` (float in [0, 1] or uint8) -> ``[H, W, 3]`` uint8."""
     arr = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)  # type: ignore[union-attr]
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)

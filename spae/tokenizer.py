@@ -52,6 +52,12 @@ FORMAT = "spae-tokenizer/1"
 CONFIG_JSON, MODEL_FILE = "config.json", "model.safetensors"
 CODEBOOK_FILE, CODEBOOK_JSON = "codebook.safetensors", "codebook.json"
 _TAG = re.compile(r"\[\s*L\s*(\d+)\s*\]", re.IGNORECASE)
+_CANDIDATES = 64  # words sharing the most character bigrams, ranked by difflib's ratio
+
+
+def _bigrams(word: str) -> set[str]:
+    w = f"^{word}$"
+    return {w[i : i + 2] for i in range(len(w) - 1)}
 
 
 class Vocabulary:
@@ -75,6 +81,7 @@ class Vocabulary:
             self._lower.setdefault(w.lower(), i)
         self._lower_words = list(self._lower)
         self._nearest_cache: dict[str, tuple[int, str]] = {}
+        self._grams: dict[str, list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.words)
@@ -97,7 +104,9 @@ class Vocabulary:
         return self.words[int(id)]
 
     def nearest(self, word: str) -> tuple[int, str]:
-        """(id, word) of the closest vocabulary word; exact matches first, never raises."""
+        """(id, word) of the closest vocabulary word; never raises. Exact, then case-insensitive, then
+        without surrounding punctuation; else among the 64 words sharing the most character bigrams
+        the one with the highest ``difflib.SequenceMatcher`` ratio (row 0 if none shares one)."""
         if word in self._index:
             return self._index[word], word
         if word not in self._nearest_cache:
@@ -112,12 +121,22 @@ class Vocabulary:
                 i = self._lower[key.lower()]
                 return i, self.words[i]
         key = word.lower()
-        for cutoff in (0.6, 0.0):
-            match = difflib.get_close_matches(key, self._lower_words, n=1, cutoff=cutoff)
-            if match:
-                i = self._lower[match[0]]
-                return i, self.words[i]
-        return 0, self.words[0]
+        if self._grams is None:  # built on first use: bigram -> positions in _lower_words
+            self._grams = {}
+            for pos, w in enumerate(self._lower_words):
+                for g in _bigrams(w):
+                    self._grams.setdefault(g, []).append(pos)
+        shared = Counter()
+        for g in _bigrams(key):
+            shared.update(self._grams.get(g, ()))
+        if not shared:  # nothing in common with any word (e.g. symbols only)
+            return 0, self.words[0]
+        candidates = sorted(pos for pos, _ in shared.most_common(_CANDIDATES))
+        best = max(
+            candidates, key=lambda pos: difflib.SequenceMatcher(None, key, self._lower_words[pos]).ratio()
+        )
+        i = self._lower[self._lower_words[best]]
+        return i, self.words[i]
 
 
 @dataclass

@@ -92,3 +92,25 @@ def test_read_corpus_and_select_rows(tmp_path):
         select_rows(back, rows=[5])
     with pytest.raises(FileNotFoundError, match="no corpus shards"):
         read_corpus(str(tmp_path / "nothing"))
+
+
+def test_table_from_pyramid_text_matches_format_text():
+    import torch
+
+    from pipeline.corpus import table_from_pyramid, token_pyramid
+    from spae.pyramid import PyramidConfig, PyramidSpec
+    from spae.tokenizer import TokenPyramid, Vocabulary
+
+    spec = PyramidSpec(PyramidConfig(latent_size=(2, 2), layer_sizes=((1, 1), (2, 2))))
+    vocab = Vocabulary(VOCAB)
+    ids = [torch.tensor([[[7]], [[2]]]), torch.tensor([[[1, 2], [3, 10]], [[0, 0], [9, 8]]])]
+    pyramid = TokenPyramid(ids, (1, 2), vocab, spec)
+    table = table_from_pyramid(pyramid, ["a", "b"], ["mnist://test"] * 2, [7, None])
+    assert table.equals(build_table(_batch(), VOCAB))  # the same rows, and to_text == format_text
+
+    class _Tok:  # what token_pyramid needs of a tokenizer
+        vocabulary = vocab
+
+    _Tok.pyramid = spec
+    back = token_pyramid(table, _Tok())
+    assert back == pyramid

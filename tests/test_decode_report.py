@@ -78,10 +78,25 @@ def test_report_html_lists_image_ids_words_and_escapes():
 # ----------------------------------------------------------------------------- the decode and report jobs
 
 
+def make_tokenizer(folder, vocab: int = 48, seed: int = 0):
+    """A random-weight ``tiny`` tokenizer (16px images, layers 1x1, 2x2, 4x4, 4x4) saved to ``folder``."""
+    import torch
+
+    from spae.codebook import FrozenCodebook
+    from spae.model import preset
+    from spae.tokenizer import SPAETokenizer
+
+    torch.manual_seed(seed)
+    cfg = preset("tiny")
+    codebook = FrozenCodebook.from_tensor(
+        torch.randn(vocab, cfg.network.latent_dim), words=[f"w{i}" for i in range(vocab)]
+    )
+    return SPAETokenizer.from_config(cfg, codebook).save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A 24-image MNIST corpus written in-process (no Ray) with a random ``tiny`` tokenizer."""
-    from test_tokenize_job import make_tokenizer
 
     from pipeline.sources import SourceConfig
     from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
@@ -146,7 +161,6 @@ def test_decode_corpus_rows_and_edited_text(corpus, tmp_path, capsys):
 
 
 def test_decode_rejects_nothing_and_foreign_tokenizer(corpus, tmp_path):
-    from test_tokenize_job import make_tokenizer
 
     from jobs.decode import DecodeConfig, run_decode
 
@@ -173,3 +187,66 @@ def test_report_page_and_png_name_the_images(corpus, tmp_path):
     assert "shaded by frequency" in page
     png = Image.open(out / "pyramids.png")
     assert png.size[0] > png.size[1] > 0
+
+
+def test_report_shades_by_pool_scores(corpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.report import ReportConfig, run_report
+    from pipeline.corpus import read_corpus, select_rows
+
+    row = select_rows(read_corpus(str(corpus / "corpus")), image_ids=["mnist-test-000001"]).to_pylist()[0]
+    first = row["tokens_l1"][0]
+    pools = tmp_path / "pools"
+    pools.mkdir()
+    table = pa.table(
+        {
+            "image_id": ["mnist-test-000001"],
+            "topk_ids": pa.array([[first]], pa.list_(pa.int32())),
+            "topk_scores": pa.array([[0.875]], pa.list_(pa.float32())),
+        }
+    )
+    pq.write_table(table, pools / "part-00000.parquet")
+    result = run_report(
+        ReportConfig(
+            corpus=str(corpus / "corpus"),
+            image_ids=("mnist-test-000001",),
+            pools=str(pools),
+            output=str(tmp_path / "r"),
+        )
+    )
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert result.shading == "semantic score" and "shaded by semantic score" in page
+    assert f'title="0.875">{row["words_l1"][0]}</td>' in page  # the layer-1 token's pool score
+    assert 'title="0.000">' in page  # tokens outside the image's pool
+    with pytest.raises(ValueError, match="no rows for mnist-test-000002"):
+        run_report(
+            ReportConfig(corpus=str(corpus / "corpus"), image_ids=("mnist-test-000002",), pools=str(pools))
+        )
+
+
+def test_decode_corpus_without_deep_layers_fills_them(corpus, tmp_path):
+    import json
+
+    from jobs.decode import DecodeConfig, run_decode
+    from pipeline.sources import SourceConfig
+    from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
+    from pipeline.tracking import MlflowConfig
+
+    out = tmp_path / "corpus12"
+    cfg = TokenizeJobConfig(
+        source=SourceConfig(uri="mnist://test?limit=4", shard_size=4),
+        tokenizer=str(corpus / "tokenizer"),
+        output=str(out),
+        layers=(1, 2),
+        in_process=True,
+        roundtrip_sample=0,
+        mlflow=MlflowConfig(enabled=False),
+    )
+    run_tokenize_job(cfg)
+    (done,) = run_decode(DecodeConfig(corpus=str(out), rows=(0,), output=str(tmp_path / "png")))
+    assert done.prefix == 4 and done.report["missing_layers"] == [3, 4]
+    assert (tmp_path / "png" / f"{done.name}.png").is_file()
+    saved = json.loads((tmp_path / "png" / "decode_report.json").read_text())
+    assert saved["images"][0]["report"]["missing_layers"] == [3, 4]

