@@ -21,7 +21,9 @@ def device_line(device: torch.device) -> str:
     """What ran the numbers: GPU name and torch/CUDA versions, or the CPU."""
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        return f"{p.name} ({p.multi_processor_count} SMs), torch {torch.__version__}, CUDA {torch.version.cuda}"
+        return (
+            f"{p.name} ({p.multi_processor_count} SMs), torch {torch.__version__}, CUDA {torch.version.cuda}"
+        )
     return f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}"
 
 
@@ -79,3 +81,38 @@ def pick_device(smoke: bool) -> torch.device:
     if smoke or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+def ray_throughput(ds: Any, count: Callable[[dict], int]) -> dict[str, float]:
+    """Drain a Ray dataset; rows/s from the first batch out (actor start-up and model load excluded)."""
+    it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    next(it)
+    t0, rows = time.perf_counter(), 0
+    for batch in it:
+        rows += count(batch)
+    seconds = time.perf_counter() - t0
+    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds if seconds > 0 else 0.0}
+
+
+def ray_init(device: torch.device) -> None:
+    import os
+
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False,
+             log_to_driver=False)  # fmt: skip
+
+
+TINY_CLIP = "bench-tiny-clip"
+
+
+def register_tiny_clip() -> str:
+    """Register a 2-layer, width-64 open_clip architecture (32px images) for ``--smoke`` runs on the CPU."""
+    from open_clip import factory
+
+    factory._MODEL_CONFIGS.setdefault(TINY_CLIP, {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    })  # fmt: skip
+    return TINY_CLIP

@@ -44,18 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     n, v, c = args.images * POSITIONS, args.vocab, args.dim
     flops = 2.0 * n * v * c
     g = torch.Generator(device=device).manual_seed(0)
-    e = torch.nn.functional.normalize(torch.randn(v, c, device=device, generator=g), dim=1).to(dtype)  # [v, c]
+    e = torch.nn.functional.normalize(torch.randn(v, c, device=device, generator=g), dim=1).to(
+        dtype
+    )  # [v, c]
     x = (torch.randn(n, c, device=device, generator=g) / c**0.5).to(dtype)  # [n, c], |x| ~ |e|
     e_sq = e.float().pow(2).sum(1)  # [v]
     print(f"device: {device_line(device)}")
-    print(f"shape: n={n} ({args.images} images x {POSITIONS}) v={v} c={c} {dtype}; {flops / 1e12:.3f} TFLOP per search")
+    print(
+        f"shape: n={n} ({args.images} images x {POSITIONS}) v={v} c={c} {dtype}; {flops / 1e12:.3f} TFLOP per search"
+    )
 
     results: dict[str, dict[str, float]] = {}
 
     def record(name: str, fn) -> None:
         t = time_fn(fn, device, warmup=2, reps=args.reps)
         results[name] = {"seconds": t, "tflops": flops / t / 1e12, "images_per_s": args.images / t}
-        print(f"{name:>8}: {t * 1e3:9.2f} ms  {flops / t / 1e12:8.1f} TFLOP/s  {args.images / t:10.0f} images/s")
+        print(
+            f"{name:>8}: {t * 1e3:9.2f} ms  {flops / t / 1e12:8.1f} TFLOP/s  {args.images / t:10.0f} images/s"
+        )
 
     record("gemm", lambda: x @ e.T)
     record("chunked", lambda: nearest_codes(x, e, args.chunk, e_sq, fused=False))

@@ -74,7 +74,19 @@ def stages(cfg: DemoConfig) -> list[Stage]:
     test_src = {"uri": f"mnist://test?limit={cfg.eval_images}", "shard_size": 500}
     tokenizer = out / "runs" / cfg.name / "tokenizer"
     common = {"ray": ray, "mlflow": mlflow}
+    probe_cfg = {
+        "source": train_src,
+        "vocab": str(out / "vocab"),
+        "scorer": scorer,
+        "output": str(out / "probe"),
+    }
     return [
+        Stage(
+            "probe",
+            "pools",  # the label probe: trained by the pool job when missing; the vocab job needs it first
+            probe_cfg,
+            lambda: (out / "probe" / "probe.json").exists(),
+        ),
         Stage(
             "vocab",
             "vocab",
@@ -182,6 +194,12 @@ def run_stage(stage: Stage, config_dir: Path) -> float:
     path = config_dir / f"{stage.slug}.yaml"
     path.write_text(yaml.safe_dump(stage.config, sort_keys=False))
     start = time.perf_counter()
+    if stage.name == "probe":
+        from pipeline.pools import PoolsJobConfig, ensure_probe
+        from spae.config import load_config
+
+        ensure_probe(load_config(PoolsJobConfig, path))
+        return time.perf_counter() - start
     status = importlib.import_module(f"jobs.{stage.module}").main(["--config", str(path)])
     if status:
         raise RuntimeError(f"demo: stage {stage.name} failed with status {status} (config {path})")

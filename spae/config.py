@@ -39,7 +39,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
         names = ", ".join(_join(path, k) for k in unknown)
         plural = "s" if len(unknown) > 1 else ""
         raise ConfigError(f"unknown config key{plural} {names}{where}; allowed: {', '.join(sorted(fields))}")
-    kwargs = {name: _coerce(hints[name], data[name], _join(path, name)) for name in fields if name in data}
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        value = data[name]
+        default = _default(f)
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(default):
+            value = merge(to_dict(default), value)  # a partial section keeps this class's defaults for it
+        kwargs[name] = _coerce(hints[name], value, _join(path, name))
     try:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -148,6 +156,14 @@ def dumps(cfg: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- type coercion
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _join(prefix: str, key: str) -> str:

@@ -2,6 +2,10 @@
 
 Legend: ``b`` batch, ``H W`` image size, ``h w`` latent grid, ``c`` codebook dim, ``l`` prefix length.
 
+Video (``SPAEConfig.num_frames > 0``): the same module with the 3D networks of ``spae.networks3d``; clips
+are ``[b, C, T, H, W]``, latents ``[b, c, t, h, w]`` and the pyramid is over ``(t, h, w)``. Every
+method below takes either; read ``[b, C, H, W]`` as ``[b, C, T, H, W]`` for clips.
+
 Value ranges: images enter the public API in ``[0, 1]``; the networks work in ``[-1, 1]``.
 ``SPAE.forward`` returns the network-space tensors the losses need: ``target`` (the input images
 mapped to ``[-1, 1]``) and ``reconstructions`` (decoder outputs, unclamped, trained towards
@@ -21,6 +25,7 @@ from torch import Tensor, nn
 from spae.codebook import NUMBER_WORDS, CodebookConfig, FrozenCodebook, read_word_list
 from spae.losses import LossConfig
 from spae.networks import Decoder, Encoder, NetworkConfig
+from spae.networks3d import Decoder3D, Encoder3D
 from spae.pyramid import PyramidConfig, PyramidSpec
 from spae.quantize import Quantizer, QuantizerConfig, QuantizerOutput
 
@@ -29,6 +34,7 @@ from spae.quantize import Quantizer, QuantizerConfig, QuantizerOutput
 class SPAEConfig:
     image_size: int = 32  # H = W
     image_channels: int = 3
+    num_frames: int = 0  # T: 0 = images; > 0 = clips of T frames, 3D networks, a (t, h, w) pyramid
     pyramid: PyramidConfig = field(default_factory=PyramidConfig.mnist)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
@@ -42,17 +48,36 @@ class SPAEConfig:
             raise ValueError(
                 f"image_size={self.image_size} and image_channels={self.image_channels} must be >= 1"
             )
+        if self.num_frames < 0:
+            raise ValueError(f"num_frames={self.num_frames} must be >= 0 (0 = images)")
         f = self.network.downsample_factor
         if self.image_size % f:
             raise ValueError(
                 f"image_size={self.image_size} is not divisible by the network's downsample factor {f} "
                 f"(network.channel_multipliers={self.network.channel_multipliers})"
             )
-        latent = (self.image_size // f, self.image_size // f)
+        latent: tuple[int, ...] = (self.image_size // f, self.image_size // f)
+        if self.num_frames:
+            ft = self.network.temporal_downsample_factor
+            if self.num_frames % ft:
+                raise ValueError(
+                    f"num_frames={self.num_frames} is not divisible by the network's temporal downsample "
+                    f"factor {ft} (network.temporal_downsample={self.network.temporal_downsample})"
+                )
+            latent = (self.num_frames // ft, *latent)
+        elif self.network.temporal_downsample:
+            raise ValueError(
+                "network.temporal_downsample is set but num_frames=0 (images); set num_frames for video"
+            )
         if tuple(self.pyramid.latent_size) != latent:
+            what = (
+                f"{self.num_frames}x{self.image_size}px clips"
+                if self.num_frames
+                else f"{self.image_size}px images"
+            )
             raise ValueError(
                 f"pyramid.latent_size={tuple(self.pyramid.latent_size)} but the encoder maps "
-                f"{self.image_size}px images to a {latent} latent (downsample factor {f})"
+                f"{what} to a {latent} latent (downsample factor {f})"
             )
         layers = len(self.pyramid.layer_sizes)
         if self.loss.semantic_layers > layers:
@@ -61,13 +86,27 @@ class SPAEConfig:
             )
 
     @property
-    def latent_size(self) -> tuple[int, int]:
+    def latent_size(self) -> tuple[int, ...]:
         return tuple(self.pyramid.latent_size)
+
+    @property
+    def is_video(self) -> bool:
+        return self.num_frames > 0
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One input without the batch axis: (C, H, W), or (C, T, H, W) for video."""
+        side = (self.image_size, self.image_size)
+        return (
+            (self.image_channels, self.num_frames, *side) if self.num_frames else (self.image_channels, *side)
+        )
 
 
 def preset(name: str) -> SPAEConfig:
     """``tiny`` (tests: 16x16 images, 4x4x384 latent, layers 1,2,4,4), ``mnist`` (32x32, 8x8x384,
-    layers 1,2,4,8,8, MiniLM codebook) or ``paper`` (128x128, 16x16x384, layers 1,2,4,8,16,16)."""
+    layers 1,2,4,8,8, MiniLM codebook) or ``paper`` (128x128, 16x16x384, layers 1,2,4,8,16,16); video:
+    ``tiny3d`` (tests: 4 frames of 16x16, 2x4x4x384 latent), ``moving-mnist`` (16 frames of 32x32, 4x8x8x384,
+    layers 1x1x1, 1x2x2, 2x4x4, 4x8x8, 4x8x8) or ``kinetics`` (16 frames of 128x128, 4x16x16x384)."""
     if name == "tiny":
         return SPAEConfig(
             image_size=16,
@@ -90,7 +129,37 @@ def preset(name: str) -> SPAEConfig:
             network=NetworkConfig.preset("paper", latent_dim=384),
             loss=LossConfig(),
         )
-    raise ValueError(f"unknown SPAE preset {name!r}; allowed: tiny, mnist, paper")
+    if name == "tiny3d":
+        return SPAEConfig(
+            image_size=16,
+            num_frames=4,
+            pyramid=PyramidConfig(
+                latent_size=(2, 4, 4), layer_sizes=((1, 1, 1), (1, 2, 2), (2, 4, 4), (2, 4, 4))
+            ),
+            codebook=CodebookConfig(top_n=512),
+            network=NetworkConfig.preset("tiny3d", latent_dim=384),
+            loss=LossConfig(semantic_layers=2, thresholds=(0.98, 0.95)),
+        )
+    if name == "moving-mnist":  # the mnist codebook and semantic layers, on clips
+        return SPAEConfig(
+            num_frames=16,
+            pyramid=PyramidConfig.moving_mnist(),
+            codebook=CodebookConfig(top_n=4096, keep_words=tuple(read_word_list(NUMBER_WORDS))),
+            network=NetworkConfig.preset("moving-mnist"),
+            loss=LossConfig(semantic_layers=2, thresholds=(0.98, 0.95)),
+        )
+    if name == "kinetics":  # the paper's video setting (Kinetics-600: 16 frames of 128x128)
+        return SPAEConfig(
+            image_size=128,
+            num_frames=16,
+            pyramid=PyramidConfig.kinetics(),
+            network=NetworkConfig.preset("kinetics", latent_dim=384),
+            loss=LossConfig(),
+        )
+    raise ValueError(f"unknown SPAE preset {name!r}; allowed: {', '.join(PRESETS)}")
+
+
+PRESETS = ("tiny", "mnist", "paper", "tiny3d", "moving-mnist", "kinetics")
 
 
 @dataclass
@@ -115,8 +184,9 @@ class SPAE(nn.Module):
             )
         self.cfg = cfg
         self.pyramid = PyramidSpec(cfg.pyramid)
-        self.encoder = Encoder(cfg.network, cfg.image_channels)
-        self.decoder = Decoder(cfg.network, cfg.image_channels)
+        encoder, decoder = (Encoder3D, Decoder3D) if cfg.is_video else (Encoder, Decoder)
+        self.encoder = encoder(cfg.network, cfg.image_channels)
+        self.decoder = decoder(cfg.network, cfg.image_channels)
         self.quantizer = Quantizer(cfg.quantizer, self.pyramid, codebook)
 
     @property
@@ -160,8 +230,9 @@ class SPAE(nn.Module):
         word and nearest-code search collapses onto the few words of smallest norm (docs/RESULTS.md)."""
         self._check_images(images)
         conv = self.encoder.conv_out
-        h = self.encoder.features(images * 2.0 - 1.0)  # [b, ch, h, w]
-        z = F.conv2d(h, conv.weight).permute(0, 2, 3, 1).flatten(0, 2)  # [b*h*w, c] without the bias
+        h = self.encoder.features(images * 2.0 - 1.0)  # [b, ch, h, w] ([b, ch, t, h, w] for video)
+        conv_nd = F.conv3d if h.dim() == 5 else F.conv2d
+        z = conv_nd(h, conv.weight).movedim(1, -1).flatten(0, -2)  # [b*h*w, c] without the bias
         z_mean = z.mean(0)
         z_spread = (z - z_mean).pow(2).sum(1).mean().sqrt()
         e = self.codebook.embeddings  # [v, c]
@@ -172,8 +243,9 @@ class SPAE(nn.Module):
         conv.bias.copy_(e_mean - z_mean * scale)
 
     def _check_images(self, images: Tensor) -> None:
-        want = (self.cfg.image_channels, self.cfg.image_size, self.cfg.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != want:
+        want = self.cfg.input_shape
+        if images.dim() != 1 + len(want) or tuple(images.shape[1:]) != want:
+            what = "clips" if self.cfg.is_video else "images"
             raise ValueError(
-                f"expected images [b, {want[0]}, {want[1]}, {want[2]}] in [0, 1], got {tuple(images.shape)}"
+                f"expected {what} [b, {', '.join(map(str, want))}] in [0, 1], got {tuple(images.shape)}"
             )

@@ -24,20 +24,35 @@ class NetworkConfig:
     norm_groups: int = 8
     disc_base_channels: int = 32
     disc_num_layers: int = 3  # stride-2 convolutions of the patch discriminator
+    # video (spae.networks3d) only: per downsampling, whether it also halves time; () = never
+    temporal_downsample: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         if self.latent_dim < 1 or self.base_channels < 1 or not self.channel_multipliers:
             raise ValueError("latent_dim, base_channels >= 1 and channel_multipliers non-empty are required")
         if self.num_res_blocks < 0 or self.disc_num_layers < 1 or self.norm_groups < 1:
             raise ValueError("num_res_blocks >= 0, disc_num_layers >= 1 and norm_groups >= 1 are required")
+        n_down = len(self.channel_multipliers) - 1
+        if self.temporal_downsample and len(self.temporal_downsample) != n_down:
+            raise ValueError(
+                f"network.temporal_downsample has {len(self.temporal_downsample)} entries; give one per "
+                f"downsampling ({n_down} for channel_multipliers={self.channel_multipliers}) or none"
+            )
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_multipliers) - 1)
 
+    @property
+    def temporal_downsample_factor(self) -> int:
+        """Frames per latent step of the 3D networks (1 for images)."""
+        return 2 ** sum(bool(t) for t in self.temporal_downsample)
+
     @classmethod
     def preset(cls, name: str, **overrides) -> NetworkConfig:
-        """``tiny`` (tests), ``mnist`` (32x32 -> 8x8), ``paper`` (128x128 -> 16x16)."""
+        """``tiny`` (tests), ``mnist`` (32x32 -> 8x8), ``paper`` (128x128 -> 16x16); video (3D networks):
+        ``tiny3d`` (tests, 4x16x16 -> 2x4x4), ``moving-mnist`` (16x32x32 -> 4x8x8), ``kinetics``
+        (16x128x128 -> 4x16x16)."""
         if name not in NETWORK_PRESETS:
             raise ValueError(f"unknown network preset {name!r}; allowed: {', '.join(NETWORK_PRESETS)}")
         return replace(NETWORK_PRESETS[name], **overrides)
@@ -47,6 +62,9 @@ NETWORK_PRESETS: dict[str, NetworkConfig] = {
     "tiny": NetworkConfig(16, 8, (1, 2), 1, 4, 8, 2),
     "mnist": NetworkConfig(384, 32, (1, 2, 4), 1, 8, 32, 3),
     "paper": NetworkConfig(768, 128, (1, 1, 2, 4), 2, 32, 64, 3),
+    "tiny3d": NetworkConfig(16, 8, (1, 2, 2), 1, 4, 8, 2, (True, False)),
+    "moving-mnist": NetworkConfig(384, 32, (1, 2, 4), 1, 8, 32, 3, (True, True)),
+    "kinetics": NetworkConfig(384, 64, (1, 2, 2, 4), 2, 32, 64, 3, (False, True, True)),
 }
 
 

@@ -1,7 +1,8 @@
 """Quantizers over the token pyramid: Streaming Average Quantization (eqs. 2-3) and two baselines.
 
 Legend: ``b`` batch, ``c`` codebook dim, ``h w`` latent grid, ``v`` codebook rows, ``l`` layer
-(1-indexed in text, 0-indexed in lists), ``n_l`` tokens in layer l.
+(1-indexed in text, 0-indexed in lists), ``n_l`` tokens in layer l. Video latents are ``[b, c, t, h, w]``
+(``*latent`` below): every function flattens all latent axes, so SAQ is the same code for images and clips.
 
 Every kind walks the pyramid from layer 1 to D, quantizing only the positions P(l) of eq. 1 and
 keeping, per latent position, the running sum ``S`` of the chosen code vectors and the count of
@@ -54,8 +55,8 @@ class QuantizerConfig:
 class QuantizerOutput:
     """What a quantizer returns (the same fields for every kind).
 
-    ids:            per layer [b, h_l, w_l] int64 codebook rows.
-    prefix_latents: per layer l, Ẑ<=l [b, c, h, w] (eq. 3), straight-through ``z + sg(ẑ - z)`` at
+    ids:            per layer [b, h_l, w_l] (video: [b, t_l, h_l, w_l]) int64 codebook rows.
+    prefix_latents: per layer l, Ẑ<=l [b, c, *latent] (eq. 3), straight-through ``z + sg(ẑ - z)`` at
                     positions covered by the prefix, 0 elsewhere.
     layer_inputs:   per layer z_l at P(l) [b, n_l, c] (eq. 2), differentiable w.r.t. z (semantic loss).
     commitment:     scalar, sum over l of the mean over (batch x covered positions x c) of
@@ -191,7 +192,13 @@ if triton is not None:
 
     _FUSED_CONFIGS = [
         triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 4, 4), (128, 128, 4, 4), (256, 128, 8, 3))
+        for bm, bn, w, s in (
+            (128, 128, 8, 3),
+            (128, 256, 8, 3),
+            (64, 256, 4, 4),
+            (128, 128, 4, 4),
+            (256, 128, 8, 3),
+        )
     ]
     _argmin_tuned = triton.autotune(_FUSED_CONFIGS, key=["n", "v", "K", "BK"])(_argmin_kernel)
 
@@ -219,7 +226,8 @@ def fused_nearest_codes(
         grid = (triton.cdiv(n, bm), splits)
         _argmin_kernel[grid](x, codebook, codebook_sq, best, idx, n, v, K=c, BM=bm, BN=bn, BK=bk)
     d_min = best.min(0).values  # [n]
-    ids = torch.where(best == d_min, idx, torch.iinfo(torch.int32).max).min(0).values  # lowest row of the ties
+    # the lowest row among the ties
+    ids = torch.where(best == d_min, idx, torch.iinfo(torch.int32).max).min(0).values
     return d_min, ids.long()
 
 
@@ -248,17 +256,18 @@ def _walk(
 ) -> tuple[QuantizerOutput, list[Tensor]]:
     """The shared SAQ (``average=True``) / RQ walk. Returns the output and, per layer, the chosen code
     vectors ``emb[ids]`` [b, n_l, c] (carrying grad if ``emb`` does: the vq codebook loss uses them)."""
-    b, c, h, w = z.shape
-    if (h, w) != pyramid.latent_size:
+    b, c, *latent = z.shape
+    if tuple(latent) != pyramid.latent_size:
         raise ValueError(
-            f"latent grid {(h, w)} does not match the pyramid's latent size {pyramid.latent_size}"
+            f"latent grid {tuple(latent)} does not match the pyramid's latent size {pyramid.latent_size}"
         )
+    n_pos = pyramid.num_positions  # h*w (t*h*w for video)
     if emb.shape[1] != c:
         raise ValueError(f"latent dim {c} does not match the codebook dim {emb.shape[1]}")
     table = emb.detach() if search_table is None else search_table
     flat_index, coverage = _pyramid_tensors(pyramid, z.device)
-    zf = z.reshape(b, c, h * w)  # [b, c, hw]
-    s = zf.new_zeros(b, c, h * w)  # running sum of e(k_i) per position, no grad
+    zf = z.reshape(b, c, n_pos)  # [b, c, hw]
+    s = zf.new_zeros(b, c, n_pos)  # running sum of e(k_i) per position, no grad
     ids, prefixes, inputs, codes = [], [], [], []
     commitment = zf.new_zeros(())
     for l in range(pyramid.num_layers):
@@ -279,7 +288,7 @@ def _walk(
         covered = cnt > 0
         z_hat = s / cnt.clamp_min(1.0) if average else s  # eq. 3 (saq) / sum (rq); [b, c, hw]
         st = zf + (z_hat - zf).detach()  # straight-through
-        prefixes.append(torch.where(covered, st, torch.zeros_like(st)).view(b, c, h, w))
+        prefixes.append(torch.where(covered, st, torch.zeros_like(st)).view(b, c, *latent))
         n_cov = b * c * int(pyramid.coverage[l].count_nonzero())  # host-side count: no device sync
         commitment = commitment + ((zf - z_hat).pow(2) * covered).sum() / n_cov  # ||Z - sg(Ẑ<=l)||^2, eq. 8
         ids.append(k.view(b, *pyramid.layer_sizes[l]))
@@ -311,16 +320,15 @@ def vq_quantize(z: Tensor, embedding: Tensor, pyramid: PyramidSpec, chunk: int =
 def lookup_latent(
     ids: list[Tensor], emb: Tensor, pyramid: PyramidSpec, up_to_layer: int, average: bool
 ) -> Tensor:
-    """ids of layers 1..up_to_layer (each [b, h_l, w_l]) -> Ẑ<=l [b, c, h, w], 0 at uncovered positions."""
+    """ids of layers 1..up_to_layer (each [b, *layer_size]) -> Ẑ<=l [b, c, *latent], 0 where uncovered."""
     if not 1 <= up_to_layer <= pyramid.num_layers:
         raise ValueError(f"up_to_layer {up_to_layer} is out of range 1..{pyramid.num_layers}")
     if len(ids) < up_to_layer:
         raise ValueError(f"lookup needs the ids of layers 1..{up_to_layer}, got {len(ids)} layers")
     b = ids[0].shape[0]
     c = emb.shape[1]
-    h, w = pyramid.latent_size
     flat_index, coverage = _pyramid_tensors(pyramid, emb.device)
-    s = emb.new_zeros(b, c, h * w)
+    s = emb.new_zeros(b, c, pyramid.num_positions)
     for l in range(up_to_layer):
         k = ids[l].to(emb.device).reshape(b, -1)  # [b, n_l]
         if k.shape[1] != flat_index[l].numel():
@@ -330,7 +338,7 @@ def lookup_latent(
             )
         s.index_add_(2, flat_index[l], emb[k].transpose(1, 2))  # [b, c, n_l]
     z_hat = s / coverage[up_to_layer - 1].clamp_min(1.0) if average else s  # eq. 3
-    return z_hat.view(b, c, h, w)
+    return z_hat.view(b, c, *pyramid.latent_size)
 
 
 # ----------------------------------------------------------------------------- the module
@@ -373,7 +381,7 @@ class Quantizer(nn.Module):
         return self._search_cache[1], self._search_cache[2]
 
     def forward(self, z: Tensor) -> QuantizerOutput:
-        """z [b, c, h, w] -> QuantizerOutput."""
+        """z [b, c, h, w] (video: [b, c, t, h, w]) -> QuantizerOutput."""
         chunk = self.cfg.search_chunk
         if self.cfg.kind == "vq":
             return vq_quantize(z, self.embedding.weight, self.pyramid, chunk)
@@ -384,7 +392,7 @@ class Quantizer(nn.Module):
         )[0]
 
     def lookup(self, ids: list[Tensor], up_to_layer: int) -> Tensor:
-        """ids (layers 1..up_to_layer, each [b, h_l, w_l]) -> Ẑ<=l [b, c, h, w] (the decode path)."""
+        """ids (layers 1..up_to_layer, each [b, *layer_size]) -> Ẑ<=l [b, c, *latent] (the decode path)."""
         return lookup_latent(
             ids, self.table.detach(), self.pyramid, up_to_layer, average=self.cfg.kind != "rq"
         )

@@ -358,7 +358,7 @@ class LabelProbeScorer(SemanticScorer):
     def __init__(
         self,
         net: ProbeNet,
-        class_features: Tensor,  # [classes, d], L2-normalised
+        class_features: Tensor,  # [classes, d]; rows are L2-normalised here
         meta: dict,
         device: str | torch.device = "cpu",
         encoder: SentenceEncoder | None = None,
@@ -366,7 +366,10 @@ class LabelProbeScorer(SemanticScorer):
     ):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.net = net.to(self.device).eval()
-        self.class_features = class_features.float().to(self.device)  # [classes, d], unit rows
+        feats = class_features.float()
+        if not torch.allclose(feats.norm(dim=-1), torch.ones(feats.shape[0]), atol=1e-6):
+            feats = F.normalize(feats, dim=-1)  # unit rows (already-unit rows stay bit-identical)
+        self.class_features = feats.to(self.device)  # [classes, d]
         self.meta = meta
         self.image_size = int(meta["image_size"])
         self.dim = int(self.class_features.shape[1])
@@ -479,14 +482,15 @@ def train_label_probe(
         raise ValueError(f"image_size: {image_size} must be divisible by 8")
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     x = resize_center_crop(images.float(), image_size)  # [n, 3, s, s]
     y = labels.long()
     perm = torch.randperm(x.shape[0], generator=gen)
     n_hold = int(math.floor(holdout * x.shape[0]))
     hold, train = perm[:n_hold], perm[n_hold:]
 
-    net = ProbeNet(num_classes, width=width, image_size=image_size).to(dev)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        net = ProbeNet(num_classes, width=width, image_size=image_size).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     net.train()

@@ -5,6 +5,10 @@ row-major over (i, j) of eq. 1)::
 
     [L1] seven [L2] seven 7 digit seven [L3] ...
 
+Clips (``SPAEConfig.num_frames > 0``) use the same text: a layer of ``t_l x h_l x w_l`` tokens is
+written in row-major order over ``(k, i, j)``, time outermost (``spae.pyramid``); ids are
+``[b, t_l, h_l, w_l]`` and ``decode`` returns ``[b, C, T, H, W]``.
+
 ``TokenPyramid.from_text`` reads what an LLM writes back and never raises on free text:
 
 - a word that is not in the vocabulary maps to the nearest word (exact, then case-insensitive,
@@ -32,6 +36,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import string
 from collections import Counter
@@ -177,7 +182,8 @@ class ParseReport:
 
 @dataclass(eq=False)
 class TokenPyramid:
-    """Tokens of a batch of images: ``ids[i]`` is layer ``layers[i]`` as [b, h_l, w_l] int64 rows."""
+    """Tokens of a batch of images (or clips): ``ids[i]`` is layer ``layers[i]`` as [b, h_l, w_l]
+    (clips: [b, t_l, h_l, w_l]) int64 rows."""
 
     ids: list[Tensor]
     layers: tuple[int, ...]
@@ -192,9 +198,9 @@ class TokenPyramid:
             )
         for l, t in zip(self.layers, self.ids, strict=True):
             size = self.pyramid.layer_size(l)
-            if t.dim() != 3 or tuple(t.shape[1:]) != size or t.shape[0] != self.ids[0].shape[0]:
+            if t.dim() != 1 + len(size) or tuple(t.shape[1:]) != size or t.shape[0] != self.ids[0].shape[0]:
                 raise ValueError(
-                    f"layer {l}: ids of shape {tuple(t.shape)}, expected [b, {size[0]}, {size[1]}]"
+                    f"layer {l}: ids of shape {tuple(t.shape)}, expected [b, {', '.join(map(str, size))}]"
                 )
 
     @property
@@ -252,17 +258,18 @@ class TokenPyramid:
             fallback = counts.most_common(1)[0][0] if counts else 0
             grids: dict[int, Tensor] = {}
             for l in layers:
-                h, w = pyramid.layer_size(l)
+                size = pyramid.layer_size(l)  # (h_l, w_l) or (t_l, h_l, w_l)
+                n = math.prod(size)
                 got = rows[l]
                 if l not in found:
                     report.missing_layers.append(l)
-                elif len(got) != h * w:
-                    report.length_fixes[l] = (len(got), h * w)
-                got = got[: h * w]
-                grid = _pad_from_coarser(grids, pyramid, (h, w), fallback).reshape(-1)
+                elif len(got) != n:
+                    report.length_fixes[l] = (len(got), n)
+                got = got[:n]
+                grid = _pad_from_coarser(grids, pyramid, size, fallback).reshape(-1)
                 if got:
                     grid[: len(got)] = torch.tensor(got, dtype=torch.long)
-                grids[l] = grid.view(h, w)
+                grids[l] = grid.view(size)
                 ids[l].append(grids[l])
             reports.append(report)
         out = cls([torch.stack(ids[l]) for l in layers], layers, vocabulary, pyramid)
@@ -316,17 +323,14 @@ def _word_id(word: str, vocabulary: Vocabulary, report: ParseReport) -> int:
 
 
 def _pad_from_coarser(
-    grids: dict[int, Tensor], pyramid: PyramidSpec, size: tuple[int, int], fallback: int
+    grids: dict[int, Tensor], pyramid: PyramidSpec, size: tuple[int, ...], fallback: int
 ) -> Tensor:
-    """[h, w] ids from the nearest coarser grid present (nearest-neighbour), else ``fallback`` everywhere."""
-    h, w = size
+    """[*size] ids from the nearest coarser grid present (nearest-neighbour per axis), else ``fallback``."""
     if not grids:
-        return torch.full((h, w), fallback, dtype=torch.long)
-    parent = grids[max(grids)]  # [h_m, w_m]
-    hm, wm = parent.shape
-    rows = torch.arange(h) * hm // h
-    cols = torch.arange(w) * wm // w
-    return parent[rows][:, cols].clone()
+        return torch.full(tuple(size), fallback, dtype=torch.long)
+    parent = grids[max(grids)]  # [h_m, w_m] or [t_m, h_m, w_m]
+    index = [torch.arange(n) * m // n for n, m in zip(size, parent.shape, strict=True)]
+    return parent[torch.meshgrid(*index, indexing="ij")].clone()
 
 
 # ----------------------------------------------------------------------------- the tokenizer
@@ -363,7 +367,8 @@ class SPAETokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor, layers: Sequence[int] | None = None) -> TokenPyramid:
-        """images [b, C, H, W] in [0, 1] -> TokenPyramid of ``layers`` (default: all)."""
+        """images [b, C, H, W] (clips [b, C, T, H, W]) in [0, 1] -> TokenPyramid of ``layers``
+        (default: all)."""
         layers = (
             tuple(range(1, self.pyramid.num_layers + 1)) if layers is None else tuple(sorted(set(layers)))
         )
@@ -380,8 +385,9 @@ class SPAETokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, pyramid: TokenPyramid, up_to_layer: int | None = None) -> Tensor:
-        """TokenPyramid -> images [b, C, H, W] in [0, 1] from the prefix of ``up_to_layer`` layers
-        (default: the deepest layer present). The prefix must cover every latent position."""
+        """TokenPyramid -> images [b, C, H, W] (clips [b, C, T, H, W]) in [0, 1] from the prefix of
+        ``up_to_layer`` layers (default: the deepest layer present). The prefix must cover every
+        latent position."""
         if pyramid.pyramid != self.pyramid:
             raise ValueError(
                 f"token pyramid layout {pyramid.pyramid} differs from this tokenizer's {self.pyramid}"

@@ -99,3 +99,19 @@ def test_round_trip_and_flatten():
     flat = flatten(cfg)
     assert flat["inner.width"] == 3 and flat["inner.sizes"] == [1, 2, 4] and flat["mode"] == "saq"
     assert replace(cfg, inner={"rate": 0.5}).inner == Inner(width=3, rate=0.5)
+
+
+@dataclass(frozen=True)
+class _Optim:
+    lr: float = 1e-4
+    warmup: int = 1000
+
+
+@dataclass(frozen=True)
+class _Job:
+    optim: _Optim = field(default_factory=lambda: _Optim(warmup=100))
+
+
+def test_partial_section_keeps_the_parent_default_for_that_section():
+    assert load_config(_Job, overrides=["optim.lr=1e-3"]).optim == _Optim(lr=1e-3, warmup=100)
+    assert from_dict(_Job, {"optim": {"warmup": 5}}).optim == _Optim(lr=1e-4, warmup=5)

@@ -9,7 +9,7 @@ from test_evaluate import DIM, tiny_codebook, write_pools, write_vocab
 from pipeline.sources import SourceConfig
 from pipeline.storage import resolve
 from pipeline.train import TrainJobConfig, preset_base, run_train_job
-from spae.config import ConfigError, load_config
+from spae.config import ConfigError, load_config, replace
 from spae.tokenizer import SPAETokenizer
 
 TRAIN = SourceConfig(uri="mnist://train?limit=64", shard_size=32)
@@ -120,6 +120,14 @@ def test_train_job_ddp_failure_resume_s3_mlflow(ray_cluster, s3_prefix, mlflow_s
         history_file = ckpt.join("history.json")
         steps = [int(s) for s, _ in json.loads(history_file.read_text())]
         assert steps == [1, 2, 3, 4, 5, 6], tmp
+
+    # a restarted job (same name + storage) resumes at the last checkpoint and continues the MLflow run
+    again = run_train_job(
+        replace(cfg, steps=7, eval_every=0, register_model="", optim={"total_steps": 0}), log=lambda *_: None
+    )
+    assert again.steps == 7 and again.run_id == result.run_id
+    assert client.get_run(result.run_id).data.tags["spae.resumed_at_step"] == "6"
+    assert 7 in {m.step for m in client.get_metric_history(result.run_id, "loss/total")}
 
     # the logged model loads and encodes, by run and by registry
     images = torch.rand(2, 3, 16, 16)

@@ -1,0 +1,159 @@
+"""Pool stage: the ViT-L/14 image tower + top-K and min over a 65k vocabulary, Ray Data vs bare.
+
+Images arrive pre-resized (uint8 224x224, the scorer's size, so the resize is a no-op) in memory
+blocks: the Parquet read and JPEG decode are left out (``pipeline.images`` measures those).
+
+- ``bare tower``: ``model.encode_image`` on normalised fp16 tensors already on the GPU, plain loop;
+- ``search``: ``TokenSearch.search`` (top-K + min + max over ``--vocab`` rows) on a batch of features;
+- ``stage loop``: ``PoolStage.__call__`` (uint8 -> float, host->GPU, tower, search, eq. 6) in a loop;
+- ``ray``: the same stage on a Ray Data actor (1 GPU) fed uint8 blocks (``map_stage``).
+
+The stage is ``PoolStage`` itself; ``RandomVocabPoolStage`` only replaces its constructor's
+``load_vocab`` with a random text-feature table of the same shape.
+
+    python -m bench.pool_stage [--images 8192] [--json out.json]
+    python -m bench.pool_stage --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bench.common import (
+    TINY_CLIP,
+    device_line,
+    pick_device,
+    ray_init,
+    ray_throughput,
+    register_tiny_clip,
+    sync,
+    time_fn,
+    write_json,
+)
+from pipeline.pools import PoolStage
+
+
+class RandomVocabPoolStage(PoolStage):
+    """``PoolStage`` over a random unit-norm [vocab, d] text-feature table (no vocab job needed)."""
+
+    def __init__(self, scorer: dict, vocab_size: int, search: dict, top_k: int, min_threshold: float):
+        from pipeline.search import SearchConfig, TokenSearch
+        from spae.config import from_dict
+        from spae.scorers import ScorerConfig, build_scorer
+
+        if scorer["arch"] == TINY_CLIP:
+            register_tiny_clip()
+        self.scorer = build_scorer(from_dict(ScorerConfig, dict(scorer)))
+        g = torch.Generator().manual_seed(0)
+        feats = torch.nn.functional.normalize(torch.randn(vocab_size, self.scorer.dim, generator=g), dim=1)
+        self.search = TokenSearch(feats, from_dict(SearchConfig, dict(search)))  # [v, d]
+        self.k = min(top_k, vocab_size)
+        self.min_threshold = min_threshold
+
+
+def image_block(batch: dict[str, np.ndarray], size: int, per_block: int) -> dict[str, np.ndarray]:
+    start = int(batch["i"][0]) * per_block
+    rng = np.random.default_rng(start)
+    n = per_block
+    return {
+        "image_id": np.array([f"img{start + i}" for i in range(n)], dtype=object),
+        "shard_id": np.array(["s0"] * n, dtype=object),
+        "error": np.array([None] * n, dtype=object),
+        "pixels": rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="ViT-L-14")
+    ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--vocab", type=int, default=65536)
+    ap.add_argument("--top-k", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--images", type=int, default=8192, help="images through the Ray Data job")
+    ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.arch, args.precision, args.vocab, args.top_k, args.batch, args.images = (
+            TINY_CLIP,
+            "fp32",
+            512,
+            8,
+            2,
+            6,
+        )
+    device = pick_device(args.smoke)
+    scorer_cfg = {"kind": "open_clip", "arch": args.arch, "pretrained": "", "precision": args.precision,
+                  "device": str(device)}  # fmt: skip
+    kw = {"scorer": scorer_cfg, "vocab_size": args.vocab, "search": {"backend": "torch", "device": str(device)},
+          "top_k": args.top_k, "min_threshold": 0.5}  # fmt: skip
+    stage = RandomVocabPoolStage(**kw)
+    scorer, size = stage.scorer, stage.scorer.image_size
+    print(f"device: {device_line(device)}")
+    print(
+        f"{args.arch} image tower {size}px, {args.precision}; top-{args.top_k} over {args.vocab} rows; batch {args.batch}"
+    )
+    reps = 3 if args.smoke else 20
+    results: dict[str, dict] = {}
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.batch, 3, size, size, device=device, generator=g).to(scorer.dtype)
+    with torch.no_grad():
+        t_tower = time_fn(lambda: scorer.model.encode_image(x), device, warmup=2, reps=reps)
+    bare = args.batch / t_tower
+    feats = torch.nn.functional.normalize(
+        torch.randn(args.batch, scorer.dim, device=device, generator=g), dim=1
+    )
+    t_search = time_fn(lambda: stage.search.search(feats, stage.k), device, warmup=2, reps=reps)
+    block = image_block({"i": np.array([0])}, size, args.batch)
+    t_stage = time_fn(lambda: stage(block), device, warmup=1, reps=max(2, reps // 2))
+    loop = args.batch / t_stage
+    results.update(bare={"images_per_s": bare}, search={"seconds_per_batch": t_search, "share_of_stage": t_search / t_stage},
+                   stage_loop={"images_per_s": loop})  # fmt: skip
+    print(f"{'bare tower':>12}: {bare:9.0f} images/s")
+    print(
+        f"{'search':>12}: {t_search * 1e3:9.2f} ms per batch of {args.batch} = {t_search / t_stage:.1%} of the stage"
+    )
+    print(f"{'stage loop':>12}: {loop:9.0f} images/s", flush=True)
+    record = {"bench": "pool_stage", "device": device_line(device), "arch": args.arch, "vocab": args.vocab,
+              "top_k": args.top_k, "batch": args.batch, "results": results}  # fmt: skip
+    del stage, scorer, x
+    sync(device)
+    try:
+        import ray
+    except ImportError:
+        args.no_ray = True
+        print("ray: not importable here; the Ray Data figure is skipped")
+    if not args.no_ray:
+        from pipeline.stages import map_stage
+
+        ray_init(device)
+        try:
+            blocks = max(2, args.images // args.batch)
+            ds = ray.data.from_items([{"i": i} for i in range(blocks)], override_num_blocks=blocks)
+            ds = ds.map_batches(image_block, batch_size=1, batch_format="numpy",
+                                fn_kwargs={"size": size, "per_block": args.batch})  # fmt: skip
+            ds = map_stage(ds, RandomVocabPoolStage, constructor_kwargs=kw, actors=1, batch_size=args.batch,
+                           num_gpus=1 if device.type == "cuda" else 0)  # fmt: skip
+            t0 = time.perf_counter()
+            r = ray_throughput(ds, lambda b: len(b["image_id"]))
+            r["wall_with_startup_s"] = time.perf_counter() - t0
+        finally:
+            ray.shutdown()
+        results["ray"] = r
+        print(f"{'ray':>12}: {r['rows_per_s']:9.0f} images/s ({r['rows']} images after the first batch)")
+        print(f"RESULT pool_stage: Ray {r['rows_per_s']:.0f} images/s vs bare tower {bare:.0f} -> "
+              f"{r['rows_per_s'] / bare:.2f} (goal >= 0.85); stage loop / bare {loop / bare:.2f}; "
+              f"search {t_search / t_stage:.1%} of the stage")  # fmt: skip
+    write_json(args.json, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Tokenization at the ``paper`` preset: bare ``SPAETokenizer.encode`` in a loop, and the Ray Data stage.
+
+Model: the paper preset with ``network.latent_dim=768`` and a random frozen 65,536 x 768 codebook
+(random weights: same FLOPs). Variants of the bare loop (images already on the GPU, float [0, 1]):
+
+- ``encode``: ``SPAETokenizer.encode`` as it is (fp32 encoder, the search in bf16: fused kernel);
+- ``encode, chunked search``: the same with ``SPAE_FUSED_SEARCH=0`` (GEMM per chunk + running min);
+- ``bf16 encoder``: the encoder under bf16 autocast (channels-last), ``z`` cast back to fp32 before
+  the SAQ walk; tokens compared with ``encode``'s (share of identical tokens per layer).
+
+Then, when Ray is importable: ``TokenizeStage`` called in a plain loop on uint8 batches (host->GPU
+copy, words and text included) and the same stage on a Ray Data actor (1 GPU) fed by in-memory uint8
+blocks. Ratios: Ray / bare encode (the goal, >= 0.85) and Ray / stage loop.
+
+    python -m bench.tokenize_stage [--batch 256] [--images 16384] [--json out.json]
+    python -m bench.tokenize_stage --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from bench.common import device_line, pick_device, random_codebook, sync, time_fn, write_json
+from spae.model import SPAE, preset
+from spae.networks import NetworkConfig
+from spae.tokenizer import SPAETokenizer
+
+
+def build_tokenizer(args, device) -> SPAETokenizer:
+    torch.manual_seed(0)
+    if args.smoke:
+        cfg = preset("tiny")
+        codebook = random_codebook(args.vocab, cfg.network.latent_dim)
+    else:
+        cfg = replace(preset("paper"), network=NetworkConfig.preset("paper", latent_dim=args.dim))
+        codebook = random_codebook(args.vocab, args.dim)
+    model = SPAE(cfg, codebook)
+    g = torch.Generator().manual_seed(1)
+    model.match_latent_to_codebook(torch.rand(8, 3, cfg.image_size, cfg.image_size, generator=g))
+    return SPAETokenizer(model).to(device).eval()
+
+
+@torch.no_grad()
+def encode_bf16(tok: SPAETokenizer, images: torch.Tensor) -> list[torch.Tensor]:
+    """The bf16-encoder encode: autocast over the convolutions only, the SAQ walk on fp32 z."""
+    model = tok.model
+    with torch.autocast(images.device.type, dtype=torch.bfloat16):
+        z = model.encoder(images * 2.0 - 1.0)  # [b, c, h, w] bf16
+    return model.quantizer(z.float()).ids
+
+
+def stage_batch(pixels: np.ndarray, start: int) -> dict[str, np.ndarray]:
+    n = len(pixels)
+    return {
+        "image_id": np.array([f"img{start + i}" for i in range(n)], dtype=object),
+        "shard_id": np.array(["s0"] * n, dtype=object),
+        "error": np.array([None] * n, dtype=object),
+        "error_stage": np.array([None] * n, dtype=object),
+        "pixels": pixels,
+    }
+
+
+def make_block(batch: dict[str, np.ndarray], size: int, per_block: int) -> dict[str, np.ndarray]:
+    """Ray Data source: one block of ``per_block`` random uint8 images per input row."""
+    start = int(batch["i"][0]) * per_block
+    rng = np.random.default_rng(start)
+    pixels = rng.integers(0, 256, size=(per_block, size, size, 3), dtype=np.uint8)
+    return stage_batch(pixels, start)
+
+
+def ray_run(args, folder: str, size: int, n_images: int, device) -> dict:
+    import ray
+
+    from pipeline.stages import map_stage
+    from pipeline.tokenize import TokenizeStage
+
+    ray.init(num_cpus=os.cpu_count(), num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False,
+             log_to_driver=False)  # fmt: skip
+    try:
+        blocks = max(1, n_images // args.batch)
+        ds = ray.data.from_items([{"i": i} for i in range(blocks)], override_num_blocks=blocks)
+        ds = ds.map_batches(make_block, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"size": size, "per_block": args.batch})  # fmt: skip
+        ds = map_stage(ds, TokenizeStage, constructor_kwargs={"tokenizer": folder, "device": str(device)},
+                       actors=1, batch_size=args.batch, num_gpus=1 if device.type == "cuda" else 0)  # fmt: skip
+        # the actor loads the model once; count from the first batch out so the load is not timed
+        it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        first = next(it)
+        errors = sum(1 for e in first["error"] if e)
+        t0, rows = time.perf_counter(), 0
+        for b in it:
+            rows += len(b["image_id"])
+            errors += sum(1 for e in b["error"] if e)
+        seconds = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return {"images": rows, "seconds": seconds, "images_per_s": rows / seconds, "error_rows": errors}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=65536)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--images", type=int, default=16384, help="images through the Ray Data job")
+    ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch, args.vocab, args.reps, args.images = 4, 256, 2, 16
+    device = pick_device(args.smoke)
+    tok = build_tokenizer(args, device)
+    size = tok.model.cfg.image_size
+    print(f"device: {device_line(device)}")
+    print(f"model: {size}px, {sum(tok.pyramid.token_counts)} tokens/image, codebook "
+          f"{tuple(tok.codebook.embeddings.shape)}, batch {args.batch}")  # fmt: skip
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.rand(args.batch, 3, size, size, device=device, generator=g)
+    results: dict[str, dict] = {}
+
+    def record(name: str, fn) -> float:
+        t = time_fn(fn, device, warmup=2, reps=args.reps)
+        results[name] = {"seconds_per_batch": t, "images_per_s": args.batch / t}
+        print(
+            f"{name:>34}: {args.batch / t:9.0f} images/s  ({t * 1e3:.1f} ms / batch of {args.batch})",
+            flush=True,
+        )
+        return args.batch / t
+
+    bare = record("encode", lambda: tok.encode(images))
+    os.environ["SPAE_FUSED_SEARCH"] = "0"
+    record("encode, chunked search", lambda: tok.encode(images))
+    os.environ.pop("SPAE_FUSED_SEARCH")
+    tok_cl = tok.to(memory_format=torch.channels_last)
+    images_cl = images.contiguous(memory_format=torch.channels_last)
+    fast = record("bf16 encoder (+channels-last)", lambda: encode_bf16(tok_cl, images_cl))
+    ref = tok.encode(images)
+    ids = encode_bf16(tok_cl, images_cl)
+    same = [float((ref.layer_ids(l + 1).to(ids[l].device) == ids[l]).float().mean()) for l in range(len(ids))]
+    print("bf16 encoder vs encode, identical tokens per layer: " + ", ".join(f"{s:.1%}" for s in same))
+    record_all = {"bench": "tokenize_stage", "device": device_line(device), "batch": args.batch,
+                  "results": results, "bf16_same_tokens": same}  # fmt: skip
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        args.no_ray = True
+        print("ray: not importable here; the Ray Data figures are skipped")
+    if not args.no_ray:
+        from pipeline.tokenize import TokenizeStage
+
+        with tempfile.TemporaryDirectory() as folder:
+            tok.save_pretrained(folder)
+            stage = TokenizeStage(folder, device=str(device))
+            rng = np.random.default_rng(0)
+            pix = rng.integers(0, 256, size=(args.batch, size, size, 3), dtype=np.uint8)
+            sb = stage_batch(pix, 0)
+            stage(sb)
+            sync(device)
+            reps = max(2, args.reps // 2)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                stage(sb)
+            loop = reps * args.batch / (time.perf_counter() - t0)
+            results["TokenizeStage loop"] = {"images_per_s": loop}
+            print(f"{'TokenizeStage in a plain loop':>34}: {loop:9.0f} images/s", flush=True)
+            del stage
+            r = ray_run(args, folder, size, args.images, device)
+            results["ray"] = r
+            print(f"{'Ray Data TokenizeStage (1 GPU)':>34}: {r['images_per_s']:9.0f} images/s  "
+                  f"({r['images']} images, {r['error_rows']} error rows)")  # fmt: skip
+            print(f"RESULT tokenize_ray: Ray / bare encode {r['images_per_s'] / bare:.2f} (goal >= 0.85); "
+                  f"Ray / stage loop {r['images_per_s'] / loop:.2f}")  # fmt: skip
+    print(
+        f"RESULT tokenize_bare: encode {bare:.0f} images/s, bf16 encoder {fast:.0f} images/s (goal >= 5,000)"
+    )
+    write_json(args.json, record_all)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
