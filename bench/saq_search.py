@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         record("fused", lambda: nearest_codes(x, e, args.chunk, e_sq, fused=True))
         ids_c, d_c = nearest_codes(x, e, args.chunk, e_sq, fused=False)
         ids_f, d_f = nearest_codes(x, e, args.chunk, e_sq, fused=True)
+        from spae import quantize
+
+        print(f"fused: autotuned config {getattr(quantize._argmin_tuned, 'best_config', None)}")
         check = {
             "same_ids": float((ids_c == ids_f).float().mean()),
             "max_dist_gap": float((d_c - d_f).abs().max()),

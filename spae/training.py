@@ -74,6 +74,7 @@ class OptimConfig:
     total_steps: int = 0  # 0 = the job's number of steps
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still checked)
     gan_start_step: int = 0  # the discriminator and the GAN term switch on at this step
+    latent_init: bool = True  # step 0 of a fresh run: start z on the codebook (SPAE.match_latent_to_codebook)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -215,6 +216,8 @@ class SPAETrainer:
         pool_ids = pool_ids.to(self.device)
         pool_scores = pool_scores.to(self.device, torch.float32)
         gan_active = self.gan_on and step >= cfg.gan_start_step
+        if step == 0 and cfg.latent_init:
+            self._match_latent(images)
         self.model.train()
         metrics: dict[str, float] = {"lr": lr, "step": float(step)}
 
@@ -280,6 +283,14 @@ class SPAETrainer:
         self.step_count += 1
         metrics["skipped_steps"] = float(self.skipped_steps)
         return metrics
+
+    def _match_latent(self, images: Tensor) -> None:
+        """Rank 0 fits the encoder's output layer to the codebook on its first batch; every rank copies it."""
+        self.core.match_latent_to_codebook(images)
+        if _distributed():
+            conv = self.core.encoder.conv_out
+            for p in (conv.weight, conv.bias):
+                dist.broadcast(p.data, src=0)
 
     def _disc_step(self, real: Tensor, fake: Tensor, b: int) -> dict[str, float]:
         assert self.disc is not None and self.opt_d is not None

@@ -76,8 +76,10 @@ def test_loss_falls_and_all_terms_reported():
     first, last = history[0], history[-1]
     assert last["loss/reconstruction"] < 0.5 * first["loss/reconstruction"]
     assert last["loss/total"] < 0.5 * first["loss/total"]
-    # eq. 9's w = sg(L_app / L_sem) follows the appearance loss down
-    assert last["w"] < first["w"]
+    # eq. 9's dynamic weight: w = sg(L_app / L_sem) at every step (no cap configured)
+    for m in (first, last):
+        assert m["w"] == pytest.approx(m["loss/appearance"] / m["loss/semantic"], rel=1e-5)
+        assert m["loss/total"] == pytest.approx(m["loss/appearance"] + m["w"] * m["loss/semantic"], rel=1e-5)
     for key in (
         "loss/total",
         "loss/appearance",

@@ -1,0 +1,84 @@
+"""Where the time goes: ``torch.profiler`` tables of the training step and of ``encode`` (paper preset).
+
+Prints, for each, the wall time per call, the summed GPU kernel time (the gap is launch/sync
+overhead: the GPU waiting on the host) and the top kernels by GPU time. Also times ``encode`` with a
+bf16 encoder in the default (channels-first) layout.
+
+    python -m bench.profile_step [--batch 16] [--encode-batch 256]
+    python -m bench.profile_step --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.common import device_line, pick_device, sync, time_fn
+from bench.tokenize_stage import build_tokenizer, encode_bf16
+from bench.train_step import Variant, batch, build, make_trainer
+
+
+def table(prof, device, wall: float, calls: int, rows: int) -> None:
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = prof.key_averages()
+    gpu = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6 / calls
+    print(f"wall {wall * 1e3:.1f} ms per call; summed GPU kernel time {gpu * 1e3:.1f} ms ({gpu / wall:.0%} busy)")
+    print(events.table(sort_by=key.replace("device", "self_device"), row_limit=rows, max_name_column_width=60))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--encode-batch", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=65536)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--rows", type=int, default=18)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch, args.encode_batch, args.vocab, args.rows = 2, 2, 256, 5
+    device = pick_device(args.smoke)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    print(f"device: {device_line(device)}")
+
+    a = argparse.Namespace(batch=args.batch, vocab=args.vocab, dim=args.dim, smoke=args.smoke, warmup=20)
+    model0, disc0 = build(a, device)
+    trainer = make_trainer(Variant("fast", bf16=True, fused_adam=True, tf32=True), model0, disc0, device, 20)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    data = [batch(s, args.batch, model0.cfg.image_size, args.vocab, device, False) for s in range(5)]
+    for d in data[:3]:
+        trainer.step(*d)
+    sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for d in data[3:]:
+            trainer.step(*d)
+        sync(device)
+        wall = (time.perf_counter() - t0) / 2
+    print(f"== training step, bf16 + fused Adam + TF32, eager, batch {args.batch}")
+    table(prof, device, wall, 2, args.rows)
+    del trainer
+
+    t = argparse.Namespace(vocab=args.vocab, dim=args.dim, smoke=args.smoke)
+    tok = build_tokenizer(t, device)
+    size = tok.model.cfg.image_size
+    images = torch.rand(args.encode_batch, 3, size, size, device=device)
+    enc = time_fn(lambda: tok.encode(images), device, warmup=2, reps=5)
+    bf = time_fn(lambda: encode_bf16(tok, images), device, warmup=2, reps=5)
+    print(f"== encode, batch {args.encode_batch}: fp32 encoder {args.encode_batch / enc:.0f} img/s, "
+          f"bf16 encoder (channels-first) {args.encode_batch / bf:.0f} img/s")  # fmt: skip
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        tok.encode(images)
+        sync(device)
+        wall = time.perf_counter() - t0
+    table(prof, device, wall, 1, args.rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
