@@ -99,8 +99,12 @@ def ray_init(device: torch.device) -> None:
 
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False,
-             log_to_driver=False)  # fmt: skip
+    ray.init(
+        num_cpus=os.cpu_count(),
+        num_gpus=1 if device.type == "cuda" else 0,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
 
 
 TINY_CLIP = "bench-tiny-clip"
@@ -110,9 +114,12 @@ def register_tiny_clip() -> str:
     """Register a 2-layer, width-64 open_clip architecture (32px images) for ``--smoke`` runs on the CPU."""
     from open_clip import factory
 
-    factory._MODEL_CONFIGS.setdefault(TINY_CLIP, {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    })  # fmt: skip
+    factory._MODEL_CONFIGS.setdefault(
+        TINY_CLIP,
+        {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+        },
+    )
     return TINY_CLIP

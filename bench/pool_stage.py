@@ -90,15 +90,26 @@ def main(argv: list[str] | None = None) -> int:
             6,
         )
     device = pick_device(args.smoke)
-    scorer_cfg = {"kind": "open_clip", "arch": args.arch, "pretrained": "", "precision": args.precision,
-                  "device": str(device)}  # fmt: skip
-    kw = {"scorer": scorer_cfg, "vocab_size": args.vocab, "search": {"backend": "torch", "device": str(device)},
-          "top_k": args.top_k, "min_threshold": 0.5}  # fmt: skip
+    scorer_cfg = {
+        "kind": "open_clip",
+        "arch": args.arch,
+        "pretrained": "",
+        "precision": args.precision,
+        "device": str(device),
+    }
+    kw = {
+        "scorer": scorer_cfg,
+        "vocab_size": args.vocab,
+        "search": {"backend": "torch", "device": str(device)},
+        "top_k": args.top_k,
+        "min_threshold": 0.5,
+    }
     stage = RandomVocabPoolStage(**kw)
     scorer, size = stage.scorer, stage.scorer.image_size
     print(f"device: {device_line(device)}")
     print(
-        f"{args.arch} image tower {size}px, {args.precision}; top-{args.top_k} over {args.vocab} rows; batch {args.batch}"
+        f"{args.arch} image tower {size}px, {args.precision}; "
+        f"top-{args.top_k} over {args.vocab} rows; batch {args.batch}"
     )
     reps = 3 if args.smoke else 20
     results: dict[str, dict] = {}
@@ -114,16 +125,28 @@ def main(argv: list[str] | None = None) -> int:
     block = image_block({"i": np.array([0])}, size, args.batch)
     t_stage = time_fn(lambda: stage(block), device, warmup=1, reps=max(2, reps // 2))
     loop = args.batch / t_stage
-    results.update(bare={"images_per_s": bare}, search={"seconds_per_batch": t_search, "share_of_stage": t_search / t_stage},
-                   stage_loop={"images_per_s": loop})  # fmt: skip
+    share = t_search / t_stage
+    results.update(
+        bare={"images_per_s": bare},
+        search={"seconds_per_batch": t_search, "share_of_stage": share},
+        stage_loop={"images_per_s": loop},
+    )
     print(f"{'bare tower':>12}: {bare:9.0f} images/s")
     print(
-        f"{'search':>12}: {t_search * 1e3:9.2f} ms per batch of {args.batch} = {t_search / t_stage:.1%} of the stage"
+        f"{'search':>12}: {t_search * 1e3:9.2f} ms per batch of {args.batch} "
+        f"= {t_search / t_stage:.1%} of the stage"
     )
     print(f"{'stage loop':>12}: {loop:9.0f} images/s", flush=True)
-    record = {"bench": "pool_stage", "device": device_line(device), "arch": args.arch, "vocab": args.vocab,
-              "top_k": args.top_k, "batch": args.batch, "results": results}  # fmt: skip
-    del stage, scorer, x
+    record = {
+        "bench": "pool_stage",
+        "device": device_line(device),
+        "arch": args.arch,
+        "vocab": args.vocab,
+        "top_k": args.top_k,
+        "batch": args.batch,
+        "results": results,
+    }
+    stage = scorer = x = None  # free the main process's copy before the Ray actor loads its own
     sync(device)
     try:
         import ray
@@ -137,10 +160,20 @@ def main(argv: list[str] | None = None) -> int:
         try:
             blocks = max(2, args.images // args.batch)
             ds = ray.data.from_items([{"i": i} for i in range(blocks)], override_num_blocks=blocks)
-            ds = ds.map_batches(image_block, batch_size=1, batch_format="numpy",
-                                fn_kwargs={"size": size, "per_block": args.batch})  # fmt: skip
-            ds = map_stage(ds, RandomVocabPoolStage, constructor_kwargs=kw, actors=1, batch_size=args.batch,
-                           num_gpus=1 if device.type == "cuda" else 0)  # fmt: skip
+            ds = ds.map_batches(
+                image_block,
+                batch_size=1,
+                batch_format="numpy",
+                fn_kwargs={"size": size, "per_block": args.batch},
+            )
+            ds = map_stage(
+                ds,
+                RandomVocabPoolStage,
+                constructor_kwargs=kw,
+                actors=1,
+                batch_size=args.batch,
+                num_gpus=1 if device.type == "cuda" else 0,
+            )
             t0 = time.perf_counter()
             r = ray_throughput(ds, lambda b: len(b["image_id"]))
             r["wall_with_startup_s"] = time.perf_counter() - t0
@@ -148,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         results["ray"] = r
         print(f"{'ray':>12}: {r['rows_per_s']:9.0f} images/s ({r['rows']} images after the first batch)")
-        print(f"RESULT pool_stage: Ray {r['rows_per_s']:.0f} images/s vs bare tower {bare:.0f} -> "
-              f"{r['rows_per_s'] / bare:.2f} (goal >= 0.85); stage loop / bare {loop / bare:.2f}; "
-              f"search {t_search / t_stage:.1%} of the stage")  # fmt: skip
+        print(
+            f"RESULT pool_stage: Ray {r['rows_per_s']:.0f} images/s vs bare tower {bare:.0f} -> "
+            f"{r['rows_per_s'] / bare:.2f} (goal >= 0.85); stage loop / bare {loop / bare:.2f}; "
+            f"search {t_search / t_stage:.1%} of the stage"
+        )
     write_json(args.json, record)
     return 0
 

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     e_sq = e.float().pow(2).sum(1)  # [v]
     print(f"device: {device_line(device)}")
     print(
-        f"shape: n={n} ({args.images} images x {POSITIONS}) v={v} c={c} {dtype}; {flops / 1e12:.3f} TFLOP per search"
+        f"shape: n={n} ({args.images} images x {POSITIONS}) v={v} c={c} {dtype}; "
+        f"{flops / 1e12:.3f} TFLOP per search"
     )
 
     results: dict[str, dict[str, float]] = {}
@@ -86,11 +87,24 @@ def main(argv: list[str] | None = None) -> int:
         print("fused: not available here (needs CUDA, triton and a bf16/fp16 table)")
     best = "fused" if "fused" in results else "chunked"
     ratio = results[best]["tflops"] / results["gemm"]["tflops"]
-    print(f"RESULT saq_search: {best} {results[best]['tflops']:.1f} TFLOP/s vs bare GEMM "
-          f"{results['gemm']['tflops']:.1f} TFLOP/s -> ratio {ratio:.2f} (goal >= 0.7); "
-          f"chunked ratio {results['chunked']['tflops'] / results['gemm']['tflops']:.2f}")  # fmt: skip
-    write_json(args.json, {"bench": "saq_search", "device": device_line(device), "n": n, "v": v, "c": c,
-                           "results": results, "check": check, "ratio": ratio})  # fmt: skip
+    print(
+        f"RESULT saq_search: {best} {results[best]['tflops']:.1f} TFLOP/s vs bare GEMM "
+        f"{results['gemm']['tflops']:.1f} TFLOP/s -> ratio {ratio:.2f} (goal >= 0.7); "
+        f"chunked ratio {results['chunked']['tflops'] / results['gemm']['tflops']:.2f}"
+    )
+    write_json(
+        args.json,
+        {
+            "bench": "saq_search",
+            "device": device_line(device),
+            "n": n,
+            "v": v,
+            "c": c,
+            "results": results,
+            "check": check,
+            "ratio": ratio,
+        },
+    )
     return 0
 
 

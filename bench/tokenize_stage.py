@@ -82,15 +82,26 @@ def ray_run(args, folder: str, size: int, n_images: int, device) -> dict:
     from pipeline.stages import map_stage
     from pipeline.tokenize import TokenizeStage
 
-    ray.init(num_cpus=os.cpu_count(), num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False,
-             log_to_driver=False)  # fmt: skip
+    ray.init(
+        num_cpus=os.cpu_count(),
+        num_gpus=1 if device.type == "cuda" else 0,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     try:
         blocks = max(1, n_images // args.batch)
         ds = ray.data.from_items([{"i": i} for i in range(blocks)], override_num_blocks=blocks)
-        ds = ds.map_batches(make_block, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"size": size, "per_block": args.batch})  # fmt: skip
-        ds = map_stage(ds, TokenizeStage, constructor_kwargs={"tokenizer": folder, "device": str(device)},
-                       actors=1, batch_size=args.batch, num_gpus=1 if device.type == "cuda" else 0)  # fmt: skip
+        ds = ds.map_batches(
+            make_block, batch_size=1, batch_format="numpy", fn_kwargs={"size": size, "per_block": args.batch}
+        )
+        ds = map_stage(
+            ds,
+            TokenizeStage,
+            constructor_kwargs={"tokenizer": folder, "device": str(device)},
+            actors=1,
+            batch_size=args.batch,
+            num_gpus=1 if device.type == "cuda" else 0,
+        )
         # the actor loads the model once; count from the first batch out so the load is not timed
         it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         first = next(it)
@@ -122,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     tok = build_tokenizer(args, device)
     size = tok.model.cfg.image_size
     print(f"device: {device_line(device)}")
-    print(f"model: {size}px, {sum(tok.pyramid.token_counts)} tokens/image, codebook "
-          f"{tuple(tok.codebook.embeddings.shape)}, batch {args.batch}")  # fmt: skip
+    print(
+        f"model: {size}px, {sum(tok.pyramid.token_counts)} tokens/image, codebook "
+        f"{tuple(tok.codebook.embeddings.shape)}, batch {args.batch}"
+    )
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.rand(args.batch, 3, size, size, device=device, generator=g)
     results: dict[str, dict] = {}
@@ -148,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     ids = encode_bf16(tok_cl, images_cl)
     same = [float((ref.layer_ids(l + 1).to(ids[l].device) == ids[l]).float().mean()) for l in range(len(ids))]
     print("bf16 encoder vs encode, identical tokens per layer: " + ", ".join(f"{s:.1%}" for s in same))
-    record_all = {"bench": "tokenize_stage", "device": device_line(device), "batch": args.batch,
-                  "results": results, "bf16_same_tokens": same}  # fmt: skip
+    record_all = {
+        "bench": "tokenize_stage",
+        "device": device_line(device),
+        "batch": args.batch,
+        "results": results,
+        "bf16_same_tokens": same,
+    }
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -176,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             del stage
             r = ray_run(args, folder, size, args.images, device)
             results["ray"] = r
-            print(f"{'Ray Data TokenizeStage (1 GPU)':>34}: {r['images_per_s']:9.0f} images/s  "
-                  f"({r['images']} images, {r['error_rows']} error rows)")  # fmt: skip
-            print(f"RESULT tokenize_ray: Ray / bare encode {r['images_per_s'] / bare:.2f} (goal >= 0.85); "
-                  f"Ray / stage loop {r['images_per_s'] / loop:.2f}")  # fmt: skip
+            print(
+                f"{'Ray Data TokenizeStage (1 GPU)':>34}: {r['images_per_s']:9.0f} images/s  "
+                f"({r['images']} images, {r['error_rows']} error rows)"
+            )
+            print(
+                f"RESULT tokenize_ray: Ray / bare encode {r['images_per_s'] / bare:.2f} (goal >= 0.85); "
+                f"Ray / stage loop {r['images_per_s'] / loop:.2f}"
+            )
     print(
         f"RESULT tokenize_bare: encode {bare:.0f} images/s, bf16 encoder {fast:.0f} images/s (goal >= 5,000)"
     )

@@ -129,9 +129,15 @@ def run_variant(v: Variant, args, model0, disc0, device, steps: int) -> dict:
     step_s = statistics.median(times[skip:])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     out = {
-        "variant": v.name, "step_s": step_s, "images_per_s": args.batch / step_s, "first_step_s": t_first,
-        "peak_gib": peak, "steps": steps, "curve": curve, "skipped_steps": trainer.skipped_steps,
-    }  # fmt: skip
+        "variant": v.name,
+        "step_s": step_s,
+        "images_per_s": args.batch / step_s,
+        "first_step_s": t_first,
+        "peak_gib": peak,
+        "steps": steps,
+        "curve": curve,
+        "skipped_steps": trainer.skipped_steps,
+    }
     print(
         f"{v.name:>28}: {step_s * 1e3:8.1f} ms/step  {args.batch / step_s:8.1f} img/s  peak {peak:6.2f} GiB  "
         f"first step {t_first:6.1f} s  final loss {curve[-1]['loss/total']:.4f}",
@@ -181,8 +187,14 @@ def curve_gap(a: list[dict], b: list[dict], key: str = "loss/total") -> dict:
     tail = min(20, len(a))
     ma = statistics.fmean(x[key] for x in a[-tail:])
     mb = statistics.fmean(x[key] for x in b[-tail:])
-    return {"key": key, "median_rel_gap": statistics.median(rel), "max_rel_gap": max(rel),
-            "tail_mean_base": ma, "tail_mean_fast": mb, "tail_rel_gap": abs(ma - mb) / max(abs(ma), 1e-12)}  # fmt: skip
+    return {
+        "key": key,
+        "median_rel_gap": statistics.median(rel),
+        "max_rel_gap": max(rel),
+        "tail_mean_base": ma,
+        "tail_mean_fast": mb,
+        "tail_rel_gap": abs(ma - mb) / max(abs(ma), 1e-12),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     print(f"device: {device_line(device)}", flush=True)
     model0, disc0 = build(args, device)
-    print(f"model: {model0.cfg.image_size}px, pyramid {model0.cfg.pyramid.layer_sizes}, codebook "
-          f"{tuple(model0.codebook.embeddings.shape)}, batch {args.batch}", flush=True)  # fmt: skip
+    print(
+        f"model: {model0.cfg.image_size}px, pyramid {model0.cfg.pyramid.layer_sizes}, codebook "
+        f"{tuple(model0.codebook.embeddings.shape)}, batch {args.batch}",
+        flush=True,
+    )
 
     base = run_variant(Variant("fp32"), args, model0, disc0, device, args.curve_steps)
     results = [base]
@@ -220,14 +235,26 @@ def main(argv: list[str] | None = None) -> int:
     best = run_variant(fast, args, model0, disc0, device, args.curve_steps)  # the curve of the fast math
     results.append(best)
 
-    gaps = {k: curve_gap(base["curve"], best["curve"], k) for k in ("loss/total", "loss/reconstruction", "loss/semantic")}
+    gaps = {
+        k: curve_gap(base["curve"], best["curve"], k)
+        for k in ("loss/total", "loss/reconstruction", "loss/semantic")
+    }
     for k, gp in gaps.items():
-        print(f"curve {k}: median per-step rel gap {gp['median_rel_gap']:.2e}, max {gp['max_rel_gap']:.2e}; "
-              f"last-20 mean {gp['tail_mean_base']:.4f} (fp32) vs {gp['tail_mean_fast']:.4f} -> {gp['tail_rel_gap']:.2%}")  # fmt: skip
+        print(
+            f"curve {k}: median per-step rel gap {gp['median_rel_gap']:.2e}, max {gp['max_rel_gap']:.2e}; "
+            f"last-20 mean {gp['tail_mean_base']:.4f} (fp32) vs {gp['tail_mean_fast']:.4f} "
+            f"-> {gp['tail_rel_gap']:.2%}"
+        )
     for s in range(0, len(base["curve"]), max(1, len(base["curve"]) // 10)):
-        print(f"  step {s:4d}: fp32 {base['curve'][s]['loss/total']:.4f}   fast {best['curve'][s]['loss/total']:.4f}")
-    print(f"RESULT train_step (eager): {best['variant']} {best['images_per_s']:.1f} img/s vs fp32 eager "
-          f"{base['images_per_s']:.1f} img/s -> {base['step_s'] / best['step_s']:.2f}x", flush=True)  # fmt: skip
+        print(
+            f"  step {s:4d}: fp32 {base['curve'][s]['loss/total']:.4f}   "
+            f"fast {best['curve'][s]['loss/total']:.4f}"
+        )
+    print(
+        f"RESULT train_step (eager): {best['variant']} {best['images_per_s']:.1f} img/s vs fp32 eager "
+        f"{base['images_per_s']:.1f} img/s -> {base['step_s'] / best['step_s']:.2f}x",
+        flush=True,
+    )
     if cuda:
         cl = replace(fast, name=fast.name + "+cl", channels_last=True)
         results.append(run_variant(cl, args, model0, disc0, device, args.steps))
@@ -246,17 +273,23 @@ def main(argv: list[str] | None = None) -> int:
         mb = max_batch(replace(fast, compile=False), args, model0, disc0, device)
         record.update(flops_per_step=flops, bf16_peak_tflops=peak, max_batch=mb)
         print(
-            f"FLOPs per step (b={args.batch}): {flops / 1e12:.2f} TFLOP; measured bf16 matmul peak {peak:.0f} TFLOP/s"
+            f"FLOPs per step (b={args.batch}): {flops / 1e12:.2f} TFLOP; "
+            f"measured bf16 matmul peak {peak:.0f} TFLOP/s"
         )
         for r in results:
             r["achieved_tflops"] = flops / r["step_s"] / 1e12
             r["mfu"] = r["achieved_tflops"] / peak
             print(f"  {r['variant']:>28}: {r['achieved_tflops']:6.1f} TFLOP/s  MFU {r['mfu']:.1%}")
-        print(f"largest batch that fits ({fast.name}, eager): {mb['largest_batch']} (peak {mb['peak_gib_at_largest']:.1f} GiB; "
-              f"tried up to {mb['limit']})")  # fmt: skip
+        print(
+            f"largest batch that fits ({fast.name}, eager): {mb['largest_batch']} "
+            f"(peak {mb['peak_gib_at_largest']:.1f} GiB; "
+            f"tried up to {mb['limit']})"
+        )
     speedup = base["step_s"] / top["step_s"]
-    print(f"RESULT train_step: {top['variant']} {top['images_per_s']:.1f} img/s vs fp32 eager "
-          f"{base['images_per_s']:.1f} img/s -> {speedup:.2f}x (goal >= 2.5x)")  # fmt: skip
+    print(
+        f"RESULT train_step: {top['variant']} {top['images_per_s']:.1f} img/s vs fp32 eager "
+        f"{base['images_per_s']:.1f} img/s -> {speedup:.2f}x (goal >= 2.5x)"
+    )
     record.update(results=results, speedup=speedup, fastest=top["variant"])
     write_json(args.json, record)
     return 0

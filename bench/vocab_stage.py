@@ -67,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     from spae.scorers import prompt_templates
 
     templates = prompt_templates("imagenet80") if not args.smoke else prompt_templates("imagenet80")[:2]
-    scorer_cfg = {"kind": "open_clip", "arch": args.arch, "pretrained": "", "precision": args.precision,
-                  "device": str(device)}  # fmt: skip
+    scorer_cfg = {
+        "kind": "open_clip",
+        "arch": args.arch,
+        "pretrained": "",
+        "precision": args.precision,
+        "device": str(device),
+    }
     print(f"device: {device_line(device)}")
     print(f"{args.arch} text tower, {args.precision}, {len(templates)} templates, {args.words} words")
     stage = BenchTextFeatureStage(scorer_cfg, templates, prompt_batch=args.prompt_batch)
@@ -100,9 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     loop = n_words * len(templates) / (time.perf_counter() - t0)
     results["stage_loop"] = {"prompts_per_s": loop}
     print(f"{'stage loop':>12}: {loop:10.0f} prompts/s", flush=True)
-    record = {"bench": "vocab_stage", "device": device_line(device), "arch": args.arch, "words": args.words,
-              "templates": len(templates), "results": results}  # fmt: skip
-    del stage, scorer
+    record = {
+        "bench": "vocab_stage",
+        "device": device_line(device),
+        "arch": args.arch,
+        "words": args.words,
+        "templates": len(templates),
+        "results": results,
+    }
+    stage = scorer = None  # free the main process's copy before the Ray actor loads its own
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
     try:
@@ -116,18 +127,28 @@ def main(argv: list[str] | None = None) -> int:
         ray_init(device)
         try:
             ds = ray.data.from_items([{"word": w} for w in words], override_num_blocks=max(1, len(batches)))
-            ds = map_stage(ds, BenchTextFeatureStage,
-                           constructor_kwargs={"scorer": scorer_cfg, "templates": templates,
-                                               "prompt_batch": args.prompt_batch},
-                           actors=1, batch_size=per, num_gpus=1 if device.type == "cuda" else 0)  # fmt: skip
+            ds = map_stage(
+                ds,
+                BenchTextFeatureStage,
+                constructor_kwargs={
+                    "scorer": scorer_cfg,
+                    "templates": templates,
+                    "prompt_batch": args.prompt_batch,
+                },
+                actors=1,
+                batch_size=per,
+                num_gpus=1 if device.type == "cuda" else 0,
+            )
             r = ray_throughput(ds, lambda b: len(b["word"]))
         finally:
             ray.shutdown()
         r["prompts_per_s"] = r["rows_per_s"] * len(templates)
         results["ray"] = r
         print(f"{'ray':>12}: {r['prompts_per_s']:10.0f} prompts/s ({r['rows']} words after the first batch)")
-        print(f"RESULT vocab_stage: Ray {r['prompts_per_s']:.0f} prompts/s vs bare tower {bare:.0f} -> "
-              f"{r['prompts_per_s'] / bare:.2f} (goal >= 0.9); stage loop / bare {loop / bare:.2f}")  # fmt: skip
+        print(
+            f"RESULT vocab_stage: Ray {r['prompts_per_s']:.0f} prompts/s vs bare tower {bare:.0f} -> "
+            f"{r['prompts_per_s'] / bare:.2f} (goal >= 0.9); stage loop / bare {loop / bare:.2f}"
+        )
     write_json(args.json, record)
     return 0
 

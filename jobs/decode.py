@@ -1,4 +1,8 @@
-"""``spae decode``: corpus rows or free text (e.g. an LLM's answer) -> PNG images + a parse report."""
+"""``spae decode``: corpus rows or free text (e.g. an LLM's answer) -> PNG images + a parse report.
+
+A video tokenizer (``num_frames > 0``) decodes each row or text to a clip, written as an animated GIF
+(``video_format=gif``, default) or an H.264 MP4 (``video_format=mp4``, needs PyAV).
+"""
 
 from __future__ import annotations
 
@@ -38,10 +42,14 @@ class DecodeConfig:
     output: str = "decoded"  # folder for <name>.png and decode_report.json (local or s3://)
     up_to_layer: int = 0  # decode the prefix 1..l; 0 = the deepest covering prefix
     scale: int = 1  # PNG upscaling (nearest neighbour), for small images
+    video_format: str = "gif"  # clips (video tokenizer): "gif" or "mp4" (PyAV)
+    fps: int = 8  # clips: frames per second of the written animation
 
     def __post_init__(self) -> None:
         if self.up_to_layer < 0 or self.scale < 1:
             raise ValueError(f"up_to_layer ({self.up_to_layer}) must be >= 0 and scale ({self.scale}) >= 1")
+        if self.video_format not in ("gif", "mp4") or self.fps < 1:
+            raise ValueError(f"video_format={self.video_format!r} must be gif or mp4, fps={self.fps} >= 1")
 
 
 CONFIG_CLASS = DecodeConfig
@@ -52,7 +60,7 @@ class DecodedImage:
     name: str  # file stem
     origin: str  # "corpus:<image_id>" or "text:<i>"
     prefix: int  # layers 1..prefix decoded
-    png: str  # URI written
+    png: str  # URI written (a .png image; for clips the .gif / .mp4 animation)
     report: dict[str, Any] = field(default_factory=dict)  # ParseReport.to_dict() (text) or {}
 
 
@@ -108,9 +116,20 @@ def run_decode(cfg: DecodeConfig) -> list[DecodedImage]:
     done: list[DecodedImage] = []
 
     def write(name: str, origin: str, image: Any, prefix: int, report: dict) -> None:
-        png = out.join(f"{name}.png")
-        png.write_bytes(image_png(image, scale=cfg.scale))
-        done.append(DecodedImage(name, origin, prefix, png.uri, report))
+        if image.dim() == 4:  # a clip [3, T, H, W]
+            from pipeline.video import clip_gif, clip_mp4
+            from spae.video import clips_to_uint8
+
+            frames = clips_to_uint8(image[None])[0]  # [T, H, W, 3]
+            frames = frames.repeat(cfg.scale, axis=1).repeat(cfg.scale, axis=2)
+            data = (
+                clip_gif(frames, fps=cfg.fps) if cfg.video_format == "gif" else clip_mp4(frames, fps=cfg.fps)
+            )
+            target = out.join(f"{name}.{cfg.video_format}")
+        else:
+            data, target = image_png(image, scale=cfg.scale), out.join(f"{name}.png")
+        target.write_bytes(data)
+        done.append(DecodedImage(name, origin, prefix, target.uri, report))
 
     if want_rows:
         table = select_rows(read_corpus(cfg.corpus), list(cfg.image_ids), list(cfg.rows))

@@ -9,7 +9,8 @@ and ``_manifest.json`` and ``_errors.parquet`` (see docs/CORPUS.md).
 
 Row columns: ``image_id`` (unique across the corpus), ``source``, ``label`` (null if none),
 ``tokens_l<l>`` (list<int32>: codebook rows of layer ``l``, serialization order of eq. 1, i.e.
-row-major over the ``h_l x w_l`` grid), ``words_l<l>`` (list<string>: the same tokens as words), and
+row-major over the ``h_l x w_l`` grid; for clips over ``t_l x h_l x w_l``, time outermost),
+``words_l<l>`` (list<string>: the same tokens as words), and
 ``text``: ``[L1] w [L2] w w w w ...`` (layers in order, each introduced by ``[L<l>]``, words
 space-separated), the same string ``TokenPyramid.to_text`` gives.
 """
@@ -17,6 +18,7 @@ space-separated), the same string ``TokenPyramid.to_text`` gives.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -206,12 +208,13 @@ def token_pyramid(table: pa.Table, tokenizer: Any, layers: Sequence[int] | None 
     ids = ids_from_table(table, layers)
     grids = []
     for l in layers:
-        h, w = tokenizer.pyramid.layer_size(l)
-        if ids[l].shape[1] != h * w:
+        size = tokenizer.pyramid.layer_size(l)  # (h_l, w_l), or (t_l, h_l, w_l) for clips
+        if ids[l].shape[1] != math.prod(size):
             raise ValueError(
-                f"layer {l}: rows hold {ids[l].shape[1]} tokens, the tokenizer's grid is {h}x{w}"
+                f"layer {l}: rows hold {ids[l].shape[1]} tokens, the tokenizer's grid is "
+                + "x".join(map(str, size))
             )
-        grids.append(torch.from_numpy(ids[l]).view(-1, h, w))  # [b, h_l, w_l]
+        grids.append(torch.from_numpy(ids[l]).view(-1, *size))  # [b, h_l, w_l] / [b, t_l, h_l, w_l]
     return TokenPyramid(grids, layers, tokenizer.vocabulary, tokenizer.pyramid)
 
 

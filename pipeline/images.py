@@ -17,6 +17,11 @@ Resizing to ``size x size`` (``fit``):
 A row that cannot be decoded keeps its id, gets zero pixels and a reason in ``error``: ``zero-byte
 file``, ``undecodable: ...``, ``truncated: ...``, ``too large: WxH > max_pixels``, ``unsupported
 mode: ...``. Nothing raises per row.
+
+Clips (video SPAE): ``size=(T, S)`` instead of an int decodes every row as a clip of ``T`` frames of
+``S x S`` (``pipeline.video.decode_clip``; ``pixels`` ``[n, T, S, S, 3]``), adding ``too short: ...``
+to the reasons. The jobs pass the size through unchanged, so an image job becomes a clip job by its
+size alone.
 """
 
 from __future__ import annotations
@@ -40,21 +45,34 @@ DECODE_STAGE = "decode"
 
 def decode_batch(
     batch: dict[str, np.ndarray],
-    size: int,
+    size: int | tuple[int, int],
     max_pixels: int = 50_000_000,
     fit: Literal["auto", "crop", "pad"] = "auto",
 ) -> dict[str, np.ndarray]:
     """``batch["image_bytes"]`` -> adds ``pixels`` uint8 ``[n, size, size, 3]``, ``error``, ``error_stage``.
 
-    Rows that arrive with an ``error`` (e.g. unreadable files) keep it and are not decoded.
+    ``size=(T, S)``: clips, ``pixels`` ``[n, T, S, S, 3]``. Rows that arrive with an ``error`` (e.g.
+    unreadable files) keep it and are not decoded.
     """
     if fit not in FIT_MODES:
         raise ValueError(f"fit: {fit!r} is not one of {', '.join(FIT_MODES)}")
+    frames, side = clip_size(size)
+    if frames:
+        from pipeline.video import decode_clip
+
+        def decode(data: bytes) -> np.ndarray:
+            return decode_clip(data, frames, side, max_pixels, fit)
+    else:
+
+        def decode(data: bytes) -> np.ndarray:
+            return decode_image(data, side, max_pixels, fit)
+
     data = batch["image_bytes"]
     n = len(data)
     prior = error_mask(batch["error"]) if "error" in batch else np.zeros(n, dtype=bool)
     prior_stage = batch.get("error_stage")
-    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)  # [n, H, W, 3]
+    shape = (n, frames, side, side, 3) if frames else (n, side, side, 3)
+    pixels = np.zeros(shape, dtype=np.uint8)  # [n, H, W, 3] or [n, T, H, W, 3]
     errors = np.empty(n, dtype=object)
     stages = np.empty(n, dtype=object)
     for i in range(n):
@@ -65,10 +83,20 @@ def decode_batch(
             )
             continue
         try:
-            pixels[i] = decode_image(data[i], size, max_pixels, fit)
+            pixels[i] = decode(data[i])
         except DecodeError as e:
             errors[i], stages[i] = str(e), DECODE_STAGE
     return {**batch, "pixels": pixels, "error": errors, "error_stage": stages}
+
+
+def clip_size(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``S`` -> ``(0, S)`` (images); ``(T, S)`` -> ``(T, S)`` (clips of T frames)."""
+    if isinstance(size, int | np.integer):
+        return 0, int(size)
+    t, s = (int(v) for v in size)
+    if t < 1 or s < 1:
+        raise ValueError(f"clip size {tuple(size)}: frames and side must be >= 1")
+    return t, s
 
 
 class DecodeError(ValueError):
@@ -153,8 +181,10 @@ def fit_square(image: Image.Image, size: int, fit: str = "auto") -> np.ndarray:
 
 
 def to_float(pixels: np.ndarray) -> np.ndarray:
-    """uint8 ``[n, H, W, 3]`` -> float32 ``[n, 3, H, W]`` in ``[0, 1]`` (the library's image layout)."""
-    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+    """uint8 ``[n, H, W, 3]`` -> float32 ``[n, 3, H, W]`` in ``[0, 1]`` (the library's image layout);
+    clips ``[n, T, H, W, 3]`` -> ``[n, 3, T, H, W]``."""
+    axes = (0, 4, 1, 2, 3) if pixels.ndim == 5 else (0, 3, 1, 2)
+    return np.ascontiguousarray(pixels.transpose(axes), dtype=np.float32) / 255.0
 
 
 @dataclass(frozen=True)
@@ -163,14 +193,14 @@ class DecodedImages:
 
     image_ids: list[str]
     labels: np.ndarray  # int64 [n], -1 = no label
-    pixels: np.ndarray  # uint8 [n, size, size, 3]
+    pixels: np.ndarray  # uint8 [n, size, size, 3] (clips: [n, T, size, size, 3])
     errors: dict[str, str]  # image_id -> reason, for rows left out
 
 
 def decode_source(
-    cfg: SourceConfig, size: int, max_pixels: int = 50_000_000, fit: str = "auto"
+    cfg: SourceConfig, size: int | tuple[int, int], max_pixels: int = 50_000_000, fit: str = "auto"
 ) -> DecodedImages:
-    """Every image of a source, without Ray (probe training, evaluation sets, tests)."""
+    """Every image (``size=(T, S)``: clip) of a source, without Ray (probe training, evaluation sets)."""
     from pipeline.sources import list_shards, read_shard
 
     ids, labels, pixels, errors = [], [], [], {}

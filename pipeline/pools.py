@@ -12,6 +12,10 @@ how many of the top-K reach ``min_threshold`` (the lowest rho of eq. 4). When it
 is truncated (``pool_truncated``): more tokens may pass, raise ``top_k``. Thresholds are applied at
 training time, so rho can change without recomputing pools.
 
+Clips (video SPAE, ``frames > 0``): rows decode to ``[T, S, S, 3]`` clips; the scorer sees
+``sample_frames`` frames spread evenly over each clip and the clip's feature is the mean of their
+image features, L2-normalised again; s', top-K and eq. 6 then run as for an image.
+
 Label-probe scorer: when ``scorer.probe_path`` does not exist, the probe is trained first on
 ``probe_train_uri`` (a labelled source: MNIST, or an ImageFolder-style folder) and saved there.
 """
@@ -53,6 +57,8 @@ class PoolsJobConfig:
     min_threshold: float = 0.8  # the lowest rho of eq. 4, for n_above_min_threshold
     output: str = "outputs/pools"  # local path, file:// or s3://bucket/prefix
     image_size: int = 0  # decode size; 0 = the scorer's input size
+    frames: int = 0  # clips: decode T frames per row (video SPAE); 0 = images
+    sample_frames: int = 4  # clips: frames per clip the scorer sees (evenly spread), features averaged
     fit: Literal["auto", "crop", "pad"] = "auto"  # resize policy, see pipeline.images
     max_pixels: int = 50_000_000  # larger images become error rows
     batch_size: int = 256  # images per actor call
@@ -70,13 +76,15 @@ class PoolsJobConfig:
             raise ValueError("output: empty; give a local path or s3://bucket/prefix")
         if not self.vocab:
             raise ValueError("vocab: empty; give the URI of a vocab table (spae vocab)")
-        for name in ("top_k", "batch_size", "actors", "probe_steps"):
+        for name in ("top_k", "batch_size", "actors", "probe_steps", "sample_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.min_threshold <= 1.0:
             raise ValueError(
                 f"min_threshold: must lie in [0, 1] (a normalised score), got {self.min_threshold}"
             )
+        if self.frames < 0:
+            raise ValueError(f"frames: must be >= 0 (0 = images, else frames per clip), got {self.frames}")
         if self.image_size < 0:
             raise ValueError(f"image_size: must be >= 0 (0 = the scorer's), got {self.image_size}")
 
@@ -85,7 +93,8 @@ class PoolsJobConfig:
 
 
 class PoolStage:
-    """``pixels`` uint8 ``[n, H, W, 3]`` -> the pool columns of ``POOLS_SCHEMA`` (+ ``KEEP`` columns)."""
+    """``pixels`` uint8 ``[n, H, W, 3]`` (clips ``[n, T, H, W, 3]``) -> the pool columns of ``POOLS_SCHEMA``
+    (+ ``KEEP`` columns)."""
 
     def __init__(
         self,
@@ -94,6 +103,7 @@ class PoolStage:
         search: Mapping[str, Any],
         top_k: int,
         min_threshold: float,
+        sample_frames: int = 4,
     ):
         from pipeline.vocab import load_vocab
 
@@ -102,6 +112,21 @@ class PoolStage:
         self.search = TokenSearch(table.text_features, from_dict(SearchConfig, dict(search)))  # [v, d]
         self.k = min(top_k, len(table))
         self.min_threshold = min_threshold
+        self.sample_frames = sample_frames
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 ``[b, H, W, 3]`` -> ``f_I`` ``[b, d]``; clips ``[b, T, H, W, 3]``: the mean over sampled
+        frames, L2-normalised."""
+        if pixels.ndim == 4:
+            images = torch.from_numpy(to_float(pixels))  # [b, 3, H, W] in [0, 1]
+            return self.scorer.embed_images(images).float().cpu().numpy()  # [b, d]
+        from spae.video import sample_frame_indices
+
+        b, t = pixels.shape[:2]
+        idx = sample_frame_indices(t, self.sample_frames)
+        frames = pixels[:, idx].reshape(b * len(idx), *pixels.shape[2:])  # [b*k, H, W, 3]
+        f = self.embed(frames).reshape(b, len(idx), -1).mean(1)  # [b, d]: averaged image features
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = ok_rows(batch)  # [n]
@@ -112,8 +137,7 @@ class PoolStage:
         ids = np.zeros((n, k), np.int32)
         scores = np.zeros((n, k), np.float32)
         if ok.any():
-            images = torch.from_numpy(to_float(batch["pixels"][ok]))  # [b, 3, H, W] in [0, 1]
-            f = self.scorer.embed_images(images).float().cpu().numpy()  # [b, d]  f_I(I)
+            f = self.embed(np.asarray(batch["pixels"])[ok])  # [b, d]  f_I(I)
             result = self.search.search(f, k)  # eq. 4's s'(I, k) for the top-K, min and max
             feats[ok] = f.astype(np.float16)
             s_min[ok], s_max[ok] = result.s_min, result.s_max
@@ -155,7 +179,7 @@ def ensure_probe(cfg: PoolsJobConfig, log: Callable[[str], None] = print) -> boo
     from spae.scorers import train_label_probe
 
     source = SourceConfig(uri=cfg.probe_train_uri, shard_size=10_000)
-    if source.uri.startswith("mnist://"):
+    if source.uri.startswith(("mnist://", "moving-mnist://")):
         class_words = mnist_class_words()
     else:
         classes = list_shards(source)[0].classes
@@ -166,10 +190,18 @@ def ensure_probe(cfg: PoolsJobConfig, log: Callable[[str], None] = print) -> boo
             )
         class_words = [[name] for name in classes]
     size = cfg.image_size or 32
-    data = decode_source(source, size, max_pixels=cfg.max_pixels, fit=cfg.fit)
+    frames = _probe_frames(source.uri)
+    data = decode_source(source, (frames, size) if frames else size, max_pixels=cfg.max_pixels, fit=cfg.fit)
     keep = data.labels >= 0
-    x = torch.from_numpy(to_float(data.pixels[keep]))  # [n, 3, s, s]
-    y = torch.from_numpy(data.labels[keep])  # [n]
+    pixels, labels = data.pixels[keep], data.labels[keep]
+    if frames:  # clips: the sampled frames, each with its clip's label
+        from spae.video import sample_frame_indices
+
+        idx = sample_frame_indices(frames, cfg.sample_frames)
+        pixels = pixels[:, idx].reshape(-1, size, size, 3)
+        labels = np.repeat(labels, len(idx))
+    x = torch.from_numpy(to_float(pixels))  # [n, 3, s, s]
+    y = torch.from_numpy(labels)  # [n]
     log(
         f"label probe: {path} is missing; training it on {cfg.probe_train_uri} "
         f"({len(y)} images, {cfg.probe_steps} steps)"
@@ -180,6 +212,15 @@ def ensure_probe(cfg: PoolsJobConfig, log: Callable[[str], None] = print) -> boo
     probe.save(path)
     log(f"label probe: saved to {path} (held-out accuracy {probe.meta.get('accuracy')})")
     return True
+
+
+def _probe_frames(uri: str) -> int:
+    """Frames per clip of a Moving MNIST probe source (0 for image sources)."""
+    if not uri.startswith("moving-mnist://"):
+        return 0
+    from pipeline.sources import _parse_moving_mnist_uri
+
+    return _parse_moving_mnist_uri(uri)[1]["frames"]
 
 
 # ----------------------------------------------------------------------------- the job
@@ -234,7 +275,9 @@ def job_identity(
     cfg: PoolsJobConfig, scorer: Mapping[str, Any], vocab_card: Mapping[str, Any], k: int, size: int
 ):
     """What determines the pools' content (the job digest of every part)."""
+    clips = {"frames": cfg.frames, "sample_frames": cfg.sample_frames} if cfg.frames else {}
     return {
+        **clips,
         "format": FORMAT,
         "scorer": dict(scorer),
         "vocab_job_digest": vocab_card.get("job_digest", ""),
@@ -271,7 +314,9 @@ def run_pools_job(
         "search": to_dict(cfg.search),
         "top_k": k,
         "min_threshold": cfg.min_threshold,
+        "sample_frames": cfg.sample_frames,
     }
+    decode_size = (cfg.frames, size) if cfg.frames else size
 
     def model_stages(ds: Any) -> Any:
         return map_stage(
@@ -289,7 +334,7 @@ def run_pools_job(
         shards,
         cfg.output,
         POOLS_SCHEMA,
-        image_size=size,
+        image_size=decode_size,
         model_stages=model_stages,
         identity=job_identity(cfg, scorer, card, k, size),
         config=to_dict(cfg),

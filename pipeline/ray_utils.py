@@ -45,11 +45,11 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     import ray
 
     cfg = cfg or RayConfig()
-    if ray.is_initialized():
-        return
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address and address != "auto":
-        _check_reachable(address)
+        _check_reachable(address)  # also when already connected: a wrong address is an error, not ignored
+    if ray.is_initialized():
+        return
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)

@@ -4,11 +4,18 @@ A source is one URI:
 
 - ``mnist://train|valid|test[?limit=N]``: the built-in MNIST asset (images PNG-encoded, so they take
   the same decode path as files);
-- a folder of images (local or ``s3://``), listed recursively and sorted; ImageFolder-style labels:
-  the first folder under the root is the class name, classes map to ints in sorted order, files
-  directly under the root have no label;
+- ``moving-mnist://train|valid|test[?limit=N&frames=16&digits=1&size=32&digit_size=0&seed=0]``: the
+  built-in Moving MNIST generator (``spae.video``), one clip per row stored as ``.npy`` bytes of
+  uint8 ``[T, H, W]``; ``label`` is the first digit shown (all of them are in the image id, e.g.
+  ``mmnist-train-000003-d37``); ``limit`` defaults to the split's MNIST size;
+- a folder of images or videos (``VIDEO_EXTENSIONS``: mp4, webm, ..., npy; GIFs count as images and
+  decode as clips when the job asks for clips), local or ``s3://``, listed recursively and sorted;
+  ImageFolder-style labels: the first folder under the root is the class name, classes map to
+  ints in sorted order, files directly under the root have no label;
 - Parquet files (one file, or a folder / ``s3://`` prefix of them) with an image column holding
-  bytes or a struct with a ``bytes`` field (as Hugging Face datasets write it).
+  bytes or a struct with a ``bytes`` field (as Hugging Face datasets write it); for clips the bytes
+  may be a video file or ``.npy`` frame tensor, or the column a ``list<binary>`` of per-frame image
+  files (packed with ``pipeline.video.pack_frames``).
 
 ``list_shards`` groups the sorted items into shards of ``shard_size``: shard ids come from the
 shard index (``00000``) and every shard carries a digest of its item list, so a changed input is
@@ -33,9 +40,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.storage import Location, resolve
+from pipeline.video import VIDEO_EXTENSIONS, clip_npy, pack_frames
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MNIST_SPLITS = ("train", "valid", "test")
+MOVING_MNIST_KEYS = ("limit", "frames", "digits", "size", "digit_size", "seed")
 
 ROW_SCHEMA = pa.schema(
     [
@@ -72,12 +81,12 @@ class SourceConfig:
 class Shard:
     """One unit of work and of output: ``items`` say exactly which rows it holds.
 
-    ``items`` by ``kind``: mnist ``[[split, start, stop]]``; folder ``[[relpath, size, label], ...]``
-    (label -1 = none); parquet ``[[relpath, row_start, row_stop], ...]``.
+    ``items`` by ``kind``: mnist and moving-mnist ``[[split, start, stop]]``; folder
+    ``[[relpath, size, label], ...]`` (label -1 = none); parquet ``[[relpath, row_start, row_stop], ...]``.
     """
 
     shard_id: str
-    kind: str  # "mnist" | "folder" | "parquet"
+    kind: str  # "mnist" | "moving-mnist" | "folder" | "parquet"
     root: str  # URI the relative paths in items are under
     items: tuple = field(repr=False)
     num_rows: int
@@ -123,6 +132,10 @@ def list_shards(cfg: SourceConfig) -> list[Shard]:
         n = _mnist_size(split)
         limit = min(x for x in (limit, cfg.limit, n) if x > 0)
         kind, root, items, classes = "mnist", cfg.uri, [(split, i) for i in range(limit)], ()
+    elif cfg.uri.startswith("moving-mnist://"):
+        split, params = _parse_moving_mnist_uri(cfg.uri)
+        limit = min(x for x in (params.pop("limit"), cfg.limit, _mnist_size(split)) if x > 0)
+        kind, root, items, classes = "moving-mnist", cfg.uri, [(split, i) for i in range(limit)], ()
     else:
         loc = resolve(cfg.uri)
         kind, root, items, classes = _list_location(loc, cfg)
@@ -130,7 +143,8 @@ def list_shards(cfg: SourceConfig) -> list[Shard]:
             items = items[: cfg.limit]
     if not items:
         raise FileNotFoundError(
-            f"{cfg.uri}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, .parquet)"
+            f"{cfg.uri}: no images or videos found "
+            f"(looked for {', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)}, .parquet)"
         )
     shards = []
     for index, start in enumerate(range(0, len(items), cfg.shard_size)):
@@ -168,6 +182,32 @@ def _parse_mnist_uri(uri: str) -> tuple[str, int]:
     return split, limit
 
 
+def _parse_moving_mnist_uri(uri: str) -> tuple[str, dict[str, int]]:
+    """``moving-mnist://split?k=v`` -> (split, {limit, frames, digits, size, digit_size, seed})."""
+    from spae.video import MovingMnistConfig
+
+    parsed = urlparse(uri)
+    split = parsed.netloc or parsed.path.strip("/")
+    if split not in MNIST_SPLITS:
+        raise ValueError(f"{uri}: unknown MNIST split '{split}'; allowed: {', '.join(MNIST_SPLITS)}")
+    query = parse_qs(parsed.query)
+    unknown = sorted(set(query) - set(MOVING_MNIST_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{uri}: unknown query key(s) {', '.join(unknown)}; allowed: {', '.join(MOVING_MNIST_KEYS)}"
+        )
+    defaults = {"limit": 0, **{k: getattr(MovingMnistConfig(), k) for k in MOVING_MNIST_KEYS[1:]}}
+    params = {}
+    for key, default in defaults.items():
+        raw = query.get(key, [str(default)])[0]
+        try:
+            params[key] = int(raw)
+        except ValueError as e:
+            raise ValueError(f"{uri}: {key}={raw!r} is not an integer") from e
+    MovingMnistConfig(**{k: params[k] for k in MOVING_MNIST_KEYS[1:]})  # ValueError for bad values
+    return split, params
+
+
 def _list_location(loc: Location, cfg: SourceConfig) -> tuple[str, str, list[tuple], list[str]]:
     """-> (kind, root URI the item paths are relative to, items, class names)."""
     info = loc.fs.get_file_info(loc.path)
@@ -185,7 +225,7 @@ def _list_location(loc: Location, cfg: SourceConfig) -> tuple[str, str, list[tup
         if not any(part.startswith((".", "_")) for part in f.path[len(base) + 1 :].split("/"))
     )
     parquet = [(p, s) for p, s in rel if p.lower().endswith(".parquet")]
-    images = [(p, s) for p, s in rel if p.lower().endswith(IMAGE_EXTENSIONS)]
+    images = [(p, s) for p, s in rel if p.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)]
     if parquet and images:
         raise ValueError(
             f"{cfg.uri}: holds both Parquet files and image files; point the source at one kind "
@@ -215,9 +255,13 @@ def _check_parquet_schema(schema: pa.Schema, cfg: SourceConfig, uri: str) -> Non
     t = schema.field(cfg.image_column).type
     ok = pa.types.is_binary(t) or pa.types.is_large_binary(t)
     ok = ok or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+    ok = ok or (
+        pa.types.is_list(t) and (pa.types.is_binary(t.value_type) or pa.types.is_large_binary(t.value_type))
+    )
     if not ok:
         raise ValueError(
-            f"{uri}: column '{cfg.image_column}' is {t}; expected binary or a struct with 'bytes'"
+            f"{uri}: column '{cfg.image_column}' is {t}; expected binary, a struct with 'bytes' or "
+            "list<binary> (one image file per frame of a clip)"
         )
     if cfg.id_column and cfg.id_column not in names:
         raise ValueError(f"{uri}: no id column '{cfg.id_column}'; columns: {', '.join(names)}")
@@ -252,6 +296,8 @@ def read_shard(shard: Shard) -> pa.Table:
     """All rows of one shard, in item order, as a ``ROW_SCHEMA`` table."""
     if shard.kind == "mnist":
         rows = _read_mnist(shard)
+    elif shard.kind == "moving-mnist":
+        rows = _read_moving_mnist(shard)
     elif shard.kind == "folder":
         rows = _read_folder(shard)
     elif shard.kind == "parquet":
@@ -302,6 +348,29 @@ def _read_mnist(shard: Shard) -> dict[str, list]:
     return rows
 
 
+def _read_moving_mnist(shard: Shard) -> dict[str, list]:
+    from spae.video import MovingMnistConfig, moving_mnist
+
+    _, params = _parse_moving_mnist_uri(shard.config.uri)
+    cfg = MovingMnistConfig(**{k: params[k] for k in MOVING_MNIST_KEYS[1:]})
+    rows = _empty_rows()
+    for split, start, stop in shard.items:
+        clips = moving_mnist(split, start, stop, cfg)
+        for j, i in enumerate(range(start, stop)):
+            digits = "".join(str(int(d)) for d in clips.labels[j])
+            uri = f"moving-mnist://{split}#{i}"
+            data = clip_npy(clips.clips[j])  # [T, H, W] uint8
+            _add(
+                rows,
+                f"mmnist-{split}-{i:06d}-d{digits}",
+                shard.config.uri,
+                int(clips.labels[j, 0]),
+                data,
+                uri,
+            )
+    return rows
+
+
 def _read_folder(shard: Shard) -> dict[str, list]:
     root = resolve(shard.root)
     rows = _empty_rows()
@@ -333,7 +402,10 @@ def _read_parquet(shard: Shard) -> dict[str, list]:
             images = pa.chunked_array(
                 [c.field("bytes") for c in images.chunks], images.type.field("bytes").type
             )
-        images = images.to_pylist()
+        if pa.types.is_list(images.type):  # one image file per frame: pack each clip into one blob
+            images = [None if v is None else pack_frames(v) for v in images.to_pylist()]
+        else:
+            images = images.to_pylist()
         labels = (
             table.column(cfg.label_column).to_pylist()
             if cfg.label_column in columns

@@ -42,6 +42,7 @@ from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
 from pipeline.stages import ShardedJobResult, carry, map_stage, read_and_decode, run_sharded_job
 from pipeline.storage import resolve
 from pipeline.tracking import MAX_PARAM_VALUE, MlflowConfig, is_secret, start_run
+from pipeline.video import decode_size
 from spae.config import flatten, to_dict
 
 TOKENIZE_STAGE = "tokenize"
@@ -138,7 +139,8 @@ def resolve_layers(layers: Sequence[int], pyramid: Any) -> tuple[int, ...]:
 
 
 class TokenizeStage:
-    """Ray-free: ``KEEP`` columns + ``pixels`` uint8 ``[n, H, W, 3]`` -> ``KEEP`` + corpus columns.
+    """Ray-free: ``KEEP`` columns + ``pixels`` uint8 ``[n, H, W, 3]`` (clips of a video tokenizer:
+    ``[n, T, H, W, 3]``) -> ``KEEP`` + corpus columns.
 
     Rows with an error pass through (empty tokens); an encode failure turns the batch's rows into
     errors of stage ``tokenize`` instead of killing the job.
@@ -162,7 +164,7 @@ class TokenizeStage:
         rows = np.flatnonzero(ok)
         if len(rows):
             try:
-                images = torch.from_numpy(to_float(np.asarray(batch["pixels"])[rows]))  # [k, 3, H, W]
+                images = torch.from_numpy(to_float(np.asarray(batch["pixels"])[rows]))  # [k, 3, (T,) H, W]
                 pyramid = self.tokenizer.encode(images, layers=self.layers)
                 for l in self.layers:
                     tokens[l][rows] = pyramid.layer_ids(l).reshape(len(rows), -1).numpy()  # [k, n_l]
@@ -237,6 +239,7 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
         "codebook_hash": card.get("hash", ""),
         "layers": list(layers),
         "image_size": tokenizer.config.image_size,
+        **({"num_frames": tokenizer.config.num_frames} if tokenizer.config.num_frames else {}),
         "fit": cfg.fit,
         "max_pixels": cfg.max_pixels,
     }
@@ -286,7 +289,7 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
             shards,
             out,
             corpus_schema(layers),
-            image_size=tokenizer.config.image_size,
+            image_size=decode_size(tokenizer.config),
             model_stages=stages,
             identity=identity,
             config=to_dict(cfg),
@@ -331,7 +334,7 @@ def run_in_process(
     output: Any,
     schema: pa.Schema,
     *,
-    image_size: int,
+    image_size: int | tuple[int, int],
     model_stages: Any,
     identity: dict[str, Any],
     config: dict[str, Any],
@@ -395,8 +398,8 @@ def _usage_metrics(layer: int, counts: np.ndarray) -> dict[str, float]:
 @dataclass(frozen=True)
 class RoundTrip:
     image_ids: list[str]
-    originals: np.ndarray  # [k, H, W, 3] uint8
-    decodes: np.ndarray | None  # [k, H, W, 3] uint8, None if no covering prefix was emitted
+    originals: np.ndarray  # [k, H, W, 3] uint8 (clips: [k, T, H, W, 3])
+    decodes: np.ndarray | None  # like originals, None if no covering prefix was emitted
     metrics: dict[str, float]
 
 
@@ -408,7 +411,7 @@ def roundtrip_check(
 
     from spae.metrics import psnr
 
-    size = tokenizer.config.image_size
+    size = decode_size(tokenizer.config)
     sample, originals = [], []
     for shard in shards:  # the first committed rows in shard order
         part = out.join(f"{PART_PREFIX}{shard.shard_id}.parquet")
@@ -448,9 +451,17 @@ def roundtrip_check(
     decodes = None
     if prefix is not None:
         recon = tokenizer.decode(stored, up_to_layer=prefix)  # [k, 3, H, W]
-        metrics["roundtrip/psnr"] = float(psnr(recon, images).clamp(max=100.0).mean())
+        if recon.dim() == 5:  # clips: PSNR per frame, decodes as uint8 [k, T, H, W, 3]
+            from spae.video import clips_to_uint8, frames_as_images
+
+            metrics["roundtrip/psnr"] = float(
+                psnr(frames_as_images(recon), frames_as_images(images)).clamp(max=100.0).mean()
+            )
+            decodes = clips_to_uint8(recon)
+        else:
+            metrics["roundtrip/psnr"] = float(psnr(recon, images).clamp(max=100.0).mean())
+            decodes = (recon.permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
         metrics["roundtrip/prefix"] = prefix
-        decodes = (recon.permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
     return RoundTrip(table.column("image_id").to_pylist(), pixels, decodes, metrics)
 
 
@@ -509,11 +520,18 @@ def histogram_figure(layer: int, counts: np.ndarray, words: Sequence[str]) -> An
 
 
 def roundtrip_picture(check: RoundTrip) -> np.ndarray:
-    """Originals (top row) over decodes (bottom row), uint8 ``[2H, k*W, 3]``."""
-    top = np.concatenate(list(check.originals), axis=1)
+    """Originals (top row) over decodes (bottom row), uint8 ``[2H, k*W, 3]``; clips show their frames
+    side by side (``[2H, k*T*W, 3]``)."""
+
+    def row(pixels: np.ndarray) -> np.ndarray:
+        if pixels.ndim == 5:  # [k, T, H, W, 3] -> frames in a row
+            pixels = pixels.reshape(-1, *pixels.shape[2:])
+        return np.concatenate(list(pixels), axis=1)
+
+    top = row(check.originals)
     if check.decodes is None:
         return top
-    return np.concatenate([top, np.concatenate(list(check.decodes), axis=1)], axis=0)
+    return np.concatenate([top, row(check.decodes)], axis=0)
 
 
 def _log_run(metrics, counts, words, check, output_uri, manifest) -> None:

@@ -306,6 +306,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts of the step (docs/BENCHMARKS.md)
     vocab = load_vocab(cfg.data.vocab)
     codebook = vocab.codebook()  # checks the card's hash: the exact rows the pools refer to
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank

@@ -6,6 +6,10 @@ score (the token's semantic score for the image when known, else its frequency i
 then reconstructions from the deeper (covering) prefixes. A layer whose grid is too large to read
 is drawn, as in the paper, as a histogram of its most frequent tokens.
 
+Clips (video SPAE): ``frame_strip`` lays a clip's frames side by side (the "original" and each
+reconstruction of a panel), and ``layer_grid`` takes a ``(t_l, h_l, w_l)`` layer as an ``h_l x
+(t_l * w_l)`` grid: the time steps of the layer side by side, left to right.
+
 Pure: numpy + matplotlib (Agg, no pyplot state) + string templates. Inputs are plain arrays
 and words; the jobs compute shading and reconstructions.
 """
@@ -102,9 +106,19 @@ def score_shade(ids: Sequence[int], scores: Mapping[int, float]) -> list[float]:
 
 
 def layer_grid(
-    layer: int, words: Sequence[str], size: tuple[int, int], shade: Sequence[float], kind: str
+    layer: int, words: Sequence[str], size: tuple[int, ...], shade: Sequence[float], kind: str
 ) -> LayerGrid:
-    """Row-major flat words and shades (serialization order) -> a ``[h_l][w_l]`` grid."""
+    """Row-major flat words and shades (serialization order) -> a ``[h_l][w_l]`` grid; a clip layer
+    ``(t_l, h_l, w_l)`` becomes ``[h_l][t_l * w_l]``, time step ``k`` in columns ``k*w_l`` to
+    ``(k+1)*w_l - 1``."""
+    if len(size) == 3:
+        t, h, w = size
+        if len(words) != t * h * w or len(shade) != t * h * w:
+            raise ValueError(
+                f"layer {layer}: {len(words)} words / {len(shade)} shades for a {t}x{h}x{w} grid"
+            )
+        order = [k * h * w + i * w + j for i in range(h) for k in range(t) for j in range(w)]  # (i, k, j)
+        words, shade, size = [words[n] for n in order], [shade[n] for n in order], (h, t * w)
     h, w = size
     if len(words) != h * w or len(shade) != h * w:
         raise ValueError(f"layer {layer}: {len(words)} words / {len(shade)} shades for a {h}x{w} grid")
@@ -200,6 +214,19 @@ def figure_png(panels: Sequence[PyramidPanel], title: str = "") -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def frame_strip(clip: object, max_frames: int = 16) -> np.ndarray:
+    """A clip ``[3, T, H, W]`` (float in [0, 1]) or ``[T, H, W, 3]`` (uint8) -> its frames side by side,
+    ``[H, k * W, 3]`` uint8, with at most ``max_frames`` frames spread evenly over the clip."""
+    arr = np.asarray(clip.detach().cpu() if hasattr(clip, "detach") else clip)  # type: ignore[union-attr]
+    if arr.ndim != 4:
+        raise ValueError(f"a clip must be [3, T, H, W] or [T, H, W, 3]; got shape {arr.shape}")
+    if arr.shape[-1] != 3 and arr.shape[0] in (1, 3):
+        arr = arr.transpose(1, 2, 3, 0)  # [T, H, W, c]
+    t = arr.shape[0]
+    keep = sorted({round(i * (t - 1) / max(1, min(t, max_frames) - 1)) for i in range(min(t, max_frames))})
+    return np.concatenate([to_uint8_image(arr[i]) for i in keep], axis=1)
 
 
 def image_png(image: np.ndarray, scale: int = 1) -> bytes:

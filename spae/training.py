@@ -175,6 +175,7 @@ class SPAETrainer:
             lr=optim_cfg.lr,
             betas=optim_cfg.betas,
             weight_decay=optim_cfg.weight_decay,
+            fused=self.device.type == "cuda",  # one kernel for all parameters (docs/BENCHMARKS.md)
         )
         self.opt_d = (
             torch.optim.Adam(
@@ -182,6 +183,7 @@ class SPAETrainer:
                 lr=optim_cfg.disc_lr,
                 betas=optim_cfg.betas,
                 weight_decay=optim_cfg.weight_decay,
+                fused=self.device.type == "cuda",
             )
             if discriminator is not None
             else None
