@@ -56,7 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spae: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except (ConnectionError, FileNotFoundError) as e:  # unreachable cluster/endpoint, missing input
+        print(f"spae {name}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

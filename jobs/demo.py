@@ -38,7 +38,8 @@ class DemoConfig:
     lr: float = 1e-3
     alpha: float = 1.0  # eq. 9 semantic weight; 0 trains the same model without the semantic loss
     templates: str = "simple"  # prompt templates of eq. 5 (the 80 ImageNet ones take ~1 h on 2 cores)
-    num_workers: int = 1  # Ray Train workers (2 cores: one worker, the rest feeds data)
+    num_workers: int = 1  # Ray Train workers
+    torch_threads: int = 2  # torch threads per worker (2 cores: both; Ray Data decodes between steps)
     report_images: int = 6
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -125,6 +126,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
                 "steps": cfg.steps,
                 "batch_size": cfg.batch_size,
                 "num_workers": cfg.num_workers,
+                "torch_threads": cfg.torch_threads,
                 "eval_every": max(cfg.steps // 2, 1),
                 "checkpoint_every": max(cfg.steps // 4, 1),
                 "storage": str(out / "runs"),
@@ -248,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("spae demo", SUMMARY, __doc__.split("\n\n", 1)[1])
     cfg, _ = parse_job_config(DemoConfig, parser, argv)
     out = Path(cfg.output).expanduser().resolve()
-    config_dir = out / "configs"
+    config_dir = out / "configs" / cfg.name
     config_dir.mkdir(parents=True, exist_ok=True)
 
     timings: dict[str, float] = {}

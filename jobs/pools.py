@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from jobs.common import job_parser, parse_job_config, run_main
+from jobs.common import job_parser, parse_job_config, require_inputs, run_main
 from pipeline.pools import PoolsJobConfig, run_pools_job
 
 SUMMARY = "per-image top-K candidate tokens (eq. 4-6) from images and a vocab table -> pools (Parquet)"
@@ -35,6 +35,7 @@ def _tracking_dir(output: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("spae pools", __doc__.splitlines()[0].split(": ", 1)[-1], EPILOG)
     cfg, _ = parse_job_config(PoolsJobConfig, parser, argv)
+    require_inputs(parser, **{"source.uri": cfg.source.uri, "vocab": cfg.vocab})
 
     from pipeline.ray_utils import init_ray
     from pipeline.tracking import log_params_flat, start_run

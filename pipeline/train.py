@@ -102,6 +102,7 @@ class TrainJobConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    torch_threads: int = 0  # CPU threads of each worker's torch; 0 = cpus_per_worker (Ray's OMP default)
     storage: str = "outputs/runs"  # run storage: local path or s3://bucket/prefix
     name: str = "spae-mnist"  # run name: Ray Train run folder and MLflow run
     max_failures: int = 1
@@ -306,6 +307,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if cfg.torch_threads:  # e.g. one worker on a 2-core laptop: Ray Data decodes between steps
+        torch.set_num_threads(cfg.torch_threads)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts of the step (docs/BENCHMARKS.md)
     vocab = load_vocab(cfg.data.vocab)
