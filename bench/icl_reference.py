@@ -6,7 +6,7 @@ the same prompts an LLM would. Default: 5-way 1-shot, no repeats, with task indu
 and query images).
 
     python bench/icl_reference.py --spae outputs/corpus-mnist-spae --vq outputs/corpus-mnist-vq \
-        --episodes 1000 --layers 2 --out outputs/icl-reference
+        --episodes 1000 --layers 2 --vq-layers 1 --out outputs/icl-reference
 
 Prints a Markdown table for docs/RESULTS.md (accuracy with a 95% Wilson interval) and writes
 ``results.parquet`` / ``table.txt`` / ``episodes.parquet`` per corpus under ``--out``.
@@ -44,20 +44,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ways", type=int, default=5)
     ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--layers", type=int, default=2, help="layer prefix: 2 = layers 1-2")
+    ap.add_argument("--vq-layers", type=int, default=0, help="layer prefix of the VQ corpus (0 = --layers)")
+    ap.add_argument("--nosem", default="", help="optional: a corpus of the same SPAE trained without eq. 7")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/icl-reference")
     args = ap.parse_args(argv)
 
-    grid = GridConfig(
-        preset="product",
-        ways=(args.ways,),
-        layers=(args.layers,),
-        shots=(args.shots,),
-        repeats=(0,),
-        induction=(True,),
-    )
+    runs = [("SPAE", args.spae, args.layers), ("VQ", args.vq, args.vq_layers or args.layers)]
+    if args.nosem:
+        runs.insert(1, ("SPAE-no-semantic", args.nosem, args.layers))
     summary = []
-    for method, corpus in (("SPAE", args.spae), ("VQ", args.vq)):
+    for method, corpus, layers in runs:
+        grid = GridConfig(
+            preset="product",
+            ways=(args.ways,),
+            layers=(layers,),
+            shots=(args.shots,),
+            repeats=(0,),
+            induction=(True,),
+        )
         cfg = ICLJobConfig(
             corpus=corpus,
             output=f"{args.out.rstrip('/')}/{method.lower()}",
@@ -73,18 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_outputs(result)
         row = result.results.to_pylist()[0]
         lo, hi = wilson(row["correct"], row["scored"])
-        summary.append({**row, "ci95": [lo, hi], "corpus": corpus})
+        summary.append({**row, "ci95": [lo, hi], "corpus": corpus, "layers": layers})
         print(result.table, file=sys.stderr)
 
-    print(
-        f"| tokenizer | corpus | {args.ways}-way {args.shots}-shot accuracy (layers 1-{args.layers}) "
-        "| 95% CI | episodes |"
-    )
-    print("|---|---|---|---|---|")
+    print(f"| tokenizer | corpus | layers | {args.ways}-way {args.shots}-shot accuracy | 95% CI | episodes |")
+    print("|---|---|---|---|---|---|")
     for r in summary:
         lo, hi = r["ci95"]
         print(
-            f"| {r['method']} | `{r['corpus']}` | {100 * r['accuracy']:.1f}% "
+            f"| {r['method']} | `{r['corpus']}` | 1-{r['layers']} | {100 * r['accuracy']:.1f}% "
             f"| {100 * lo:.1f}-{100 * hi:.1f}% | {r['scored']} (tokens/image {r['tokens_per_image']}) |"
         )
     print(

@@ -7,6 +7,7 @@
         -> for every layer: utilization and perplexity over the WHOLE set, distinct tokens,
            semantic relevance (mean normalised eq. 6 score of the emitted tokens; needs pools + vocab)
         -> layer 1: label-word accuracy (the top token is the class's word or numeral; needs labels)
+        -> deepest prefix, on request: FID, IS, LPIPS (``optional_metrics``, local ``weights`` files)
         -> metrics.json + reconstructions.png under ``output``; the same metrics to MLflow
 
 It runs on the driver with plain torch (no Ray): the evaluation set is read shard by shard with
@@ -39,6 +40,7 @@ from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
 from pipeline.storage import Location, resolve
 from pipeline.tracking import MlflowConfig
 from spae.metrics import (
+    OptionalMetrics,
     TokenUsage,
     check_optional_metrics,
     label_word_accuracy,
@@ -232,12 +234,15 @@ def evaluate_tokenizer(
     text_features: Tensor | None = None,
     class_rows: Sequence[set[int]] | None = None,
     batch_size: int = 64,
+    optional: OptionalMetrics | None = None,
 ) -> dict[str, float]:
     """Every metric of the module docstring for ``tokenizer`` (an ``SPAETokenizer``) on ``data``.
 
     Keys: ``psnr/p<l>``, ``ssim/p<l>`` (covering prefixes), ``utilization/l<l>``, ``perplexity/l<l>``,
     ``distinct/l<l>``, ``relevance/l<l>`` (with pools and ``text_features`` [v, d]),
-    ``label_word_accuracy/l1`` (with labels and ``class_rows``), ``images``.
+    ``label_word_accuracy/l1`` (with labels and ``class_rows``), ``images``; with ``optional``
+    (``spae.metrics.OptionalMetrics``): ``fid/p<l>``, ``is/p<l>``, ``lpips/p<l>`` (or
+    ``lpips_uncalibrated/p<l>``) for the deepest covering prefix ``l``, over the whole set.
     """
     spec = tokenizer.pyramid
     model = tokenizer.model
@@ -265,6 +270,8 @@ def evaluate_tokenizer(
                 )  # the decode_latent path
                 add(f"psnr/p{l}", psnr(recon, images))
                 add(f"ssim/p{l}", ssim(recon, images))
+                if optional is not None and l == prefixes[-1]:
+                    optional.update(images, recon)
             for l, ids in enumerate(out.quant.ids, start=1):
                 usage[l - 1].update(ids)
                 if relevance:
@@ -293,6 +300,8 @@ def evaluate_tokenizer(
         ids, labels = torch.cat(top_ids), torch.cat(top_labels)
         known = labels >= 0
         metrics["label_word_accuracy/l1"] = label_word_accuracy(ids[known], labels[known], class_rows)
+    if optional is not None:
+        metrics.update({f"{name}/p{prefixes[-1]}": value for name, value in optional.compute().items()})
     metrics["images"] = float(n)
     return metrics
 
@@ -325,8 +334,9 @@ class EvaluateJobConfig:
     batch_size: int = 64
     fit: Literal["auto", "crop", "pad"] = "auto"
     class_words: Literal["auto", "none"] = "auto"  # auto: MNIST word + numeral, folder class names
-    optional_metrics: tuple[str, ...] = ()  # "fid", "is", "lpips": need their package and local weights
-    weights: dict[str, str] = field(default_factory=dict)  # optional metric -> local weights file
+    optional_metrics: tuple[str, ...] = ()  # "fid", "is", "lpips": each needs its local weights file
+    # local torchvision state dicts: fid / is -> inception_v3, lpips -> vgg16, lpips_linear -> LPIPS lin0..4
+    weights: dict[str, str] = field(default_factory=dict)
     picture_images: int = 8
     output: str = "outputs/eval"  # metrics.json + reconstructions.png (local or s3://)
     device: str = "auto"  # auto = cuda if available
@@ -355,12 +365,7 @@ def run_evaluate(cfg: EvaluateJobConfig, tokenizer: Any | None = None, log: Any 
     """Load the tokenizer and the data, compute the metrics, write ``metrics.json`` and the picture."""
     from spae.tokenizer import SPAETokenizer
 
-    if cfg.optional_metrics:
-        check_optional_metrics(cfg.optional_metrics, cfg.weights)
-        raise NotImplementedError(
-            f"optional metrics {list(cfg.optional_metrics)}: the packages and weights are present but this "
-            "project does not wire them yet"
-        )
+    check_optional_metrics(cfg.optional_metrics, cfg.weights)  # fail before loading anything
     start = time.perf_counter()
     device = (
         "cuda"
@@ -390,7 +395,8 @@ def run_evaluate(cfg: EvaluateJobConfig, tokenizer: Any | None = None, log: Any 
     if rows is not None and not any(rows):
         log("evaluate: none of the class words is in the vocabulary; label-word accuracy skipped")
         rows = None
-    metrics = evaluate_tokenizer(tok, data, text_features, rows, cfg.batch_size)
+    optional = OptionalMetrics(cfg.optional_metrics, cfg.weights, device) if cfg.optional_metrics else None
+    metrics = evaluate_tokenizer(tok, data, text_features, rows, cfg.batch_size, optional)
     out = resolve(cfg.output)
     out.join(METRICS_JSON).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if cfg.picture_images:
@@ -413,6 +419,10 @@ def format_metrics(metrics: dict[str, float]) -> str:
         "distinct",
         "relevance",
         "label_word_accuracy",
+        "fid",
+        "is",
+        "lpips",
+        "lpips_uncalibrated",
     ):
         items = [(k.split("/", 1)[1], v) for k, v in sorted(metrics.items()) if k.startswith(group + "/")]
         if items:

@@ -41,9 +41,9 @@ from pipeline.shards import ShardWriter, read_manifest
 from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
 from pipeline.stages import ShardedJobResult, carry, map_stage, read_and_decode, run_sharded_job
 from pipeline.storage import resolve
-from pipeline.tracking import MAX_PARAM_VALUE, MlflowConfig, is_secret, start_run
+from pipeline.tracking import MlflowConfig, log_params_flat, start_run
 from pipeline.video import decode_size
-from spae.config import flatten, to_dict
+from spae.config import to_dict
 
 TOKENIZE_STAGE = "tokenize"
 HISTOGRAM_TOP = 40
@@ -472,19 +472,8 @@ VOLATILE_PARAMS = ("fail_after_shards", "progress")  # do not change the corpus:
 
 
 def _log_params(cfg: TokenizeJobConfig, run: Any) -> None:
-    """Params of the job; a resumed run keeps its params (MLflow forbids changing one): new keys are
-    added, a changed value is recorded as a ``spae.rerun_param.<key>`` tag instead."""
-    import mlflow
-
-    params = {k: str(v)[:MAX_PARAM_VALUE] for k, v in flatten(cfg).items() if not is_secret(k)}
-    params = {k: v for k, v in params.items() if k not in VOLATILE_PARAMS}
-    existing = mlflow.get_run(run.info.run_id).data.params
-    new = {k: v for k, v in params.items() if k not in existing}
-    if new:
-        mlflow.log_params(new)
-    changed = {f"spae.rerun_param.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
-    if changed:
-        mlflow.set_tags(changed)
+    """Params of the job (a resumed run keeps its params: see ``log_params_flat``)."""
+    log_params_flat(cfg, skip=VOLATILE_PARAMS)
 
 
 def _log_dataset(uri: str, context: str, digest: str, rows: int | None = None) -> None:

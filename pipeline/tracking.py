@@ -99,17 +99,27 @@ def is_secret(key: str) -> bool:
     return any(SECRET_PATTERN.search(part) for part in key.lower().split("."))
 
 
-def log_params_flat(cfg: Any, prefix: str = "") -> dict[str, str]:
-    """Log a config dataclass or dict as flat ``a.b`` params (no secrets); returns what was logged."""
+def log_params_flat(cfg: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Log a config dataclass or dict as flat ``a.b`` params (no secrets, not ``skip``); returns them.
+
+    A resumed run keeps its params (MLflow refuses to change one): new keys are added and a changed value
+    is recorded as a ``spae.rerun_param.<key>`` tag instead.
+    """
     import mlflow
 
     params = {}
     for key, value in flatten(cfg, prefix).items():
-        if is_secret(key):
+        if is_secret(key) or key in skip:
             continue
         params[key] = str(value)[:MAX_PARAM_VALUE]
-    if params:
-        mlflow.log_params(params)
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run is not None else {}
+    new = {k: v for k, v in params.items() if k not in existing}
+    if new:
+        mlflow.log_params(new)
+    changed = {f"spae.rerun_param.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
+    if changed:
+        mlflow.set_tags(changed)
     return params
 
 

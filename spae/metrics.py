@@ -12,13 +12,21 @@ and returned as ``[b]`` so an evaluator can average over a whole evaluation set 
   given, the analogue of the paper's CLIP score.
 - ``label_word_accuracy``: the fraction of images whose top-layer token is one of its class's words.
 
-FID / IS / LPIPS need third-party packages and pretrained weights that this project does not
-ship; ``check_optional_metrics`` names what is missing.
+Optional metrics, computed only from LOCAL weight files the user points to (nothing is downloaded):
+
+- ``FID``: Frechet distance between Inception-v3 pool features (2048-d) of real and reconstructed
+  images, ``|mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2))`` (Heusel et al. 2017).
+- ``InceptionScore``: ``exp(E_x KL(p(y|x) || p(y)))`` of the reconstructions (Salimans et al. 2016),
+  over the whole set as ONE split (``splits=1``; the usual 10-split mean is not computed).
+- ``LPIPS``: Zhang et al. (2018), VGG16 variant (v0.1 form); with the published linear-layer weights it
+  is LPIPS, without them the channels are averaged uniformly ("LPIPS-style, uncalibrated").
+
+The Inception-v3 / VGG16 networks are torchvision's architectures with weights from a torchvision
+state-dict file; ``check_optional_metrics`` names the weights key and the file that is missing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -160,49 +168,350 @@ def label_word_accuracy(top_ids: Tensor, labels: Tensor, class_token_rows: Seque
 
 # ----------------------------------------------------------------------------- optional metrics
 
-# metric -> (python package that implements it, pretrained weights it needs)
-OPTIONAL_METRICS: dict[str, tuple[str, str]] = {
-    "fid": (
-        "torchmetrics (with torch-fidelity)",
-        "the FID Inception-v3 weights pt_inception-2015-12-05-6726825d.pth",
-    ),
-    "is": (
-        "torchmetrics (with torch-fidelity)",
-        "the FID Inception-v3 weights pt_inception-2015-12-05-6726825d.pth",
-    ),
-    "lpips": ("lpips", "the LPIPS backbone and linear-layer weights (e.g. vgg16 + lpips v0.1 vgg.pth)"),
+# weights key -> what the local file must hold
+WEIGHT_FILES: dict[str, str] = {
+    "fid": "a torchvision inception_v3 state dict (aux_logits=True), e.g. inception_v3_google-0cc3c7bd.pth",
+    "is": "a torchvision inception_v3 state dict (aux_logits=True), e.g. inception_v3_google-0cc3c7bd.pth",
+    "lpips": "a torchvision vgg16 state dict (or its features.* part), e.g. vgg16-397923af.pth",
+    "lpips_linear": "the LPIPS v0.1 linear-layer weights of the vgg variant (lin0..lin4), e.g. lpips vgg.pth",
 }
-_PACKAGE_MODULES = {
-    "fid": ("torchmetrics", "torch_fidelity"),
-    "is": ("torchmetrics", "torch_fidelity"),
-    "lpips": ("lpips",),
-}
+OPTIONAL_METRICS: tuple[str, ...] = ("fid", "is", "lpips")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_SIZE = 299
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # LPIPS ScalingLayer, for inputs in [-1, 1]
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+VGG16_STAGES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))  # features[a:b] -> relu1_2 ... relu5_3
+VGG16_CHANNELS = (64, 128, 256, 512, 512)
 
 
 class MissingMetricDependency(RuntimeError):
-    """An optional metric was asked for without its package or its local weights."""
+    """An optional metric was asked for without its local weights file (or the file is unusable)."""
 
 
 def check_optional_metrics(names: Sequence[str], weights: Mapping[str, str]) -> None:
-    """Raise ``MissingMetricDependency`` naming the package and weights file each requested metric needs.
+    """Raise ``MissingMetricDependency`` naming the weights key and file each requested metric needs.
 
-    ``names`` e.g. ``["fid", "lpips"]``; ``weights`` maps a metric to a local weights path. Nothing is
-    downloaded: every metric needs its package installed and its weights file on disk.
+    ``names`` e.g. ``["fid", "lpips"]``; ``weights`` maps a key of ``WEIGHT_FILES`` to a local path.
+    ``lpips_linear`` is optional: without it LPIPS is reported as ``lpips_uncalibrated``.
     """
+    for key in weights:
+        if key not in WEIGHT_FILES:
+            raise ValueError(f"unknown weights key {key!r}; choose from {', '.join(WEIGHT_FILES)}")
     for name in names:
         if name not in OPTIONAL_METRICS:
             raise ValueError(f"unknown optional metric {name!r}; choose from {', '.join(OPTIONAL_METRICS)}")
-        package, needs = OPTIONAL_METRICS[name]
-        missing = [m for m in _PACKAGE_MODULES[name] if importlib.util.find_spec(m) is None]
-        if missing:
+        keys = [name] + (["lpips_linear"] if name == "lpips" and weights.get("lpips_linear") else [])
+        for key in keys:
+            path = weights.get(key)
+            if not path or not Path(path).is_file():
+                raise MissingMetricDependency(
+                    f"metric '{name}' needs {WEIGHT_FILES[key]} on local disk; set weights.{key}=PATH "
+                    f"(got {path!r}, {'not a file' if path else 'unset'}); nothing is downloaded"
+                )
+
+
+def load_weights(key: str, path: str | Path) -> dict[str, Tensor]:
+    """The state dict in ``path`` (``torch.load(weights_only=True)``); a clear error naming key and path."""
+    if not path or not Path(path).is_file():
+        raise MissingMetricDependency(
+            f"weights.{key}={str(path)!r} is not a file; it must hold {WEIGHT_FILES[key]}"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle / zip / format errors all mean "not a state dict we can read"
+        raise MissingMetricDependency(
+            f"weights.{key}={str(path)!r} could not be read as a torch state dict ({err}); "
+            f"it must hold {WEIGHT_FILES[key]}"
+        ) from err
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise MissingMetricDependency(
+            f"weights.{key}={str(path)!r} is not a state dict of tensors; it must hold {WEIGHT_FILES[key]}"
+        )
+    return dict(state)
+
+
+def _load_into(module: torch.nn.Module, key: str, path: str | Path) -> None:
+    try:
+        module.load_state_dict(load_weights(key, path), strict=True)
+    except RuntimeError as err:  # missing / unexpected keys, shape mismatches
+        raise MissingMetricDependency(
+            f"weights.{key}={str(path)!r} does not fit the network: {err}; it must hold {WEIGHT_FILES[key]}"
+        ) from err
+
+
+@dataclass(frozen=True)
+class InceptionOutput:
+    pool: Tensor  # [b, 2048] average-pooled features (before the fc), the FID features
+    logits: Tensor  # [b, 1000] class logits, the IS predictions
+
+
+class InceptionFeatures(torch.nn.Module):
+    """torchvision Inception-v3 with local weights: images [b, 3, H, W] in [0, 1] -> pool + logits."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net.eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_file(cls, path: str | Path, key: str = "fid") -> InceptionFeatures:
+        from torchvision.models import inception_v3
+
+        net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
+        _load_into(net, key, path)
+        return cls(net)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> InceptionOutput:
+        x = F.interpolate(images.float(), size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear")
+        x = (x - self.mean) / self.std  # [b, 3, 299, 299]
+        n = self.net
+        for layer in (
+            n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,
+            n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b,
+            n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c,
+        ):  # fmt: skip
+            x = layer(x)  # the aux classifier is skipped: it only matters in training
+        pool = n.avgpool(x).flatten(1)  # [b, 2048]
+        return InceptionOutput(pool, n.fc(pool))  # [b, 2048], [b, 1000]
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor, eps: float = 1e-6) -> float:
+    """``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2))`` in float64 (real part).
+
+    As in the reference FID code, a singular product gets ``eps * I`` added to both covariances.
+    """
+    import numpy as np
+    from scipy import linalg
+
+    m1, m2 = mu1.double().cpu().numpy(), mu2.double().cpu().numpy()
+    s1, s2 = sigma1.double().cpu().numpy(), sigma2.double().cpu().numpy()
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    covmean = np.real(covmean)
+    diff = m1 - m2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+class _Moments:
+    """Running sum and outer-product sum of feature rows in float64 -> mean and unbiased covariance."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum: Tensor | None = None  # [d]
+        self.outer: Tensor | None = None  # [d, d]
+
+    def update(self, feats: Tensor) -> None:
+        f = feats.detach().double().cpu().reshape(feats.shape[0], -1)  # [b, d]
+        if self.sum is None:
+            self.sum, self.outer = f.new_zeros(f.shape[1]), f.new_zeros(f.shape[1], f.shape[1])
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        if self.n < 2:
+            raise ValueError(f"FID needs at least 2 images per set for a covariance, got {self.n}")
+        mu = self.sum / self.n  # [d]
+        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)  # [d, d]
+        return mu, sigma
+
+
+class FID:
+    """FID over a whole evaluation set: ``update(real, fake)`` per batch, then ``compute()``.
+
+    ``features`` maps images [b, 3, H, W] in [0, 1] to [b, d] (``InceptionFeatures`` -> pool, d = 2048);
+    ``update_features`` takes features computed elsewhere (shared with IS).
+    """
+
+    def __init__(self, inception: InceptionFeatures | None = None):
+        self.inception = inception
+        self.real, self.fake = _Moments(), _Moments()
+
+    def update(self, real: Tensor, fake: Tensor) -> None:
+        _check_images(real, fake)
+        assert self.inception is not None, "FID.update needs an inception network; use update_features"
+        self.update_features(self.inception(real).pool, self.inception(fake).pool)
+
+    def update_features(self, real: Tensor, fake: Tensor) -> None:
+        self.real.update(real)
+        self.fake.update(fake)
+
+    def compute(self) -> float:
+        return frechet_distance(*self.real.compute(), *self.fake.compute())
+
+
+def inception_score_from_probs(probs: Tensor) -> float:
+    """``exp(mean_x KL(p(y|x) || p(y)))`` with ``p(y)`` the mean of ``probs`` [n, k] (one split)."""
+    p = probs.double()
+    marginal = p.mean(0, keepdim=True)  # [1, k]  p(y)
+    kl = torch.xlogy(p, p).sum(1) - torch.xlogy(p, marginal.expand_as(p)).sum(1)  # [n]
+    return math.exp(float(kl.mean()))
+
+
+class InceptionScore:
+    """IS of the reconstructions over the whole set as one split (``splits=1``).
+
+    Streams ``sum_x sum_y p log p`` and ``sum_x p(y|x)``, since
+    ``mean_x KL(p(y|x) || p(y)) = mean_x sum_y p log p - sum_y p(y) log p(y)``.
+    """
+
+    def __init__(self, inception: InceptionFeatures | None = None):
+        self.inception = inception
+        self.n = 0
+        self.neg_entropy = 0.0
+        self.prob_sum: Tensor | None = None  # [k]
+
+    def update(self, images: Tensor) -> None:
+        assert self.inception is not None, "InceptionScore.update needs an inception network"
+        self.update_logits(self.inception(images).logits)
+
+    def update_logits(self, logits: Tensor) -> None:
+        p = logits.detach().double().cpu().softmax(-1)  # [b, k]  p(y|x)
+        self.n += p.shape[0]
+        self.neg_entropy += float(torch.xlogy(p, p).sum())
+        self.prob_sum = p.sum(0) if self.prob_sum is None else self.prob_sum + p.sum(0)
+
+    def compute(self) -> float:
+        if self.n == 0:
+            raise ValueError("InceptionScore.compute() before any update()")
+        marginal = self.prob_sum / self.n  # [k]
+        return math.exp(self.neg_entropy / self.n - float(torch.xlogy(marginal, marginal).sum()))
+
+
+def _linear_weights(state: Mapping[str, Tensor], path: str | Path) -> list[Tensor]:
+    """lin0..lin4 weights [1, C, 1, 1]; keys ``lin<i>``, ``lin<i>.weight`` or ``lin<i>.model.1.weight``."""
+    out = []
+    for i, c in enumerate(VGG16_CHANNELS):
+        found = [state[k] for k in (f"lin{i}", f"lin{i}.weight", f"lin{i}.model.1.weight") if k in state]
+        if not found or tuple(found[0].shape) != (1, c, 1, 1):
             raise MissingMetricDependency(
-                f"metric '{name}' needs the package {package} (missing: {', '.join(missing)}), which this "
-                f"project does not install, and {needs} on local disk (weights.{name}=PATH); "
-                f"install the package yourself or drop '{name}' from the metrics"
+                f"weights.lpips_linear={str(path)!r}: needs lin{i} of shape [1, {c}, 1, 1] "
+                f"(keys lin{i}, lin{i}.weight or lin{i}.model.1.weight), found "
+                f"{tuple(found[0].shape) if found else 'none'}; it must hold {WEIGHT_FILES['lpips_linear']}"
             )
-        path = weights.get(name)
-        if not path or not Path(path).is_file():
+        out.append(found[0].float())
+    return out
+
+
+class LPIPS(torch.nn.Module):
+    """LPIPS-VGG (v0.1 form): images [b, 3, H, W] in [0, 1] x2 -> [b] distance.
+
+    Per stage (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 of VGG16): features unit-normalised over
+    channels, squared difference, weighted by the linear layer ``w_c`` and summed over channels (or, with
+    no linear weights, averaged over channels: uncalibrated), averaged over positions; summed over stages.
+    """
+
+    def __init__(self, vgg_features: torch.nn.Sequential, linear: Sequence[Tensor] | None = None):
+        super().__init__()
+        self.stages = torch.nn.ModuleList(vgg_features[a:b] for a, b in VGG16_STAGES).eval()
+        self.calibrated = linear is not None
+        lin = linear or [torch.full((1, c, 1, 1), 1.0 / c) for c in VGG16_CHANNELS]  # uniform = mean
+        for i, w in enumerate(lin):
+            self.register_buffer(f"lin{i}", w.float(), persistent=False)  # [1, C, 1, 1]
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def name(self) -> str:
+        return "lpips" if self.calibrated else "lpips_uncalibrated"
+
+    @classmethod
+    def from_files(cls, vgg_path: str | Path, linear_path: str | Path | None = None) -> LPIPS:
+        from torchvision.models.vgg import cfgs, make_layers
+
+        features = make_layers(cfgs["D"])  # vgg16.features; the classifier is never needed
+        state = load_weights("lpips", vgg_path)
+        if any(k.startswith("features.") for k in state):  # a whole vgg16 state dict
+            state = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+        try:
+            features.load_state_dict(state, strict=True)
+        except RuntimeError as err:
             raise MissingMetricDependency(
-                f"metric '{name}' needs {needs} on local disk; set weights.{name}=PATH "
-                f"(got {path!r}); nothing is downloaded"
+                f"weights.lpips={str(vgg_path)!r} does not fit vgg16.features: {err}; "
+                f"it must hold {WEIGHT_FILES['lpips']}"
+            ) from err
+        linear = (
+            _linear_weights(load_weights("lpips_linear", linear_path), linear_path) if linear_path else None
+        )
+        return cls(features, linear)
+
+    def _features(self, images: Tensor) -> list[Tensor]:
+        x = (images.float() * 2.0 - 1.0 - self.shift) / self.scale  # [b, 3, H, W]  ScalingLayer
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))  # [b, C, h, w] unit channels
+        return feats
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        _check_images(x, y)
+        total = x.new_zeros(x.shape[0], dtype=torch.float32)
+        for i, (fx, fy) in enumerate(zip(self._features(x), self._features(y), strict=True)):
+            d = (fx - fy).pow(2) * getattr(self, f"lin{i}")  # [b, C, h, w]
+            total = total + d.sum(1).flatten(1).mean(1)  # [b]  channels, then spatial mean
+        return total
+
+
+class OptionalMetrics:
+    """The requested FID / IS / LPIPS, built from local files, accumulated over a whole evaluation set.
+
+    ``update(real, fake)`` per batch (images [b, 3, H, W] in [0, 1]), then ``compute()`` ->
+    ``{"fid": ..., "is": ..., "lpips" | "lpips_uncalibrated": ...}``. One Inception network is shared
+    when FID and IS use the same file.
+    """
+
+    def __init__(self, names: Sequence[str], weights: Mapping[str, str], device: str | torch.device = "cpu"):
+        check_optional_metrics(names, weights)
+        nets: dict[str, InceptionFeatures] = {}
+
+        def inception(key: str) -> InceptionFeatures:
+            path = str(Path(weights[key]).resolve())
+            if path not in nets:
+                nets[path] = InceptionFeatures.from_file(path, key).to(device)
+            return nets[path]
+
+        self.fid = FID(inception("fid")) if "fid" in names else None
+        self.inception_score = InceptionScore(inception("is")) if "is" in names else None
+        self.lpips = (
+            LPIPS.from_files(weights["lpips"], weights.get("lpips_linear") or None).to(device)
+            if "lpips" in names
+            else None
+        )
+        self.lpips_sum, self.lpips_n = 0.0, 0
+
+    @torch.no_grad()
+    def update(self, real: Tensor, fake: Tensor) -> None:
+        _check_images(real, fake)
+        fake_out = None
+        if self.fid is not None:
+            both = self.fid.inception(torch.cat([real, fake]))  # one batched pass: [2b, ...]
+            b = real.shape[0]
+            fake_out = InceptionOutput(both.pool[b:], both.logits[b:])
+            self.fid.update_features(both.pool[:b], fake_out.pool)
+        if self.inception_score is not None:
+            shared = fake_out is not None and self.inception_score.inception is self.fid.inception
+            self.inception_score.update_logits(
+                (fake_out if shared else self.inception_score.inception(fake)).logits
             )
+        if self.lpips is not None:
+            self.lpips_sum += float(self.lpips(real, fake).double().sum())
+            self.lpips_n += real.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        out = {}
+        if self.fid is not None:
+            out["fid"] = self.fid.compute()
+        if self.inception_score is not None:
+            out["is"] = self.inception_score.compute()
+        if self.lpips is not None:
+            if self.lpips_n == 0:
+                raise ValueError("OptionalMetrics.compute() before any update()")
+            out[self.lpips.name] = self.lpips_sum / self.lpips_n
+        return out

@@ -60,3 +60,19 @@ def test_run_param_metric_artifact_round_trip_and_resume(mlflow_server, tmp_path
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5), (2, 0.25)]
     local = client.download_artifacts(run_id, "notes/note.txt", str(tmp_path / "dl"))
     assert Path(local).read_text() == "pyramid"
+
+
+def test_resumed_run_keeps_params_and_tags_a_changed_value(tmp_path):
+    import mlflow
+
+    from pipeline.tracking import MlflowConfig, log_params_flat, start_run
+
+    cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with start_run(cfg, "job-a", str(tmp_path)) as run:
+        log_params_flat({"steps": 10, "threads": 1})
+    with start_run(cfg, "job-a", str(tmp_path)) as again:
+        assert again.info.run_id == run.info.run_id
+        log_params_flat({"steps": 10, "threads": 2, "new_key": "x"})  # MLflow alone would refuse this
+    data = mlflow.get_run(run.info.run_id).data
+    assert data.params == {"steps": "10", "threads": "1", "new_key": "x"}
+    assert data.tags["spae.rerun_param.threads"] == "2"
