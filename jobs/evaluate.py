@@ -20,8 +20,9 @@ examples:
 
 Runs on this machine with plain torch (no Ray): meant for held-out sets of up to some thousands
 of images. Writes <output>/metrics.json and <output>/reconstructions.png and logs both to MLflow.
-FID / IS / LPIPS (optional_metrics=[fid]) need packages and weights this project does not ship;
-asking for them says which.
+FID / IS / LPIPS (optional_metrics=[fid,is,lpips]) need local weight files, never downloaded:
+weights.fid / weights.is = a torchvision inception_v3 state dict, weights.lpips = a vgg16 state dict
+(+ weights.lpips_linear for calibrated LPIPS); asking without them says which key is missing.
 """
 
 

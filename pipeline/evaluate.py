@@ -285,7 +285,9 @@ def evaluate_tokenizer(
                     )
                     add(f"relevance/l{l}", rel)
             if labelled:
-                top_ids.append(out.quant.ids[0].reshape(-1).cpu())
+                # the image's layer-1 word: the token itself, or the most frequent one when layer 1 has
+                # several (a one-layer VQ baseline)
+                top_ids.append(out.quant.ids[0].flatten(1).mode(dim=1).values.cpu())
                 top_labels.append(data.labels[start : start + images.shape[0]])
     finally:
         model.train(was_training)

@@ -158,10 +158,32 @@ def test_refuses_foreign_pools_and_vocab(tmp_path):
         run_evaluate(cfg)
 
 
-def test_optional_metrics_need_package_and_weights(tmp_path):
+def test_optional_metrics_need_their_weights_file(tmp_path):
     cfg = EvaluateJobConfig(tokenizer="unused", optional_metrics=("fid",), output=str(tmp_path))
-    with pytest.raises(MissingMetricDependency, match="torchmetrics"):
+    with pytest.raises(MissingMetricDependency, match=r"weights\.fid=PATH"):
         run_evaluate(cfg)
+
+
+def test_optional_lpips_on_the_deepest_prefix(tmp_path):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    vgg = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, vgg)
+    tok = tiny_tokenizer()
+    cfg = EvaluateJobConfig(
+        tokenizer="unused",
+        source=EVAL,
+        limit=8,
+        picture_images=0,
+        optional_metrics=("lpips",),
+        weights={"lpips": str(vgg)},
+        output=str(tmp_path / "eval"),
+    )
+    metrics = run_evaluate(cfg, tokenizer=tok).metrics
+    deepest = max(tok.pyramid.covering_layers)
+    assert [k for k in metrics if "lpips" in k] == [f"lpips_uncalibrated/p{deepest}"]
+    assert 0 < metrics[f"lpips_uncalibrated/p{deepest}"] < float("inf")
 
 
 def test_evaluate_job_entry_logs_to_mlflow(tmp_path, capsys):

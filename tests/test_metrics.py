@@ -103,7 +103,7 @@ def test_label_word_accuracy():
 
 
 def test_optional_metrics_name_package_and_weights():
-    with pytest.raises(MissingMetricDependency, match="torchmetrics.*pt_inception"):
+    with pytest.raises(MissingMetricDependency, match=r"inception_v3 state dict.*weights\.fid=PATH"):
         check_optional_metrics(["fid"], {})
     with pytest.raises(MissingMetricDependency, match="lpips"):
         check_optional_metrics(["lpips"], {"lpips": "/nonexistent.pth"})
