@@ -210,3 +210,22 @@ def test_evaluate_job_entry_logs_to_mlflow(tmp_path, capsys):
     assert len(runs) == 1 and "metrics.psnr/p3" in runs.columns
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs.run_id[0])}
     assert {"metrics.json", "reconstructions.png"} <= artifacts
+
+
+def test_label_accuracy_of_a_one_layer_vq_baseline_uses_its_most_frequent_word(tmp_path):
+    """A plain-VQ tokenizer has one full-resolution layer: the image's word is that layer's commonest token."""
+    torch.manual_seed(0)
+    cfg = replace(
+        preset("tiny"),
+        network={"latent_dim": DIM},
+        pyramid={"layer_sizes": [[4, 4]]},
+        loss={"semantic_layers": 0, "thresholds": []},
+    )
+    tok = SPAETokenizer.from_config(cfg, tiny_codebook())
+    data = load_eval_data(EVAL, 16, write_pools(tmp_path / "pools", EVAL), limit=8)
+    rows = class_token_rows([[w, str(i)] for i, w in enumerate(MNIST_CLASS_WORDS)], tok.vocabulary.words)
+    m = evaluate_tokenizer(tok, data, torch.zeros(len(WORDS), 8), rows, batch_size=4)
+    ids = tok.encode(data.images).layer_ids(1).flatten(1)  # [b, 16]
+    top = ids.mode(dim=1).values
+    hits = sum(int(t) in rows[int(lab)] for t, lab in zip(top, data.labels, strict=True))
+    assert m["label_word_accuracy/l1"] == pytest.approx(hits / len(data))
