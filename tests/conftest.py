@@ -53,7 +53,7 @@ def stack_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def s3_server(stack_dir: Path) -> Iterator[S3Server]:
-    cfg = stack.StackConfig(root=str(stack_dir), bucket="spae-test", mlflow=False)
+    cfg = stack.StackConfig(root=str(stack_dir), bucket="spae-test", mlflow=False, timeout_s=180)
     saved = dict(os.environ)
     info = stack.up(cfg, owner_pid=os.getpid())  # a watchdog stops it if this run is killed
     try:
@@ -78,7 +78,9 @@ def s3_prefix(s3_server: S3Server) -> str:
 @pytest.fixture(scope="session")
 def mlflow_server(s3_server: S3Server) -> Iterator[str]:
     """A real ``mlflow server`` (SQLite, artifacts on the S3 bucket); yields its tracking URI."""
-    cfg = stack.StackConfig(root=s3_server.stack_config.root, bucket=s3_server.bucket, mlflow=True)
+    cfg = stack.StackConfig(
+        root=s3_server.stack_config.root, bucket=s3_server.bucket, mlflow=True, timeout_s=180
+    )
     info = stack.up(cfg, owner_pid=os.getpid())
     os.environ["MLFLOW_S3_ENDPOINT_URL"] = info.s3_endpoint
     try:
