@@ -213,7 +213,7 @@ def test_evaluate_job_entry_logs_to_mlflow(tmp_path, capsys):
 
 
 def test_label_accuracy_of_a_one_layer_vq_baseline_uses_its_most_frequent_word(tmp_path):
-    """A plain-VQ tokenizer has one full-resolution layer: the image's word is that layer's commonest token."""
+    """A plain-VQ tokenizer has one full-resolution layer: an image's word is that layer's commonest token."""
     torch.manual_seed(0)
     cfg = replace(
         preset("tiny"),
