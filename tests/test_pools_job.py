@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from vocab_helpers import write_hand_vocab
 
 from pipeline.images import decode_batch, to_float
 from pipeline.pools import PoolsJobConfig, PoolStage, ensure_probe, mnist_class_words, run_pools_job
@@ -19,10 +18,10 @@ from pipeline.search import SearchConfig
 from pipeline.shards import read_errors, read_manifest, read_output
 from pipeline.sources import SourceConfig, list_shards, read_shard
 from pipeline.storage import resolve
-from pipeline.vocab import CARD, VOCAB_SCHEMA, load_vocab
+from pipeline.vocab import load_vocab
 from spae.config import to_dict
 from spae.data import load_mnist
-from spae.scorers import LabelProbeScorer, ProbeNet, ScorerConfig, describe_scorer
+from spae.scorers import LabelProbeScorer, ProbeNet, ScorerConfig
 
 V, K, RHO = 300, 6, 0.9  # with the fixtures below, 5 or 6 of the top 6 pass 0.9
 
@@ -87,26 +86,7 @@ _META = {
 
 def write_vocab(uri: str, scorer: ScorerConfig, seed: int = 0) -> None:
     """A hand-built vocab table: V random unit text features in the probe's 384-d space."""
-    rng = np.random.default_rng(seed)
-    feats = rng.standard_normal((V, 384)).astype(np.float32)
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-    table = pa.table(
-        {
-            "token_id": np.arange(V),
-            "llm_id": np.arange(V) + 1000,
-            "token": [f"w{i}" for i in range(V)],
-            "word": [f"w{i}" for i in range(V)],
-            "embedding": [np.zeros(4, np.float32)] * V,
-            "text_feature": list(feats.astype(np.float16)),
-        },
-        schema=VOCAB_SCHEMA,
-    )
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    out = resolve(uri)
-    out.join("part-00000.parquet").write_bytes(buf.getvalue())
-    card = {"rows": V, "scorer": describe_scorer(scorer), "job_digest": f"hand-built-{seed}", "codebook": {}}
-    out.join(CARD).write_text(json.dumps(card))
+    write_hand_vocab(uri, scorer, V, seed)
 
 
 def brute_force(source: SourceConfig, scorer: ScorerConfig, vocab_uri: str) -> dict[str, dict]:

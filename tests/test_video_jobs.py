@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from vocab_helpers import write_hand_vocab
 
 from pipeline.pools import PoolsJobConfig, PoolStage, ensure_probe, run_pools_job
 from pipeline.search import SearchConfig
 from pipeline.shards import read_errors, read_manifest, read_output
 from pipeline.sources import SourceConfig
-from pipeline.storage import resolve
 from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
 from pipeline.tracking import MlflowConfig
 from pipeline.video import clip_gif, clip_npy
-from pipeline.vocab import CARD, VOCAB_SCHEMA
 from spae.codebook import FrozenCodebook
 from spae.config import to_dict
 from spae.data import MNIST_CLASS_WORDS
 from spae.model import SPAE, preset
-from spae.scorers import LabelProbeScorer, ProbeNet, ScorerConfig, describe_scorer
+from spae.scorers import LabelProbeScorer, ProbeNet, ScorerConfig
 from spae.tokenizer import SPAETokenizer
 from spae.video import MovingMnistConfig, clips_to_float, clips_to_uint8, moving_mnist
 
@@ -54,26 +50,7 @@ def probe_cfg(tmp_path_factory) -> ScorerConfig:
 
 
 def _write_vocab(uri: str, scorer: ScorerConfig) -> None:
-    rng = np.random.default_rng(0)
-    feats = rng.standard_normal((V, 384)).astype(np.float32)
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-    table = pa.table(
-        {
-            "token_id": np.arange(V),
-            "llm_id": np.arange(V) + 1000,
-            "token": [f"w{i}" for i in range(V)],
-            "word": [f"w{i}" for i in range(V)],
-            "embedding": [np.zeros(4, np.float32)] * V,
-            "text_feature": list(feats.astype(np.float16)),
-        },
-        schema=VOCAB_SCHEMA,
-    )
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    out = resolve(uri)
-    out.join("part-00000.parquet").write_bytes(buf.getvalue())
-    card = {"rows": V, "scorer": describe_scorer(scorer), "job_digest": "hand-built", "codebook": {}}
-    out.join(CARD).write_text(json.dumps(card))
+    write_hand_vocab(uri, scorer, V, digest="hand-built")
 
 
 def test_clip_pools_average_sampled_frame_features(probe_cfg, tmp_path):
