@@ -23,9 +23,16 @@ Per image: the original, layers 1-4 as grids of words (row-major, as in the text
 darker for a higher semantic score of the token for that image (from the pools table, when given),
 else for a more frequent token in the corpus layer, then decodes from every covering prefix present
 with their PSNR. Writes <output>/index.html (self-contained) and <output>/pyramids.png.
+
+A video corpus (a tokenizer with num_frames > 0): the source and every decode as frame strips, the
+layers' time steps side by side in the word grids, PSNR averaged over frames, and per clip two
+animated GIFs next to index.html, <id>-source.gif and <id>.gif (the deepest prefix's decode),
+shown on the page (gif_scale=0: enlarged to at least 128 px).
 """
 
 SHOWN_LAYERS = 4  # as in the paper's Fig. 4: the first four layers as word grids
+STRIP_FRAMES = 8  # frames shown in a clip's frame strip (spread evenly over the clip)
+GIF_MIN_SIDE = 128  # gif_scale=0: the smallest integer scale giving at least this many pixels
 
 
 @dataclass(frozen=True)
@@ -37,10 +44,14 @@ class ReportConfig:
     pools: str = ""  # optional pools table (spae pools) for semantic-score shading
     output: str = "report"  # folder for index.html and pyramids.png (local or s3://)
     title: str = ""
+    gif_scale: int = 0  # clips: GIF pixel scale; 0 = enough to reach GIF_MIN_SIDE pixels
+    fps: float = 8.0  # clips: GIF frame rate
 
     def __post_init__(self) -> None:
         if self.num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {self.num_images}")
+        if self.gif_scale < 0 or self.fps <= 0:
+            raise ValueError(f"gif_scale ({self.gif_scale}) must be >= 0 and fps ({self.fps}) > 0")
 
 
 CONFIG_CLASS = ReportConfig
@@ -52,6 +63,7 @@ class ReportResult:
     png: str  # URI of pyramids.png
     image_ids: list[str]
     shading: str
+    animations: tuple[str, ...] = ()  # clips: URIs of the GIFs written next to index.html
 
 
 def _pick_rows(cfg: ReportConfig) -> tuple[Any, list[str]]:
@@ -84,8 +96,11 @@ def _pick_rows(cfg: ReportConfig) -> tuple[Any, list[str]]:
     return pa.concat_tables([found[i][0] for i in order]), [found[i][1] for i in order]
 
 
-def _originals(manifest: dict, image_ids: list[str], shard_ids: list[str], size: int, fit: str) -> np.ndarray:
-    """The source images of the rows, decoded as the tokenize job did: uint8 [k, H, W, 3]."""
+def _originals(
+    manifest: dict, image_ids: list[str], shard_ids: list[str], size: int | tuple[int, int], fit: str
+) -> np.ndarray:
+    """The source images of the rows, decoded as the tokenize job did: uint8 [k, H, W, 3]
+    (``size=(T, S)``: clips [k, T, S, S, 3])."""
     from pipeline.images import decode_batch
     from pipeline.sources import SourceConfig, list_shards, read_shard
     from spae.config import from_dict
@@ -126,6 +141,7 @@ def run_report(cfg: ReportConfig) -> ReportResult:
     from pipeline.images import to_float
     from pipeline.storage import resolve
     from pipeline.tokenize import load_tokenizer, token_counts
+    from pipeline.video import decode_size
     from spae.metrics import psnr
     from spae.report import (
         SHADE_FREQUENCY,
@@ -133,6 +149,7 @@ def run_report(cfg: ReportConfig) -> ReportResult:
         PyramidPanel,
         Reconstruction,
         figure_png,
+        frame_strip,
         frequency_shade,
         layer_grid,
         report_html,
@@ -149,14 +166,16 @@ def run_report(cfg: ReportConfig) -> ReportResult:
     layers = tuple(int(l) for l in manifest["layers"])
     table, shard_ids = _pick_rows(cfg)
     image_ids = table.column("image_id").to_pylist()
-    size = tokenizer.config.image_size
+    size = decode_size(tokenizer.config)  # S, or (T, S) for clips
+    frames, side = size if isinstance(size, tuple) else (0, size)
     try:
         originals = _originals(manifest, image_ids, shard_ids, size, manifest["config"].get("fit", "auto"))
         missing_source = ""
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # input moved or unreachable (StorageError)
-        originals = np.full((len(image_ids), size, size, 3), 128, np.uint8)  # grey placeholders
+        shape = (len(image_ids), *((frames,) if frames else ()), side, side, 3)
+        originals = np.full(shape, 128, np.uint8)  # grey placeholders
         missing_source = f"originals unavailable ({type(e).__name__}: {e}); grey placeholders, no PSNR"
-    images = torch.from_numpy(to_float(originals))  # [k, 3, H, W]
+    images = torch.from_numpy(to_float(originals))  # [k, 3, H, W] or clips [k, 3, T, H, W]
     if cfg.pools:
         scores, shading = _pool_scores(cfg.pools, image_ids), SHADE_SEMANTIC
     else:
@@ -164,7 +183,7 @@ def run_report(cfg: ReportConfig) -> ReportResult:
         scores, shading = {}, SHADE_FREQUENCY
     pyramid = token_pyramid(table, tokenizer, layers)
     prefixes = [c for c in spec.covering_layers if all(l in layers for l in range(1, c + 1))]
-    decodes = {c: tokenizer.decode(pyramid, up_to_layer=c) for c in prefixes}  # [k, 3, H, W] each
+    decodes = {c: tokenizer.decode(pyramid, up_to_layer=c) for c in prefixes}  # like images, each
     panels = []
     labels = table.column("label").to_pylist()
     for i, iid in enumerate(image_ids):
@@ -178,17 +197,19 @@ def run_report(cfg: ReportConfig) -> ReportResult:
             Reconstruction(
                 prefix=c,
                 tokens=spec.cumulative_counts[c - 1],
-                image=decodes[c][i].permute(1, 2, 0).numpy(),
-                psnr=None
-                if missing_source
-                else float(psnr(decodes[c][i : i + 1], images[i : i + 1]).clamp(max=100.0)),
+                image=_picture(decodes[c][i], frames),
+                psnr=None if missing_source else _psnr(psnr, decodes[c][i : i + 1], images[i : i + 1]),
             )
             for c in prefixes
         )
         label = None if labels[i] is None else str(labels[i])
-        panels.append(PyramidPanel(iid, originals[i], tuple(grids), recons, label))
+        original = frame_strip(originals[i], STRIP_FRAMES) if frames else originals[i]
+        panels.append(PyramidPanel(iid, original, tuple(grids), recons, label))
     title = cfg.title or f"Token pyramids of {manifest['output']}"
     out = resolve(cfg.output)
+    gifs: list[str] = []
+    if frames:  # the clips as GIFs next to the page, shown by it
+        panels, gifs = _write_gifs(cfg, out, panels, originals, decodes, missing_source, side)
     png = out.join("pyramids.png")
     png.write_bytes(figure_png(panels, title=title))
     tok = manifest["tokenizer"]
@@ -202,11 +223,66 @@ def run_report(cfg: ReportConfig) -> ReportResult:
         "shading": shading
         + (f" (pools {cfg.pools})" if cfg.pools else " of each token in its layer, corpus-wide"),
     }
+    if frames:
+        meta["clips"] = (
+            f"{frames} frames of {side}x{side}; strips show {min(frames, STRIP_FRAMES)} frames, "
+            "PSNR is averaged over all frames; the GIFs play the whole clip"
+        )
     if missing_source:
         meta["originals"] = missing_source
     html = out.join("index.html")
     html.write_text(report_html(panels, title=title, meta=meta, figure_href="pyramids.png"))
-    return ReportResult(html=html.uri, png=png.uri, image_ids=image_ids, shading=shading)
+    return ReportResult(
+        html=html.uri, png=png.uri, image_ids=image_ids, shading=shading, animations=tuple(gifs)
+    )
+
+
+def _picture(decoded: Any, frames: int) -> np.ndarray:
+    """A decode [3, H, W] -> [H, W, 3] float; a clip [3, T, H, W] -> its frame strip (uint8)."""
+    from spae.report import frame_strip
+
+    return frame_strip(decoded, STRIP_FRAMES) if frames else decoded.permute(1, 2, 0).numpy()
+
+
+def _psnr(psnr: Any, decoded: Any, source: Any) -> float:
+    """PSNR in dB (capped at 100 for identical pictures); for clips the mean over frames."""
+    from spae.video import frames_as_images
+
+    if decoded.dim() == 5:  # [1, 3, T, H, W] -> [T, 3, H, W]
+        decoded, source = frames_as_images(decoded), frames_as_images(source)
+    return float(psnr(decoded, source).clamp(max=100.0).mean())
+
+
+def _write_gifs(
+    cfg: ReportConfig, out: Any, panels: list, originals: np.ndarray, decodes: dict, missing: str, side: int
+) -> tuple[list, list[str]]:
+    """Per clip ``<id>-source.gif`` (unless the source is missing) and ``<id>.gif`` (the deepest
+    prefix's decode) in ``out``; the panels get them as animations."""
+    from dataclasses import replace
+
+    from jobs.decode import _safe_name
+    from pipeline.video import clip_gif
+    from spae.report import Animation
+    from spae.video import clips_to_uint8
+
+    scale = cfg.gif_scale or max(1, -(-GIF_MIN_SIDE // side))
+    deepest = max(decodes, default=None)
+    decoded = clips_to_uint8(decodes[deepest]) if deepest else None  # [k, T, H, W, 3]
+    done, uris = [], []
+    for i, panel in enumerate(panels):
+        name, shown = _safe_name(panel.image_id), []
+        if not missing:
+            uri = out.join(f"{name}-source.gif")
+            uri.write_bytes(clip_gif(originals[i], fps=cfg.fps, scale=scale))
+            shown.append(Animation(f"{name}-source.gif", "source (plays)"))
+            uris.append(uri.uri)
+        if decoded is not None:
+            uri = out.join(f"{name}.gif")
+            uri.write_bytes(clip_gif(decoded[i], fps=cfg.fps, scale=scale))
+            shown.append(Animation(f"{name}.gif", f"decoded, layers 1-{deepest} (plays)"))
+            uris.append(uri.uri)
+        done.append(replace(panel, animations=tuple(shown)))
+    return done, uris
 
 
 def _as_map(counts: np.ndarray) -> dict[int, int]:
@@ -223,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: {e}\n")
     print(f"report: {result.html}\nfigure: {result.png}")
     print(f"images: {', '.join(result.image_ids)} (shaded by {result.shading})")
+    if result.animations:
+        print(f"animations: {len(result.animations)} GIFs next to the report")
     return 0
 
 

@@ -174,8 +174,9 @@ WEIGHT_FILES: dict[str, str] = {
     "is": "a torchvision inception_v3 state dict (aux_logits=True), e.g. inception_v3_google-0cc3c7bd.pth",
     "lpips": "a torchvision vgg16 state dict (or its features.* part), e.g. vgg16-397923af.pth",
     "lpips_linear": "the LPIPS v0.1 linear-layer weights of the vgg variant (lin0..lin4), e.g. lpips vgg.pth",
+    "fvd": "an Inception-I3D (Kinetics-400) state dict, e.g. rgb_imagenet.pt of the PyTorch I3D port",
 }
-OPTIONAL_METRICS: tuple[str, ...] = ("fid", "is", "lpips")
+OPTIONAL_METRICS: tuple[str, ...] = ("fid", "is", "lpips", "fvd")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -460,14 +461,23 @@ class LPIPS(torch.nn.Module):
 
 
 class OptionalMetrics:
-    """The requested FID / IS / LPIPS, built from local files, accumulated over a whole evaluation set.
+    """The requested FID / IS / LPIPS / FVD, built from local files, accumulated over a whole evaluation set.
 
-    ``update(real, fake)`` per batch (images [b, 3, H, W] in [0, 1]), then ``compute()`` ->
-    ``{"fid": ..., "is": ..., "lpips" | "lpips_uncalibrated": ...}``. One Inception network is shared
-    when FID and IS use the same file.
+    ``update(real, fake)`` per batch, then ``compute()`` ->
+    ``{"fid": ..., "is": ..., "lpips" | "lpips_uncalibrated": ..., "fvd": ...}``. Inputs are images
+    ``[b, 3, H, W]`` or clips ``[b, 3, T, H, W]`` in [0, 1]: for clips FID / IS / LPIPS run on every
+    frame (``[b*T, 3, H, W]``) and FVD on the clips; FVD with images is an error. One Inception network
+    is shared when FID and IS use the same file. ``fvd_size``: the frame side fed to I3D (224, the
+    reference; smaller only for quick tests).
     """
 
-    def __init__(self, names: Sequence[str], weights: Mapping[str, str], device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        names: Sequence[str],
+        weights: Mapping[str, str],
+        device: str | torch.device = "cpu",
+        fvd_size: int | None = None,
+    ):
         check_optional_metrics(names, weights)
         nets: dict[str, InceptionFeatures] = {}
 
@@ -485,9 +495,33 @@ class OptionalMetrics:
             else None
         )
         self.lpips_sum, self.lpips_n = 0.0, 0
+        self.fvd = None
+        if "fvd" in names:
+            from spae.fvd import FVD, I3D_SIZE, I3DFeatures  # spae.fvd imports this module
+
+            self.fvd = FVD(I3DFeatures.from_file(weights["fvd"], size=fvd_size or I3D_SIZE).to(device))
 
     @torch.no_grad()
     def update(self, real: Tensor, fake: Tensor) -> None:
+        if real.dim() == 5 and fake.dim() == 5:  # clips [b, 3, T, H, W]
+            if real.shape != fake.shape:
+                raise ValueError(
+                    f"expected two clip batches [b, c, T, H, W] of the same shape, "
+                    f"got {real.shape} and {fake.shape}"
+                )
+            from spae.video import frames_as_images
+
+            if self.fvd is not None:
+                self.fvd.update(real, fake)
+            real, fake = frames_as_images(real), frames_as_images(fake)  # [b*T, 3, H, W]
+        elif self.fvd is not None:
+            raise ValueError(
+                f"metric 'fvd' needs clips [b, 3, T, H, W]; got inputs of shape {tuple(real.shape)} "
+                f"and {tuple(fake.shape)}"
+            )
+        self._update_images(real, fake)
+
+    def _update_images(self, real: Tensor, fake: Tensor) -> None:
         _check_images(real, fake)
         fake_out = None
         if self.fid is not None:
@@ -514,4 +548,6 @@ class OptionalMetrics:
             if self.lpips_n == 0:
                 raise ValueError("OptionalMetrics.compute() before any update()")
             out[self.lpips.name] = self.lpips_sum / self.lpips_n
+        if self.fvd is not None:
+            out["fvd"] = self.fvd.compute()
         return out

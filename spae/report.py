@@ -8,7 +8,9 @@ is drawn, as in the paper, as a histogram of its most frequent tokens.
 
 Clips (video SPAE): ``frame_strip`` lays a clip's frames side by side (the "original" and each
 reconstruction of a panel), and ``layer_grid`` takes a ``(t_l, h_l, w_l)`` layer as an ``h_l x
-(t_l * w_l)`` grid: the time steps of the layer side by side, left to right.
+(t_l * w_l)`` grid: the time steps of the layer side by side, left to right. In the figure a strip's
+column is wider; on the page it keeps its aspect, and a panel's ``animations`` (GIF files next to the
+page) play the clip.
 
 Pure: numpy + matplotlib (Agg, no pyplot state) + string templates. Inputs are plain arrays
 and words; the jobs compute shading and reconstructions.
@@ -31,6 +33,8 @@ SHADE_FREQUENCY = "frequency"
 MAX_GRID_SIDE = 8  # larger layers are drawn as a histogram of their most frequent tokens
 HISTOGRAM_TOP = 8
 MAX_WORD_CHARS = 10
+MAX_STRIP_CELLS = 4.0  # a frame strip spans at most 4 figure cells
+STRIP_HEIGHT_PX = 64  # a frame strip's height on the page
 
 
 @dataclass(frozen=True)
@@ -63,14 +67,23 @@ class Reconstruction:
 
 
 @dataclass(frozen=True)
+class Animation:
+    """A file next to the page that plays (a clip's animated GIF), linked by a relative ``href``."""
+
+    href: str
+    caption: str
+
+
+@dataclass(frozen=True)
 class PyramidPanel:
-    """Everything shown for one image."""
+    """Everything shown for one image (for a clip: frame strips as ``original`` and reconstructions)."""
 
     image_id: str
-    original: np.ndarray  # [H, W, 3] uint8
+    original: np.ndarray  # [H, W, 3] uint8 (a clip's frame strip: [H, k * W, 3])
     layers: tuple[LayerGrid, ...]
     reconstructions: tuple[Reconstruction, ...] = ()
     label: str | None = None
+    animations: tuple[Animation, ...] = ()  # page only: e.g. the source and decoded clip as GIFs
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -155,8 +168,12 @@ def pyramid_figure(panels: Sequence[PyramidPanel], title: str = ""):  # -> matpl
     n_layers = max(len(p.layers) for p in panels)
     n_recon = max(len(p.reconstructions) for p in panels)
     cols = 1 + n_layers + n_recon
-    fig = Figure(figsize=(2.3 * cols, 2.5 * len(panels) + (0.4 if title else 0.0)), dpi=100)
-    axes = fig.subplots(len(panels), cols, squeeze=False)
+    widths = [_aspect(p.original) for p in panels]
+    ratios = [max(widths)] + [1.0] * n_layers
+    ratios += [max(_aspect(p.reconstructions[k].image) for p in panels if k < len(p.reconstructions))
+               for k in range(n_recon)]  # fmt: skip
+    fig = Figure(figsize=(2.3 * sum(ratios), 2.5 * len(panels) + (0.4 if title else 0.0)), dpi=100)
+    axes = fig.subplots(len(panels), cols, squeeze=False, gridspec_kw={"width_ratios": ratios})
     for r, panel in enumerate(panels):
         row = axes[r]
         for ax in row:
@@ -202,6 +219,12 @@ def pyramid_figure(panels: Sequence[PyramidPanel], title: str = ""):  # -> matpl
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _aspect(image: np.ndarray) -> float:
+    """Column width of a picture in figure cells: 1 if square, up to ``MAX_STRIP_CELLS`` for strips."""
+    h, w = np.asarray(image).shape[:2]
+    return float(min(MAX_STRIP_CELLS, max(1.0, w / max(1, h))))
 
 
 def _short_id(text: str, limit: int = 28) -> str:
@@ -299,17 +322,28 @@ def _grid_html(grid: LayerGrid) -> str:
     return f'<figure class="layer" data-layer="{grid.layer}">{table}{head}</figure>'
 
 
+def _img_style(image: np.ndarray) -> str:
+    """Square pictures keep the page's 112 px boxes; a frame strip keeps its aspect at a fixed height."""
+    h, w = np.asarray(image).shape[:2]
+    return "" if w <= 1.5 * h else f' style="width: auto; height: {STRIP_HEIGHT_PX}px"'
+
+
 def _panel_html(panel: PyramidPanel) -> str:
     label = "" if panel.label is None else f" &mdash; label {html.escape(str(panel.label))}"
     original = _data_uri(image_png(panel.original))
     parts = [
-        f'<figure><img alt="original {html.escape(panel.image_id)}" src="{original}">'
-        f"<figcaption>original</figcaption></figure>"
+        f'<figure><img alt="original {html.escape(panel.image_id)}" src="{original}"'
+        f"{_img_style(panel.original)}><figcaption>original</figcaption></figure>"
+    ]
+    parts += [
+        f'<figure class="animation"><img alt="{html.escape(a.caption)}" src="{html.escape(a.href)}">'
+        f"<figcaption>{html.escape(a.caption)}</figcaption></figure>"
+        for a in panel.animations
     ]
     parts += [_grid_html(g) for g in panel.layers]
     parts += [
-        f'<figure><img alt="{html.escape(r.caption)}" src="{_data_uri(image_png(r.image))}">'
-        f"<figcaption>{html.escape(r.caption)}</figcaption></figure>"
+        f'<figure><img alt="{html.escape(r.caption)}" src="{_data_uri(image_png(r.image))}"'
+        f"{_img_style(r.image)}><figcaption>{html.escape(r.caption)}</figcaption></figure>"
         for r in panel.reconstructions
     ]
     return (
