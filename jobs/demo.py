@@ -5,6 +5,9 @@ the label-probe scorer, a local Ray cluster, a local output folder and a local M
 vocab -> pools -> train (short) -> evaluate -> tokenize -> report. Each stage writes a YAML config
 under ``<output>/configs/`` and runs through the same entry point as ``spae <stage> --config``, so any
 stage can be re-run or changed by hand. A second run reuses every finished stage.
+
+``dataset=moving-mnist`` runs the same stages on Moving MNIST clips (the ``moving-mnist`` preset:
+16 frames of 32x32, one digit) with a 3D SPAE; it wants a GPU for training (``use_gpu=true``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -30,6 +33,7 @@ SUMMARY = "the end-to-end demo on MNIST: vocab -> pools -> train -> evaluate -> 
 @dataclass(frozen=True)
 class DemoConfig:
     output: str = "spae-output"  # a local folder: every stage's output, configs, MLflow store
+    dataset: Literal["mnist", "moving-mnist"] = "mnist"  # digits, or clips of one bouncing digit (video)
     name: str = "demo"  # the training run's name (a different name trains a second tokenizer)
     train_images: int = 20000  # MNIST training digits used for pools and training
     eval_images: int = 1000  # held-out MNIST test digits for evaluation, tokenization and the report
@@ -37,10 +41,14 @@ class DemoConfig:
     batch_size: int = 32
     lr: float = 1e-3
     alpha: float = 1.0  # eq. 9 semantic weight; 0 trains the same model without the semantic loss
+    probe_steps: int = 300  # label-probe training steps (Moving MNIST's small moving digit wants more)
     templates: str = "simple"  # prompt templates of eq. 5 (the 80 ImageNet ones take ~1 h on 2 cores)
     num_workers: int = 1  # Ray Train workers
     torch_threads: int = 2  # torch threads per worker (2 cores: both; Ray Data decodes between steps)
+    use_gpu: bool = False  # one GPU per training worker; evaluation and tokenization then use it too
+    track: bool = True  # log every stage to the local MLflow store (false: outputs and summary only)
     report_images: int = 6
+    stop_after: str = ""  # a stage name (probe, vocab, pools, train, ...): stop once it is done; "" = all
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
@@ -67,12 +75,20 @@ def stages(cfg: DemoConfig) -> list[Stage]:
     from spae.model import preset
 
     out = Path(cfg.output).expanduser().resolve()
-    mlflow = {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "spae-demo"}
+    mlflow = {
+        "tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
+        "experiment": "spae-demo",
+        "enabled": cfg.track,
+    }
     ray = to_dict(cfg.ray)
-    model = preset("mnist")
+    video = cfg.dataset == "moving-mnist"
+    model = preset(cfg.dataset)
     scorer = {"kind": "label_probe", "probe_path": str(out / "probe"), "templates": cfg.templates}
-    train_src = {"uri": f"mnist://train?limit={cfg.train_images}", "shard_size": 5000}
-    test_src = {"uri": f"mnist://test?limit={cfg.eval_images}", "shard_size": 500}
+    clips = f"&frames={model.num_frames}&digits=1" if video else ""  # one digit: its label is the clip's
+    train_src = {"uri": f"{cfg.dataset}://train?limit={cfg.train_images}{clips}", "shard_size": 5000}
+    test_src = {"uri": f"{cfg.dataset}://test?limit={cfg.eval_images}{clips}", "shard_size": 500}
+    frames = {"frames": model.num_frames} if video else {}  # the pool job's decode length (clips)
+    device = {"device": "cuda"} if cfg.use_gpu else {}
     tokenizer = out / "runs" / cfg.name / "tokenizer"
     common = {"ray": ray, "mlflow": mlflow}
     probe_cfg = {
@@ -80,6 +96,9 @@ def stages(cfg: DemoConfig) -> list[Stage]:
         "vocab": str(out / "vocab"),
         "scorer": scorer,
         "output": str(out / "probe"),
+        "probe_train_uri": f"{cfg.dataset}://train?limit=5000{clips}",
+        "probe_steps": cfg.probe_steps,
+        **frames,
     }
     return [
         Stage(
@@ -103,6 +122,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
                     "vocab": str(out / "vocab"),
                     "scorer": scorer,
                     "output": str(out / f"pools-{split}"),
+                    **frames,
                     **common,
                 },
                 lambda split=split: (out / f"pools-{split}" / "_manifest.json").exists(),
@@ -113,7 +133,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
             "train",
             "train",
             {
-                "preset": "mnist",
+                "preset": cfg.dataset,
                 "model": {"loss": {"alpha": cfg.alpha}},
                 "data": {
                     "images": train_src,
@@ -126,6 +146,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
                 "steps": cfg.steps,
                 "batch_size": cfg.batch_size,
                 "num_workers": cfg.num_workers,
+                "use_gpu": cfg.use_gpu,
                 "torch_threads": cfg.torch_threads,
                 "eval_every": max(cfg.steps // 2, 1),
                 "checkpoint_every": max(cfg.steps // 4, 1),
@@ -146,6 +167,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
                 "limit": cfg.eval_images,
                 "output": str(out / "eval" / cfg.name),
                 "run_name": f"evaluate:{cfg.name}",
+                **device,
                 "mlflow": mlflow,
             },
             lambda: (out / "eval" / cfg.name / "metrics.json").exists(),
@@ -157,6 +179,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
                 "source": test_src,
                 "tokenizer": str(tokenizer),
                 "output": str(out / "corpus" / cfg.name),
+                **({"num_gpus_per_actor": 1.0, **device} if cfg.use_gpu else {}),
                 **common,
             },
             lambda: (out / "corpus" / cfg.name / "_manifest.json").exists(),
@@ -169,7 +192,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
                 "pools": str(out / "pools-test"),
                 "num_images": cfg.report_images,
                 "output": str(out / "report" / cfg.name),
-                "title": f"SPAE demo ({cfg.name}): MNIST token pyramids",
+                "title": f"SPAE demo ({cfg.name}): {'Moving MNIST' if video else 'MNIST'} token pyramids",
             },
             lambda: (out / "report" / cfg.name / "index.html").exists(),
         ),
@@ -225,7 +248,9 @@ def summary(cfg: DemoConfig, timings: dict[str, float]) -> dict[str, Any]:
         "corpus": str(out / "corpus" / cfg.name),
         "report": str(out / "report" / cfg.name / "index.html"),
         "tokenizer": str(out / "runs" / cfg.name / "tokenizer"),
-        "mlflow": f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}",
+        "mlflow": f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}"
+        if cfg.track
+        else "off (track=false)",
     }
 
 
@@ -238,7 +263,7 @@ def print_summary(s: dict[str, Any]) -> None:
         print(f"  {key:<24} {m[key]:.3f}")
     print("  top-layer words of a few held-out digits:")
     for image_id, label, word in s["top_layer_words"]:
-        print(f"    {image_id:<20} digit {label}: {word!r}")
+        print(f"    {image_id:<24} digit {label}: {word!r}")
     print("  stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["timings_s"].items()))
     print(f"  corpus:    {s['corpus']}")
     print(f"  report:    {s['report']}")
@@ -263,13 +288,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.ray_utils import init_ray
 
     init_ray(cfg.ray)
-    for i, stage in enumerate(plan, 1):
+    names = [stage.slug.split("-")[0] for stage in plan]
+    if cfg.stop_after and cfg.stop_after not in names:
+        parser.exit(
+            2, f"spae demo: stop_after={cfg.stop_after!r}; choose from {', '.join(dict.fromkeys(names))}\n"
+        )
+    last = max(i for i, n in enumerate(names) if n == cfg.stop_after) if cfg.stop_after else len(plan) - 1
+    for i, stage in enumerate(plan[: last + 1], 1):
         if stage.done():
             print(f"[{i}/{len(plan)}] {stage.name}: finished by an earlier run, reused")
             continue
         print(f"[{i}/{len(plan)}] {stage.name} ...", flush=True)
         timings[stage.name] = run_stage(stage, config_dir)
         print(f"[{i}/{len(plan)}] {stage.name}: done in {timings[stage.name]:.0f}s", flush=True)
+    if last < len(plan) - 1:
+        print(f"stopped after {cfg.stop_after} (stop_after); run again without it to go on")
+        return 0
     result = summary(cfg, timings)
     (out / f"summary-{cfg.name}.json").write_text(json.dumps(result, indent=2))
     print_summary(result)

@@ -20,9 +20,14 @@ examples:
   spae train preset=paper data.images.uri=s3://bucket/imagenet data.pools=s3://bucket/pools \\
       data.vocab=s3://bucket/vocab storage=s3://bucket/runs num_workers=8 use_gpu=true batch_size=32
   spae train preset=tiny --print-config                        # every key and its default
+  spae train preset=moving-mnist data.images.uri="moving-mnist://train?limit=4096&frames=16" \
+      data.pools=outputs/pools-mm data.vocab=outputs/vocab \
+      data.eval.uri="moving-mnist://test?limit=256&frames=16" name=mm-a1   # clips: 16 frames of 32x32
 
 Presets (preset=...): tiny (tests), mnist (default: 32x32, 8x8 latent, layers 1,2,4,8,8), paper
-(128x128, 16x16 latent, layers 1,2,4,8,16,16). The preset fills `model`; the config file and
+(128x128, 16x16 latent, layers 1,2,4,8,16,16); video (model.num_frames > 0: the source must give clips,
+the GAN uses Discriminator3D, PSNR/SSIM are over frames): tiny3d (tests), moving-mnist (16 frames of
+32x32), kinetics (16 frames of 128x128). The preset fills `model`; the config file and
 key=value overrides are applied on top. Running again with the same name and storage resumes from
 the latest checkpoint and continues the same MLflow run.
 """

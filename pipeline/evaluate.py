@@ -4,14 +4,17 @@
 
     tokenizer (dir | s3:// | runs:/ | models:/) + eval source (+ its pools table + the vocab table)
         -> for every covering prefix l: PSNR, SSIM of the reconstruction from layers 1..l
+           (clips: per frame, averaged over every frame of every clip)
         -> for every layer: utilization and perplexity over the WHOLE set, distinct tokens,
            semantic relevance (mean normalised eq. 6 score of the emitted tokens; needs pools + vocab)
         -> layer 1: label-word accuracy (the top token is the class's word or numeral; needs labels)
-        -> deepest prefix, on request: FID, IS, LPIPS (``optional_metrics``, local ``weights`` files)
+        -> deepest prefix, on request: FID, IS, LPIPS (clips: per frame), FVD (clips)
+           (``optional_metrics``, local ``weights`` files)
         -> metrics.json + reconstructions.png under ``output``; the same metrics to MLflow
 
 It runs on the driver with plain torch (no Ray): the evaluation set is read shard by shard with
-``pipeline.sources.read_shard`` and decoded with ``pipeline.images.decode_batch``. That suits the
+``pipeline.sources.read_shard`` and decoded with ``pipeline.images.decode_batch`` (clips of
+``num_frames`` frames for a video tokenizer: ``pipeline.video.decode_size``). That suits the
 held-out sets used here (thousands of images); the training job calls ``evaluate_tokenizer`` on
 rank 0 the same way.
 
@@ -39,6 +42,7 @@ from pipeline.images import decode_batch
 from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
 from pipeline.storage import Location, resolve
 from pipeline.tracking import MlflowConfig
+from pipeline.video import decode_size
 from spae.metrics import (
     OptionalMetrics,
     TokenUsage,
@@ -48,6 +52,7 @@ from spae.metrics import (
     semantic_relevance,
     ssim,
 )
+from spae.video import frames_as_images
 
 METRICS_JSON = "metrics.json"
 PICTURE = "reconstructions.png"
@@ -104,12 +109,13 @@ def read_pools_part(pools: Location, shard_id: str, columns: Sequence[str]) -> p
     return pq.read_table(pools.join(part_name(shard_id)).path, columns=list(columns), filesystem=pools.fs)
 
 
-def shard_pixels(shard: Shard, image_size: int, fit: str = "auto") -> dict[str, np.ndarray]:
-    """One input shard read and decoded: ``image_id``, ``label`` (-1 none), ``pixels`` uint8 [n, H, W, 3];
-    rows that failed to read or decode are dropped."""
+def shard_pixels(shard: Shard, size: int | tuple[int, int], fit: str = "auto") -> dict[str, np.ndarray]:
+    """One input shard read and decoded: ``image_id``, ``label`` (-1 none), ``pixels`` uint8 [n, H, W, 3]
+    (``size = S``) or clips [n, T, H, W, 3] (``size = (T, S)``); rows that failed to read or decode are
+    dropped."""
     table = read_shard(shard)
     rows = {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
-    decoded = decode_batch(rows, image_size, fit=fit)
+    decoded = decode_batch(rows, size, fit=fit)
     ok = np.array([not e for e in decoded["error"]], dtype=bool)
     labels = np.array([-1 if v is None else int(v) for v in decoded["label"]], dtype=np.int64)
     return {
@@ -117,6 +123,22 @@ def shard_pixels(shard: Shard, image_size: int, fit: str = "auto") -> dict[str, 
         "label": labels[ok],
         "pixels": decoded["pixels"][ok],
     }
+
+
+def check_source_kind(shard: Shard, size: int | tuple[int, int], key: str) -> None:
+    """Refuse the two built-in sources that cannot suit the model: MNIST images for a video model,
+    Moving MNIST clips for an image model (folders and Parquet may hold either)."""
+    video = isinstance(size, tuple)
+    if video and shard.kind == "mnist":
+        raise ValueError(
+            f"{key}={shard.config.uri}: the model takes clips of {size[0]} frames (num_frames > 0) but this "
+            "source holds images; use a video source, e.g. moving-mnist://train"
+        )
+    if not video and shard.kind == "moving-mnist":
+        raise ValueError(
+            f"{key}={shard.config.uri}: the model takes images (num_frames = 0) but this source holds clips; "
+            "use an image source or a video model (e.g. preset=moving-mnist)"
+        )
 
 
 def join_on_image_id(left_ids: np.ndarray, right: pa.Table) -> np.ndarray:
@@ -141,8 +163,8 @@ def list_matrix(column: pa.ChunkedArray | pa.Array, fill: float, dtype: Any) -> 
 
 @dataclass
 class EvalData:
-    """A held-out set in memory. images [n, 3, H, W] in [0, 1]; labels [n] (-1 = none); pool columns
-    (image_features [n, d], s_min / s_max [n]) are None without a pools table."""
+    """A held-out set in memory. images [n, 3, H, W] or clips [n, 3, T, H, W] in [0, 1]; labels [n]
+    (-1 = none); pool columns (image_features [n, d], s_min / s_max [n]) are None without a pools table."""
 
     images: Tensor
     labels: Tensor
@@ -156,12 +178,24 @@ class EvalData:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def frames(self) -> int:
+        """Frames per clip; 0 for images."""
+        return int(self.images.shape[2]) if self.images.dim() == 5 else 0
+
 
 def load_eval_data(
-    source: SourceConfig, image_size: int, pools: str = "", fit: str = "auto", limit: int = 0
+    source: SourceConfig,
+    size: int | tuple[int, int],
+    pools: str = "",
+    fit: str = "auto",
+    limit: int = 0,
 ) -> EvalData:
-    """Read and decode (at most ``limit``) images of ``source``; with ``pools``, attach their features."""
+    """Read and decode (at most ``limit``) images of ``source`` (``size = S``), or clips
+    (``size = (T, S)``, ``pipeline.video.decode_size``); with ``pools``, attach their features."""
     shards = list_shards(source)
+    if shards:
+        check_source_kind(shards[0], size, "source")
     pools_loc = resolve(pools) if pools else None
     if pools_loc is not None:
         check_pools_cover(shards, pools_loc)
@@ -169,7 +203,7 @@ def load_eval_data(
     labels, pixels, feats, smin, smax = [], [], [], [], []
     n = 0
     for shard in shards:
-        part = shard_pixels(shard, image_size, fit)
+        part = shard_pixels(shard, size, fit)
         keep = np.ones(len(part["image_id"]), dtype=bool)
         if pools_loc is not None:
             table = read_pools_part(
@@ -190,7 +224,8 @@ def load_eval_data(
     if n == 0:
         raise ValueError(f"{source.uri}: no decodable images (with pools) to evaluate on")
     take = min(n, limit) if limit else n
-    images = torch.from_numpy(np.concatenate(pixels)[:take]).permute(0, 3, 1, 2).float().div(255.0)
+    # uint8 [n, (T,) H, W, 3] -> [n, 3, (T,) H, W] in [0, 1]
+    images = torch.from_numpy(np.concatenate(pixels)[:take]).movedim(-1, 1).float().div(255.0)
     data = EvalData(
         images=images.contiguous(),
         labels=torch.from_numpy(np.concatenate(labels)[:take]),
@@ -206,8 +241,9 @@ def load_eval_data(
 
 
 def class_words(data: EvalData) -> list[list[str]] | None:
-    """The words that name each class: MNIST digits' word and numeral; folder class names; else None."""
-    if data.kind == "mnist":
+    """The words that name each class: MNIST digits' word and numeral (Moving MNIST: the clip's first
+    digit); folder class names; else None."""
+    if data.kind in ("mnist", "moving-mnist"):
         from spae.data import MNIST_CLASS_WORDS
 
         return [[word, str(i)] for i, word in enumerate(MNIST_CLASS_WORDS)]
@@ -243,6 +279,10 @@ def evaluate_tokenizer(
     ``label_word_accuracy/l1`` (with labels and ``class_rows``), ``images``; with ``optional``
     (``spae.metrics.OptionalMetrics``): ``fid/p<l>``, ``is/p<l>``, ``lpips/p<l>`` (or
     ``lpips_uncalibrated/p<l>``) for the deepest covering prefix ``l``, over the whole set.
+
+    Clips (``data.images`` [n, 3, T, H, W]): PSNR and SSIM are computed per frame and averaged over
+    all ``n * T`` frames; ``optional`` receives the clips as they are (``update(real, fake)`` with
+    [b, 3, T, H, W]); ``images`` is replaced by ``clips`` (n) and ``frames_per_clip`` (T).
     """
     spec = tokenizer.pyramid
     model = tokenizer.model
@@ -265,11 +305,9 @@ def evaluate_tokenizer(
             images = data.images[start : start + batch_size].to(device)
             out = model(images, prefixes)
             for l in prefixes:
-                recon = ((out.reconstructions[l].float() + 1.0) / 2.0).clamp(
-                    0.0, 1.0
-                )  # the decode_latent path
-                add(f"psnr/p{l}", psnr(recon, images))
-                add(f"ssim/p{l}", ssim(recon, images))
+                recon = ((out.reconstructions[l].float() + 1.0) / 2.0).clamp(0.0, 1.0)  # as decode_latent
+                add(f"psnr/p{l}", per_frame(psnr, recon, images))
+                add(f"ssim/p{l}", per_frame(ssim, recon, images))
                 if optional is not None and l == prefixes[-1]:
                     optional.update(images, recon)
             for l, ids in enumerate(out.quant.ids, start=1):
@@ -304,21 +342,80 @@ def evaluate_tokenizer(
         metrics["label_word_accuracy/l1"] = label_word_accuracy(ids[known], labels[known], class_rows)
     if optional is not None:
         metrics.update({f"{name}/p{prefixes[-1]}": value for name, value in optional.compute().items()})
-    metrics["images"] = float(n)
+    if data.frames:
+        metrics["clips"], metrics["frames_per_clip"] = float(n), float(data.frames)
+    else:
+        metrics["images"] = float(n)
     return metrics
+
+
+def per_frame(metric: Any, x: Tensor, y: Tensor) -> Tensor:
+    """An image metric ``[b, c, H, W] x2 -> [b]`` on images, or on clips ``[b, c, T, H, W]`` as the mean
+    over each clip's frames (``[b]``): summed over clips and divided by their number, it is the mean
+    over all frames."""
+    if x.dim() == 4:
+        return metric(x, y)
+    b, t = x.shape[0], x.shape[2]
+    return metric(frames_as_images(x), frames_as_images(y)).view(b, t).mean(1)  # [b * T] -> [b]
 
 
 @torch.no_grad()
 def picture(tokenizer: Any, data: EvalData, path: str | Path, n: int = 8, title: str = "") -> Path:
-    """The reconstruction picture (``spae.viz``) of the first ``n`` images of ``data``."""
+    """The reconstruction picture (``spae.viz``) of the first ``n`` images of ``data``; for clips,
+    ``clip_picture`` of the first ``min(n, 4)`` clips."""
     from spae.viz import save_reconstruction_figure
 
+    if data.frames:
+        return clip_picture(tokenizer, data, path, min(n, 4), title)
     images = data.images[:n].to(tokenizer.device)
     tokens = tokenizer.encode(images)
     recons = {l: tokenizer.decode(tokens, up_to_layer=l).cpu() for l in tokenizer.pyramid.covering_layers}
     words = [w[0] for w in tokens.words(1)]
     counts = {l: tokenizer.pyramid.cumulative_counts[l - 1] for l in recons}
     return save_reconstruction_figure(path, images.cpu(), recons, words, counts, title)
+
+
+@torch.no_grad()
+def clip_picture(
+    tokenizer: Any, data: EvalData, path: str | Path, n: int = 4, title: str = "", max_frames: int = 8
+) -> Path:
+    """The first ``n`` clips of ``data``, each as frame strips (at most ``max_frames`` frames spread over
+    the clip, ``spae.report.frame_strip``): the source (with its label and layer-1 word), then the
+    decode of every covering prefix with its token count and PSNR over frames. One PNG at ``path``."""
+    from matplotlib.figure import Figure
+
+    from spae.report import frame_strip
+
+    clips = data.images[:n].to(tokenizer.device)  # [k, 3, T, H, W]
+    tokens = tokenizer.encode(clips)
+    spec = tokenizer.pyramid
+    prefixes = spec.covering_layers
+    decodes = {l: tokenizer.decode(tokens, up_to_layer=l).float().clamp(0, 1) for l in prefixes}
+    words = [w[0] for w in tokens.words(1)]
+    rows = []  # (strip [H, k * W, 3] uint8, caption)
+    for i in range(clips.shape[0]):
+        label = int(data.labels[i])
+        head = data.image_ids[i] + (f" (label {label})" if label >= 0 else "")
+        rows.append((frame_strip(clips[i].cpu(), max_frames), f"{head}: source, layer 1 = {words[i]!r}"))
+        for l in prefixes:
+            db = float(per_frame(psnr, decodes[l][i : i + 1], clips[i : i + 1]).mean())
+            caption = f"layers 1-{l} ({spec.cumulative_counts[l - 1]} tokens), {db:.1f} dB over frames"
+            rows.append((frame_strip(decodes[l][i].cpu(), max_frames), caption))
+    strip_h, strip_w = rows[0][0].shape[:2]
+    width = min(16.0, max(6.0, strip_w / 24))
+    fig = Figure(figsize=(width, len(rows) * (width * strip_h / strip_w + 0.3) + (0.4 if title else 0.0)))
+    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+    for ax, (strip, caption) in zip(axes, rows, strict=True):
+        ax.imshow(strip, interpolation="nearest")
+        ax.set_title(caption, fontsize=8, loc="left")
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
 
 
 # ----------------------------------------------------------------------------- the job
@@ -332,12 +429,14 @@ class EvaluateJobConfig:
     source: SourceConfig = field(default_factory=lambda: SourceConfig(uri="mnist://test"))
     pools: str = ""  # pools table of ``source`` (semantic relevance); "" = skip relevance
     vocab: str = ""  # vocab table the pools refer to (its text features); needed with ``pools``
-    limit: int = 1000  # images evaluated (0 = all)
+    limit: int = 1000  # images (or clips, for a video tokenizer) evaluated (0 = all)
     batch_size: int = 64
     fit: Literal["auto", "crop", "pad"] = "auto"
     class_words: Literal["auto", "none"] = "auto"  # auto: MNIST word + numeral, folder class names
-    optional_metrics: tuple[str, ...] = ()  # "fid", "is", "lpips": each needs its local weights file
-    # local torchvision state dicts: fid / is -> inception_v3, lpips -> vgg16, lpips_linear -> LPIPS lin0..4
+    # "fid", "is", "lpips" (clips: per frame), "fvd" (clips): each needs its local weights file
+    optional_metrics: tuple[str, ...] = ()
+    # local state dicts: fid / is -> torchvision inception_v3, lpips -> vgg16, lpips_linear -> LPIPS
+    # lin0..4, fvd -> an I3D network (spae.metrics)
     weights: dict[str, str] = field(default_factory=dict)
     picture_images: int = 8
     output: str = "outputs/eval"  # metrics.json + reconstructions.png (local or s3://)
@@ -379,6 +478,11 @@ def run_evaluate(cfg: EvaluateJobConfig, tokenizer: Any | None = None, log: Any 
         if tokenizer is not None
         else SPAETokenizer.from_pretrained(cfg.tokenizer, map_location=device)
     )
+    if "fvd" in cfg.optional_metrics and not tok.config.num_frames:
+        raise ValueError(
+            "optional_metrics: fvd is a video metric but this tokenizer takes images (num_frames = 0); "
+            "use fid, is or lpips"
+        )
     text_features = None
     if cfg.pools:
         from pipeline.vocab import load_vocab
@@ -391,13 +495,15 @@ def run_evaluate(cfg: EvaluateJobConfig, tokenizer: Any | None = None, log: Any 
             )
         check_pools_vocab(pools_manifest(cfg.pools), vocab.card, cfg.pools)
         text_features = vocab.text_features
-    data = load_eval_data(cfg.source, tok.config.image_size, cfg.pools, cfg.fit, cfg.limit)
+    data = load_eval_data(cfg.source, decode_size(tok.config), cfg.pools, cfg.fit, cfg.limit)
     words = class_words(data) if cfg.class_words == "auto" else None
     rows = class_token_rows(words, tok.vocabulary.words) if words else None
     if rows is not None and not any(rows):
         log("evaluate: none of the class words is in the vocabulary; label-word accuracy skipped")
         rows = None
     optional = OptionalMetrics(cfg.optional_metrics, cfg.weights, device) if cfg.optional_metrics else None
+    if data.frames:
+        log(f"evaluate: {len(data)} clips of {data.frames} frames; PSNR/SSIM per frame, over all frames")
     metrics = evaluate_tokenizer(tok, data, text_features, rows, cfg.batch_size, optional)
     out = resolve(cfg.output)
     out.join(METRICS_JSON).write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -411,8 +517,14 @@ def run_evaluate(cfg: EvaluateJobConfig, tokenizer: Any | None = None, log: Any 
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    """A compact multi-line summary (prefix metrics, then layer metrics)."""
+    """A compact multi-line summary (prefix metrics, then layer metrics); for clips, a first line says
+    that PSNR / SSIM (and FID / IS / LPIPS) are over frames."""
     lines = []
+    if "clips" in metrics:
+        lines.append(
+            f"{int(metrics['clips'])} clips of {int(metrics['frames_per_clip'])} frames: psnr, ssim, fid, is "
+            "and lpips are per frame, averaged over all frames; fvd over clips"
+        )
     for group in (
         "psnr",
         "ssim",
@@ -425,6 +537,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
         "is",
         "lpips",
         "lpips_uncalibrated",
+        "fvd",
     ):
         items = [(k.split("/", 1)[1], v) for k, v in sorted(metrics.items()) if k.startswith(group + "/")]
         if items:

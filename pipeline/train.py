@@ -14,6 +14,11 @@ of the same listing; ``pipeline.evaluate.check_pools_cover`` refuses another lis
 ``Dataset.join`` needs the ``polars`` package (not a dependency) and a hash shuffle whose actors
 compete with the training workers for CPUs; the shard-aligned join needs neither.
 
+Clips: a video model (``model.num_frames > 0``, presets ``tiny3d``, ``moving-mnist``, ``kinetics``)
+reads clips of ``num_frames`` frames (``pipeline.video.decode_size``) for training and evaluation,
+with the same pools, codebook and trainer; its discriminator is ``spae.networks3d.Discriminator3D``,
+the perceptual loss and the evaluation's PSNR/SSIM are taken per frame.
+
 Codebook: the rows the pools refer to, read from the vocab table (``load_vocab(...).codebook()``
 checks the card's hash); a pools table computed against another vocab table is refused.
 
@@ -40,6 +45,7 @@ from pipeline.evaluate import (
     EvalData,
     check_pools_cover,
     check_pools_vocab,
+    check_source_kind,
     class_token_rows,
     class_words,
     evaluate_tokenizer,
@@ -55,6 +61,7 @@ from pipeline.ray_utils import RayConfig
 from pipeline.sources import Shard, SourceConfig, list_shards
 from pipeline.storage import resolve
 from pipeline.tracking import MlflowConfig, resolve_tracking_uri
+from pipeline.video import decode_size
 from spae.config import from_dict, to_dict
 from spae.model import SPAEConfig
 from spae.training import OptimConfig
@@ -148,18 +155,19 @@ def preset_base(name: str) -> dict[str, Any]:
 
 
 def read_joined_shards(
-    batch: dict[str, np.ndarray], pools: str, image_size: int, fit: str
+    batch: dict[str, np.ndarray], pools: str, size: int | tuple[int, int], fit: str
 ) -> dict[str, np.ndarray]:
     """``{"shard": [json]}`` -> decoded images joined with their pools (rows without a pool are dropped).
 
-    Columns: ``label`` (-1 = none), ``pixels`` uint8 [n, H, W, 3], ``pool_ids`` int64 [n, k]
-    (-1 = padding), ``pool_scores`` float32 [n, k] (NaN = padding).
+    Columns: ``label`` (-1 = none), ``pixels`` uint8 [n, H, W, 3] (``size = S``) or [n, T, H, W, 3]
+    (clips, ``size = (T, S)``), ``pool_ids`` int64 [n, k] (-1 = padding), ``pool_scores`` float32 [n, k]
+    (NaN = padding).
     """
     loc = resolve(pools)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "pixels", "pool_ids", "pool_scores")}
     for text in batch["shard"]:
         shard = Shard.from_json(str(text))
-        part = shard_pixels(shard, image_size, fit)
+        part = shard_pixels(shard, size, fit)
         table = read_pools_part(loc, shard.shard_id, ["image_id", "topk_ids", "topk_scores"])
         rows = join_on_image_id(part["image_id"], table)
         keep = rows >= 0
@@ -183,6 +191,9 @@ def check_data(cfg: TrainJobConfig) -> tuple[list[Shard], dict[str, Any]]:
     from pipeline.vocab import CARD
 
     shards = list_shards(cfg.data.images)
+    for key, listed in (("data.images.uri", shards), ("data.eval.uri", list_shards(cfg.data.eval))):
+        if listed:  # clips for a video model, images for an image model
+            check_source_kind(listed[0], decode_size(cfg.model), key)
     manifest = check_pools_cover(shards, cfg.data.pools)
     card_loc = resolve(cfg.data.vocab).join(CARD)
     if not card_loc.exists():
@@ -207,7 +218,7 @@ def build_dataset(cfg: TrainJobConfig, shards: list[Shard]) -> Any:
         read_joined_shards,
         batch_size=1,
         batch_format="numpy",
-        fn_kwargs={"pools": cfg.data.pools, "image_size": cfg.model.image_size, "fit": cfg.data.fit},
+        fn_kwargs={"pools": cfg.data.pools, "size": decode_size(cfg.model), "fit": cfg.data.fit},
     )
 
 
@@ -215,7 +226,19 @@ def build_dataset(cfg: TrainJobConfig, shards: list[Shard]) -> Any:
 
 
 def _to_images(pixels: torch.Tensor) -> torch.Tensor:
-    return pixels.permute(0, 3, 1, 2).float().div(255.0)  # uint8 [b, H, W, 3] -> [b, 3, H, W] in [0, 1]
+    # uint8 [b, H, W, 3] -> [b, 3, H, W] in [0, 1]; clips [b, T, H, W, 3] -> [b, 3, T, H, W]
+    return pixels.movedim(-1, 1).float().div(255.0)
+
+
+def build_discriminator(model: SPAEConfig) -> torch.nn.Module:
+    """The PatchGAN of eq. 8: 2D over images, ``Discriminator3D`` over clips (``num_frames > 0``)."""
+    if model.num_frames:
+        from spae.networks3d import Discriminator3D
+
+        return Discriminator3D(model.network, model.image_channels, model.image_size, model.num_frames)
+    from spae.networks import Discriminator
+
+    return Discriminator(model.network, model.image_channels, model.image_size)
 
 
 def _should_fail(cfg: TrainJobConfig, step: int, rank: int, world: int) -> bool:
@@ -240,7 +263,7 @@ class _Rank0:
     def load_eval(self, vocab: Any) -> None:
         cfg = self.cfg
         self.eval_data = load_eval_data(
-            cfg.data.eval, cfg.model.image_size, cfg.data.eval_pools, cfg.data.fit, cfg.eval_images
+            cfg.data.eval, decode_size(cfg.model), cfg.data.eval_pools, cfg.data.fit, cfg.eval_images
         )
         self.text_features = vocab.text_features if cfg.data.eval_pools else None
         words = class_words(self.eval_data)
@@ -300,7 +323,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from spae.checkpoint import load_train_state, save_train_state
     from spae.losses import PerceptualLoss
     from spae.model import SPAE
-    from spae.networks import Discriminator
     from spae.training import SPAETrainer
 
     cfg = from_dict(TrainJobConfig, loop_config["job"])
@@ -316,11 +338,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     core = SPAE(cfg.model, codebook)
     lcfg = cfg.model.loss
-    disc = (
-        Discriminator(cfg.model.network, cfg.model.image_channels, cfg.model.image_size)
-        if lcfg.gan_weight
-        else None
-    )
+    disc = build_discriminator(cfg.model) if lcfg.gan_weight else None
     perceptual = PerceptualLoss(lcfg.perceptual_weights).to(device) if lcfg.perceptual_enabled else None
     # DDP when world > 1. No buffer broadcast per step: the only buffer is the frozen codebook, which
     # is identical on every rank (and large: 65k x 768 in the paper's setting).
@@ -423,7 +441,8 @@ def _pyfunc_class() -> type:
     import mlflow.pyfunc
 
     class SPAETokenizerModel(mlflow.pyfunc.PythonModel):
-        """pyfunc view of the tokenizer: images ``[n, 3, H, W]`` in [0, 1] (array) -> pyramid text per image.
+        """pyfunc view of the tokenizer: images ``[n, 3, H, W]`` (clips ``[n, 3, T, H, W]``) in [0, 1]
+        (array) -> pyramid text per image.
 
         The weights are the ``save_pretrained`` folder under the model's ``artifacts/tokenizer``;
         ``SPAETokenizer.from_pretrained("runs:/<id>/tokenizer")`` or ``("models:/<name>/<v>")`` loads

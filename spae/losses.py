@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spae.video import frames_as_images
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -249,7 +251,8 @@ class PerceptualLoss(nn.Module):
 
     Inputs ``[b, 3, H, W]`` in [-1, 1]; features at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 are
     unit-normalised over channels, squared differences are summed over channels, averaged over
-    positions, summed over stages and averaged over the batch. Weights come from a file
+    positions, summed over stages and averaged over the batch. Clips ``[b, 3, T, H, W]`` are taken
+    frame by frame: the distance is averaged over all ``b * T`` frames. Weights come from a file
     (a ``vgg16`` state dict, or just its ``features.*`` part); the network is frozen.
     """
 
@@ -288,6 +291,8 @@ class PerceptualLoss(nn.Module):
         return out
 
     def forward(self, images: Tensor, recon: Tensor) -> Tensor:
+        if images.dim() == 5:  # clips [b, 3, T, H, W] -> frames [b * T, 3, H, W]
+            images, recon = frames_as_images(images), frames_as_images(recon)
         dist = images.new_zeros((images.shape[0],), dtype=torch.float32)  # [b]
         for fa, fb in zip(self._features(images), self._features(recon), strict=True):
             na, nb = F.normalize(fa.float(), dim=1, eps=1e-10), F.normalize(fb.float(), dim=1, eps=1e-10)
