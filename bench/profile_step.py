@@ -1,10 +1,12 @@
 """Where the time goes: ``torch.profiler`` tables of the training step and of ``encode`` (paper preset).
 
 Prints, for each, the wall time per call, the summed GPU kernel time (the gap is launch/sync
-overhead: the GPU waiting on the host) and the top kernels by GPU time. Also times ``encode`` with a
-bf16 encoder in the default (channels-first) layout.
+overhead: the GPU waiting on the host) and the top kernels by GPU time. The step is the trainer's
+CUDA defaults (bf16, fused Adam, TF32, no host sync), eager unless ``--compile``. Also times
+``encode`` with a bf16 encoder in the default (channels-first) layout. ``bench.train_step --profile``
+profiles its compiled step with ``profile_steps`` (no second compilation).
 
-    python -m bench.profile_step [--batch 16] [--encode-batch 256]
+    python -m bench.profile_step [--batch 16] [--encode-batch 256] [--compile]
     python -m bench.profile_step --smoke
 """
 
@@ -35,6 +37,31 @@ def table(prof, device, wall: float, calls: int, rows: int) -> None:
     )
 
 
+def profile_steps(trainer, data: list, device, rows: int = 18, warm: int = 3, steps: int = 3) -> dict:
+    """Profile ``steps`` training steps after ``warm`` unprofiled ones; metrics read once, at the end (as
+    a log step would). Prints the table; returns wall and GPU-busy ms per step."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for s in range(warm):
+        trainer.step(*data[s % len(data)])
+    sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for s in range(steps):
+            m = trainer.step(*data[(warm + s) % len(data)])
+        m["loss/total"]  # noqa: B018  (one log-step read)
+        sync(device)
+        wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    kernels = sum(getattr(e, "self_device_time_total", 0) for e in events if e.device_type.name == "CUDA")
+    busy = kernels / 1e3 / steps
+    print(
+        f"wall {wall * 1e3:.1f} ms per step; GPU kernel time {busy:.1f} ms per step "
+        f"({busy / wall / 1e3:.0%} busy)"
+    )
+    table(prof, device, wall, steps, rows)
+    return {"wall_ms": wall * 1e3, "gpu_kernel_ms": busy}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -42,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--rows", type=int, default=18)
+    ap.add_argument("--compile", action="store_true", help="profile the compiled step (the CUDA default)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -52,20 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
     a = argparse.Namespace(batch=args.batch, vocab=args.vocab, dim=args.dim, smoke=args.smoke, warmup=20)
     model0, disc0 = build(a, device)
-    trainer = make_trainer(Variant("fast", bf16=True, fused_adam=True, tf32=True), model0, disc0, device, 20)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    data = [batch(s, args.batch, model0.cfg.image_size, args.vocab, device, False) for s in range(5)]
-    for d in data[:3]:
-        trainer.step(*d)
-    sync(device)
-    with profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        for d in data[3:]:
-            trainer.step(*d)
-        sync(device)
-        wall = (time.perf_counter() - t0) / 2
-    print(f"== training step, bf16 + fused Adam + TF32, eager, batch {args.batch}")
-    table(prof, device, wall, 2, args.rows)
+    v = Variant("bf16 compiled" if args.compile else "bf16 eager", fast=True, compile=args.compile)
+    trainer = make_trainer(v, model0, disc0, device, 20)
+    data = [batch(s, args.batch, model0.cfg.image_size, args.vocab, device, False) for s in range(6)]
+    print(f"== training step, {v.name} (trainer defaults), batch {args.batch}")
+    profile_steps(trainer, data, device, args.rows)
     del trainer
 
     t = argparse.Namespace(vocab=args.vocab, dim=args.dim, smoke=args.smoke)

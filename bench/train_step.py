@@ -1,35 +1,52 @@
-"""The SPAE training step at the ``paper`` preset: fast variants vs plain fp32 eager, same run.
+"""The SPAE training step at the ``paper`` preset: the trainer's defaults vs plain fp32 eager, same run.
 
 Model: 128x128 images, the 6-layer pyramid (597 tokens), a random frozen 65,536 x 768 codebook
 (``network.latent_dim=768``), discriminator on (GAN + LeCAM), semantic loss on layers 1-5, no
 perceptual loss (it needs VGG weights). ``SPAETrainer.step`` exactly as the train job calls it.
 
-Variants (each from the same initial weights, the same batches and the same target-sampling seed):
+Variants, at every batch size of ``--batches`` (each from the same initial weights, the same batches
+and the same target-sampling seed; batches are on the device before the clock starts):
 
-- ``fp32``: the baseline: ``amp_dtype=None``, fp32 nearest-code search, PyTorch defaults (cuDNN may
-  use TF32 for convolutions, matmuls are full fp32);
-- ``bf16``: bf16 autocast and the bf16 (fused) search: the trainer's current default on CUDA;
-- ``bf16+fadam+tf32``: + fused Adam + TF32 matmuls (the fp32 semantic-loss softmax over 65k rows);
-- ``...+cl``: + channels-last activations and weights;
-- ``...+compile``: + ``torch.compile`` of the encoder, decoder and discriminator (``Module.compile``).
+- ``fp32``: the baseline: ``amp_dtype=None``, fp32 nearest-code search, full-fp32 matmuls
+  (``set_float32_matmul_precision("highest")``; cuDNN may still use TF32 convolutions, PyTorch's
+  default), the default (foreach) Adam, no compile; metrics read every ``--read-every`` steps;
+- ``fp32 read/step``: the same, reading the metrics after every step (what the train loop paid
+  before the step went sync-free: at least one host sync per step);
+- ``bf16 eager``: the trainer's CUDA defaults without compile: bf16 autocast, bf16 fused search,
+  fused Adam with the device-side NaN guard, TF32 matmuls, no host sync in the step;
+- ``bf16 compiled``: the trainer's CUDA defaults (``OptimConfig.compile="auto"``): + ``torch.compile``
+  of the encoder, decoder and discriminator;
+- ``... +cl`` (``--channels-last``): + channels-last activations and weights (compiled;
+  ``OptimConfig.channels_last="on"``);
+- ``... +masked-eq7`` (``--masked-eq7``): an experiment, not the library's code: eq. 7 and eq. 4 with
+  the host syncs of spae/losses.py removed (``masked_semantic_loss`` below: a masked mean instead of
+  boolean indexing and ``keep.any()``; thresholds compared as Python floats), patched in for that
+  variant only, to measure what those syncs cost.
 
-The baseline and the fastest variant run ``--curve-steps`` steps (loss curves compared); the others
-``--steps``. Then the largest batch that fits (fast variant, no compile) and model FLOP utilization
-(FLOPs counted by ``torch.utils.flop_counter`` on one step, over the measured bf16 matmul peak).
+``--variants`` keeps only the named variants (comma-separated names as printed).
 
-    python -m bench.train_step [--batch 32] [--curve-steps 200] [--json out.json]
+A step's time is the wall time of ``--steps`` steps after ``--skip`` warm-up steps, device
+synchronised at both ends, divided by the steps (metrics read every ``--read-every`` steps, as the
+train job reads them on log steps). The baseline and the compiled variant of the first batch size
+run ``--curve-steps`` steps and their loss curves are compared. Also: host syncs left in one step
+(``torch.cuda.set_sync_debug_mode``), FLOPs (``torch.utils.flop_counter``) and MFU over the measured
+bf16 matmul peak, and with ``--profile`` a ``torch.profiler`` table of the compiled step.
+
+    python -m bench.train_step [--batches 16,64] [--curve-steps 60] [--profile] [--json out.json]
     python -m bench.train_step --smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import gc
 import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,15 +58,62 @@ from spae.networks import Discriminator, NetworkConfig
 from spae.quantize import QuantizerConfig
 from spae.training import OptimConfig, SPAETrainer
 
+CURVE_KEYS = ("loss/total", "loss/reconstruction", "loss/semantic", "loss/commitment")
+
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    bf16: bool = False
-    fused_adam: bool = False
-    tf32: bool = False
-    channels_last: bool = False
+    fast: bool = False  # the trainer's CUDA defaults: bf16 autocast + bf16 search, fused Adam, TF32
     compile: bool = False
+    channels_last: bool = False
+    read_every_step: bool = False
+    masked_eq7: bool = False  # the experiment: eq. 7 / eq. 4 without host syncs (see the module notes)
+
+
+def masked_semantic_loss(layer_inputs, e_all, targets, temperature: float, chunk: int):
+    """Eq. 7 as ``spae.losses._semantic_loss`` computes it, without a host sync: every position's
+    ``lse - target logit``, masked to the positions that have a target (-1 = none), a mean per layer,
+    then the mean over the layers that have any target."""
+    from spae.losses import _StreamingLogSumExp
+
+    per_layer, has = [], []
+    for z_l, c_l in zip(layer_inputs, targets, strict=False):
+        keep = c_l.reshape(-1) >= 0  # [b * n_l]
+        z = z_l.reshape(-1, z_l.shape[-1])  # [b * n_l, c]
+        e_c = e_all[c_l.reshape(-1).clamp_min(0).long()].float()  # [b * n_l, c]
+        target_logit = (2.0 * (z.float() * e_c).sum(-1) - (e_c * e_c).sum(-1)) / temperature
+        lse = _StreamingLogSumExp.apply(z, e_all, float(temperature), int(chunk))  # [b * n_l]
+        n = keep.sum()
+        per_layer.append(((lse - target_logit) * keep).sum() / n.clamp_min(1))
+        has.append((n > 0).float())
+    h = torch.stack(has)  # [l]
+    return (torch.stack(per_layer) * h).sum() / h.sum().clamp_min(1)
+
+
+def masked_candidate_mask(pool_scores, thresholds):
+    """Eq. 4 with the thresholds as Python floats (no host -> device copy): [b, k] -> [l, b, k]."""
+    return torch.stack([pool_scores >= float(rho) for rho in thresholds])
+
+
+class patched_eq7:  # noqa: N801  (a context manager)
+    """Swap spae.losses' eq. 7 / eq. 4 helpers for the sync-free ones while the block runs."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        import spae.losses as L
+
+        self.saved = (L._semantic_loss, L.candidate_mask)
+        if self.on:
+            L._semantic_loss, L.candidate_mask = masked_semantic_loss, masked_candidate_mask
+        return self
+
+    def __exit__(self, *exc):
+        import spae.losses as L
+
+        L._semantic_loss, L.candidate_mask = self.saved
 
 
 def build(args, device) -> tuple[SPAE, Discriminator]:
@@ -78,85 +142,134 @@ def batch(step: int, b: int, size: int, vocab: int, device, channels_last: bool)
     ids = torch.randint(0, vocab, (b, k), generator=g)  # [b, k] pool candidates
     scores = torch.sort(torch.rand(b, k, generator=g), dim=1, descending=True).values
     scores[:, 0] = 1.0  # eq. 6 normalises the best candidate to 1
-    return images, ids, scores
+    return images, ids.to(device), scores.to(device)
 
 
-def make_trainer(v: Variant, model0: SPAE, disc0: Discriminator, device, lr_warmup: int) -> SPAETrainer:
+def make_trainer(
+    v: Variant, model0: SPAE, disc0: Discriminator, device, lr_warmup: int, rank: int = 0
+) -> SPAETrainer:
+    """A trainer on copies of the weights. ``fast``: the trainer's defaults for ``device``; else the fp32
+    baseline (no autocast, fp32 search, full-fp32 matmuls, foreach Adam)."""
     model = copy.deepcopy(model0)
-    search = "bfloat16" if v.bf16 else "float32"
+    search = "bfloat16" if v.fast else "float32"
     model.cfg = replace(model.cfg, quantizer=replace(model.cfg.quantizer, search_dtype=search))
     model.quantizer.cfg = QuantizerConfig(**{**model.quantizer.cfg.__dict__, "search_dtype": search})
     disc = copy.deepcopy(disc0)
     model, disc = model.to(device), disc.to(device)
-    if v.channels_last:
-        model, disc = model.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
-    if v.compile:
-        for m in (model.encoder, model.decoder, disc):
-            m.compile()
-    optim = OptimConfig(warmup_steps=lr_warmup)
-    trainer = SPAETrainer(
-        model, disc, model.cfg.loss, optim, device, amp_dtype=torch.bfloat16 if v.bf16 else None, seed=0
+    if not v.fast:
+        torch.set_float32_matmul_precision("highest")
+    optim = OptimConfig(
+        warmup_steps=lr_warmup,
+        compile="on" if v.compile else "off",
+        tf32="on" if v.fast else "off",
+        channels_last="on" if v.channels_last else "off",
     )
-    if v.fused_adam and device.type == "cuda":
-        kw = {"betas": optim.betas, "weight_decay": optim.weight_decay, "fused": True}
-        trainer.opt_g = torch.optim.Adam(
-            [p for p in model.parameters() if p.requires_grad], lr=optim.lr, **kw
-        )
+    amp = "auto" if v.fast else None
+    trainer = SPAETrainer(model, disc, model.cfg.loss, optim, device, amp_dtype=amp, seed=0, rank=rank)
+    if not v.fast:  # PyTorch's default Adam (foreach): the plain baseline
+        kw = {"betas": optim.betas, "weight_decay": optim.weight_decay, "foreach": True}
+        params = [p for p in model.parameters() if p.requires_grad]
+        trainer.opt_g = torch.optim.Adam(params, lr=optim.lr, **kw)
         trainer.opt_d = torch.optim.Adam(disc.parameters(), lr=optim.disc_lr, **kw)
     return trainer
 
 
-def run_variant(v: Variant, args, model0, disc0, device, steps: int) -> dict:
-    torch.backends.cuda.matmul.allow_tf32 = v.tf32
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(trainer: SPAETrainer, data: list, steps: int, skip: int, read_every: int, device) -> dict:
+    """Wall time of steps ``skip..steps-1`` (synchronised at both ends), the first step's time (compile
+    included) and every step's metrics (read after the clock stops, except every ``read_every``-th)."""
+    metrics = []
+    sync(device)
+    t_start = time.perf_counter()
+    t0 = t_start
+    first = 0.0
+    for s in range(steps):
+        if s == skip:
+            sync(device)
+            t0 = time.perf_counter()
+        m = trainer.step(*data[s % len(data)])
+        metrics.append(m)
+        if s == 0:
+            m["loss/total"]  # noqa: B018  (reads: the first step has finished)
+            first = time.perf_counter() - t_start
+        elif read_every and (s + 1) % read_every == 0:
+            m["loss/total"]  # noqa: B018  (a log step reads its metrics: one host sync)
+    sync(device)
+    wall = time.perf_counter() - t0
+    return {"step_s": wall / max(1, steps - skip), "first_step_s": first, "metrics": metrics}
+
+
+def run_variant(v: Variant, args, b: int, model0, disc0, device, steps: int, keep=False) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     trainer = make_trainer(v, model0, disc0, device, args.warmup)
     size, vocab = model0.cfg.image_size, len(model0.codebook)
-    times, curve = [], []
-    t_first = time.perf_counter()
-    for s in range(steps):
-        images, ids, scores = batch(s, args.batch, size, vocab, device, v.channels_last)
-        t0 = time.perf_counter()
-        m = trainer.step(images, ids, scores)  # returns floats: the step has finished on the device
-        times.append(time.perf_counter() - t0)
-        curve.append(
-            {k: m[k] for k in ("loss/total", "loss/reconstruction", "loss/semantic", "loss/commitment")}
-        )
-        if s == 0:
-            t_first = time.perf_counter() - t_first
-    skip = min(args.skip, steps - 1)
-    step_s = statistics.median(times[skip:])
+    data = [batch(s, b, size, vocab, device, v.channels_last) for s in range(min(steps, args.data_batches))]
+    skip = min(args.compile_skip if v.compile else args.skip, steps - 1)
+    with patched_eq7(v.masked_eq7):
+        r = timed_steps(trainer, data, steps, skip, 1 if v.read_every_step else args.read_every, device)
+    curve = [{k: m[k] for k in CURVE_KEYS} for m in r["metrics"]]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     out = {
         "variant": v.name,
-        "step_s": step_s,
-        "images_per_s": args.batch / step_s,
-        "first_step_s": t_first,
+        "batch": b,
+        "step_s": r["step_s"],
+        "images_per_s": b / r["step_s"],
+        "first_step_s": r["first_step_s"],
         "peak_gib": peak,
         "steps": steps,
+        "timed_steps": steps - skip,
         "curve": curve,
         "skipped_steps": trainer.skipped_steps,
     }
     print(
-        f"{v.name:>28}: {step_s * 1e3:8.1f} ms/step  {args.batch / step_s:8.1f} img/s  peak {peak:6.2f} GiB  "
-        f"first step {t_first:6.1f} s  final loss {curve[-1]['loss/total']:.4f}",
+        f"b={b:4d} {v.name:>22}: {r['step_s'] * 1e3:8.1f} ms/step  {out['images_per_s']:8.1f} img/s  "
+        f"peak {peak:6.2f} GiB  first step {r['first_step_s']:6.1f} s  "
+        f"final loss {curve[-1]['loss/total']:.4f}",
         flush=True,
     )
-    del trainer
-    gc.collect()
+    if keep:
+        out["trainer"], out["data"] = trainer, data
+    else:
+        del trainer, data
+        gc.collect()
     return out
 
 
-def count_flops(args, model0, disc0, device) -> float:
+def count_syncs(trainer: SPAETrainer, data: list, device) -> dict[str, int]:
+    """Host syncs in one step (metrics not read), by the Python line that asked (CUDA only)."""
+    if device.type != "cuda":
+        return {}
+    sync(device)
+    where: collections.Counter[str] = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.step(*data[0])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where[f"{os.path.relpath(w.filename)}:{w.lineno}"] += 1
+    sync(device)
+    return dict(where)
+
+
+def count_flops(args, b: int, model0, disc0, device) -> float:
     """FLOPs of one training step (fp32 eager, chunked search so every GEMM is visible to the counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     os.environ["SPAE_FUSED_SEARCH"] = "0"
     trainer = make_trainer(Variant("count"), model0, disc0, device, args.warmup)
-    images, ids, scores = batch(0, args.batch, model0.cfg.image_size, len(model0.codebook), device, False)
+    images, ids, scores = batch(0, b, model0.cfg.image_size, len(model0.codebook), device, False)
     with FlopCounterMode(display=False) as fc:
-        trainer.step(images, ids, scores)
+        trainer.step(images, ids, scores)["loss/total"]  # noqa: B018
     os.environ.pop("SPAE_FUSED_SEARCH")
     del trainer
     return float(fc.get_total_flops())
@@ -165,11 +278,10 @@ def count_flops(args, model0, disc0, device) -> float:
 def max_batch(v: Variant, args, model0, disc0, device) -> dict:
     """Doubling search for the largest batch whose step fits (2 steps each)."""
     fits, peak = 0, 0.0
-    b = args.batch
+    b = args.batches[0]
     while b <= args.max_batch_limit:
-        a = argparse.Namespace(**{**vars(args), "batch": b})
         try:
-            r = run_variant(replace(v, name=f"{v.name} b={b}"), a, model0, disc0, device, steps=2)
+            r = run_variant(replace(v, name=f"{v.name} (fit)"), args, b, model0, disc0, device, steps=2)
             fits, peak = b, r["peak_gib"]
         except torch.cuda.OutOfMemoryError:
             print(f"batch {b}: out of memory", flush=True)
@@ -199,98 +311,143 @@ def curve_gap(a: list[dict], b: list[dict], key: str = "loss/total") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", default="16,64", help="comma-separated batch sizes; each gets every variant")
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--steps", type=int, default=25, help="steps of the intermediate variants")
-    ap.add_argument(
-        "--curve-steps", type=int, default=200, help="steps of the baseline and the fastest variant"
-    )
-    ap.add_argument("--skip", type=int, default=5, help="steps left out of the median (warm-up, compile)")
-    ap.add_argument("--compile-skip", type=int, default=8, help="steps of the compiled variant left out")
+    ap.add_argument("--steps", type=int, default=30, help="steps per variant (warm-up included)")
+    ap.add_argument("--curve-steps", type=int, default=60, help="steps of fp32 and compiled, first batch")
+    ap.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the timing")
+    ap.add_argument("--compile-skip", type=int, default=4, help="warm-up steps of compiled variants")
+    ap.add_argument("--read-every", type=int, default=10, help="metrics read every N steps (a log step)")
+    ap.add_argument("--data-batches", type=int, default=10, help="distinct batches cycled through")
     ap.add_argument("--warmup", type=int, default=20, help="learning-rate warmup steps")
-    ap.add_argument("--max-batch-limit", type=int, default=512)
+    ap.add_argument("--max-batch-limit", type=int, default=0, help="> 0: doubling search for the largest")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--channels-last", action="store_true", help="also a compiled channels-last variant")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table of the compiled step")
+    ap.add_argument("--masked-eq7", action="store_true", help="also the sync-free eq. 7 experiment")
+    ap.add_argument("--variants", default="", help="comma-separated variant names to run (default: all)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.smoke:
-        args.batch, args.vocab, args.steps, args.curve_steps, args.skip = 2, 256, 2, 3, 1
-        args.no_compile = True  # compiling costs a minute on the CPU
+        args.batches, args.vocab, args.steps, args.curve_steps, args.skip = "2", 256, 3, 4, 1
+        args.compile_skip, args.read_every = 1, 2
+        args.no_compile = True  # compiling costs minutes on the CPU
+    args.batches = [int(b) for b in str(args.batches).split(",")]
     device = pick_device(args.smoke)
     cuda = device.type == "cuda"
     print(f"device: {device_line(device)}", flush=True)
     model0, disc0 = build(args, device)
     print(
         f"model: {model0.cfg.image_size}px, pyramid {model0.cfg.pyramid.layer_sizes}, codebook "
-        f"{tuple(model0.codebook.embeddings.shape)}, batch {args.batch}",
+        f"{tuple(model0.codebook.embeddings.shape)}, batches {args.batches}",
         flush=True,
     )
+    record: dict = {"bench": "train_step", "device": device_line(device), "batches": args.batches}
+    results, ratios, gaps, syncs = [], {}, {}, {}
+    wanted = {n.strip() for n in args.variants.split(",") if n.strip()}
 
-    base = run_variant(Variant("fp32"), args, model0, disc0, device, args.curve_steps)
-    results = [base]
-    fast = Variant("bf16+fadam+tf32", bf16=True, fused_adam=True, tf32=True)
-    if cuda:
-        results.append(run_variant(Variant("bf16", bf16=True), args, model0, disc0, device, args.steps))
-    best = run_variant(fast, args, model0, disc0, device, args.curve_steps)  # the curve of the fast math
-    results.append(best)
+    def want(name: str) -> bool:
+        return not wanted or name in wanted
 
-    gaps = {
-        k: curve_gap(base["curve"], best["curve"], k)
-        for k in ("loss/total", "loss/reconstruction", "loss/semantic")
-    }
-    for k, gp in gaps.items():
+    for i, b in enumerate(args.batches):
+        n_curve = args.curve_steps if i == 0 else args.steps
+        base = run_variant(Variant("fp32"), args, b, model0, disc0, device, n_curve)
+        rows = [base]
+        if want("fp32 read/step"):
+            v = Variant("fp32 read/step", read_every_step=True)
+            rows.append(run_variant(v, args, b, model0, disc0, device, args.steps))
+        if want("bf16 eager") or args.no_compile:
+            rows.append(
+                run_variant(Variant("bf16 eager", fast=True), args, b, model0, disc0, device, args.steps)
+            )
+        best = rows[-1]
+        extra = []
+        if not args.no_compile:
+            comp = Variant("bf16 compiled", fast=True, compile=True)
+            if want(comp.name):
+                best = run_variant(comp, args, b, model0, disc0, device, n_curve, keep=True)
+                rows.append(best)
+            if args.masked_eq7:
+                extra.append(replace(comp, name=comp.name + " +masked-eq7", masked_eq7=True))
+            if args.channels_last:
+                extra.append(replace(comp, name=comp.name + " +cl", channels_last=True))
+                if args.masked_eq7:
+                    extra.append(
+                        replace(
+                            comp, name=comp.name + " +cl +masked-eq7", channels_last=True, masked_eq7=True
+                        )
+                    )
+        elif args.masked_eq7:
+            extra.append(Variant("bf16 eager +masked-eq7", fast=True, masked_eq7=True))
+        for v in extra:
+            if want(v.name):
+                rows.append(run_variant(v, args, b, model0, disc0, device, args.steps, keep=v.masked_eq7))
+                if rows[-1].get("trainer") is not None and i == 0:
+                    with patched_eq7(True):
+                        left = count_syncs(rows[-1]["trainer"], rows[-1]["data"], device)
+                    print(f"host syncs in one {v.name} step: {left or 'none'}", flush=True)
+                    rows[-1]["host_syncs"] = left
+                rows[-1].pop("trainer", None), rows[-1].pop("data", None)
+        if i == 0:
+            fast_curve = best
+            if "trainer" in best:
+                syncs = count_syncs(best["trainer"], best["data"], device)
+                print(f"host syncs in one {best['variant']} step (metrics not read): {syncs or 'none'}")
+                if args.profile and cuda:
+                    from bench.profile_step import profile_steps
+
+                    print(f"== profile: {best['variant']}, batch {b}")
+                    profile_steps(best["trainer"], best["data"], device, rows=25)
+            n = min(len(base["curve"]), len(fast_curve["curve"]))
+            gaps = {k: curve_gap(base["curve"][:n], fast_curve["curve"][:n], k) for k in CURVE_KEYS[:3]}
+            for k, gp in gaps.items():
+                print(
+                    f"curve {k} ({n} steps): median per-step rel gap {gp['median_rel_gap']:.2e}, max "
+                    f"{gp['max_rel_gap']:.2e}; last-{min(20, n)} mean {gp['tail_mean_base']:.4f} (fp32) "
+                    f"vs {gp['tail_mean_fast']:.4f} -> {gp['tail_rel_gap']:.2%}"
+                )
+            for s in range(0, n, max(1, n // 6)):
+                print(
+                    f"  step {s:4d}: fp32 {base['curve'][s]['loss/total']:.4f}   "
+                    f"{fast_curve['variant']} {fast_curve['curve'][s]['loss/total']:.4f}"
+                )
+        for r in rows:
+            r.pop("trainer", None), r.pop("data", None)
+        gc.collect()
+        fp32 = [r for r in rows if r["variant"].startswith("fp32")]
+        ref = min(fp32, key=lambda r: r["step_s"])  # the faster of the fp32 reading policies
+        top = min((r for r in rows if not r["variant"].startswith("fp32")), key=lambda r: r["step_s"])
+        ratios[b] = {
+            "fastest": top["variant"],
+            "speedup": ref["step_s"] / top["step_s"],
+            "baseline": ref["variant"],
+        }
         print(
-            f"curve {k}: median per-step rel gap {gp['median_rel_gap']:.2e}, max {gp['max_rel_gap']:.2e}; "
-            f"last-20 mean {gp['tail_mean_base']:.4f} (fp32) vs {gp['tail_mean_fast']:.4f} "
-            f"-> {gp['tail_rel_gap']:.2%}"
+            f"RESULT train_step b={b}: {top['variant']} {top['images_per_s']:.1f} img/s vs {ref['variant']} "
+            f"eager {ref['images_per_s']:.1f} img/s -> {ratios[b]['speedup']:.2f}x (goal >= 2.5x)",
+            flush=True,
         )
-    for s in range(0, len(base["curve"]), max(1, len(base["curve"]) // 10)):
-        print(
-            f"  step {s:4d}: fp32 {base['curve'][s]['loss/total']:.4f}   "
-            f"fast {best['curve'][s]['loss/total']:.4f}"
-        )
-    print(
-        f"RESULT train_step (eager): {best['variant']} {best['images_per_s']:.1f} img/s vs fp32 eager "
-        f"{base['images_per_s']:.1f} img/s -> {base['step_s'] / best['step_s']:.2f}x",
-        flush=True,
-    )
+        results += rows
     if cuda:
-        cl = replace(fast, name=fast.name + "+cl", channels_last=True)
-        results.append(run_variant(cl, args, model0, disc0, device, args.steps))
-        if results[-1]["step_s"] < best["step_s"]:
-            fast = cl
-    if not args.no_compile:
-        a = argparse.Namespace(**{**vars(args), "skip": args.compile_skip})
-        comp = replace(fast, name=fast.name + "+compile", compile=True)
-        results.append(run_variant(comp, a, model0, disc0, device, args.compile_skip + args.steps))
-    top = min(results, key=lambda r: r["step_s"])
-
-    record = {"bench": "train_step", "device": device_line(device), "batch": args.batch, "curve_gaps": gaps}
-    flops = count_flops(args, model0, disc0, device) if cuda else 0.0
-    if cuda:
+        flops16 = count_flops(args, args.batches[0], model0, disc0, device) / args.batches[0]  # per image
         peak = peak_tflops(device)
-        mb = max_batch(replace(fast, compile=False), args, model0, disc0, device)
-        record.update(flops_per_step=flops, bf16_peak_tflops=peak, max_batch=mb)
-        print(
-            f"FLOPs per step (b={args.batch}): {flops / 1e12:.2f} TFLOP; "
-            f"measured bf16 matmul peak {peak:.0f} TFLOP/s"
-        )
+        record.update(flops_per_image=flops16, bf16_peak_tflops=peak)
+        print(f"FLOPs per image: {flops16 / 1e9:.1f} GFLOP; measured bf16 matmul peak {peak:.0f} TFLOP/s")
         for r in results:
-            r["achieved_tflops"] = flops / r["step_s"] / 1e12
+            r["achieved_tflops"] = flops16 * r["images_per_s"] / 1e12
             r["mfu"] = r["achieved_tflops"] / peak
-            print(f"  {r['variant']:>28}: {r['achieved_tflops']:6.1f} TFLOP/s  MFU {r['mfu']:.1%}")
-        print(
-            f"largest batch that fits ({fast.name}, eager): {mb['largest_batch']} "
-            f"(peak {mb['peak_gib_at_largest']:.1f} GiB; "
-            f"tried up to {mb['limit']})"
-        )
-    speedup = base["step_s"] / top["step_s"]
-    print(
-        f"RESULT train_step: {top['variant']} {top['images_per_s']:.1f} img/s vs fp32 eager "
-        f"{base['images_per_s']:.1f} img/s -> {speedup:.2f}x (goal >= 2.5x)"
-    )
-    record.update(results=results, speedup=speedup, fastest=top["variant"])
+            print(
+                f"  b={r['batch']:4d} {r['variant']:>22}: {r['achieved_tflops']:6.1f} TFLOP/s  "
+                f"MFU {r['mfu']:.1%}"
+            )
+        if args.max_batch_limit:
+            record["max_batch"] = max_batch(Variant("bf16 eager", fast=True), args, model0, disc0, device)
+    b0 = args.batches[0]
+    speedup = ratios[b0]["speedup"]
+    print(f"RESULT train_step: {ratios[b0]['fastest']} at batch {b0}: {speedup:.2f}x the fp32 eager step")
+    record.update(results=results, ratios=ratios, speedup=speedup, curve_gaps=gaps, host_syncs=syncs)
     write_json(args.json, record)
     return 0
 

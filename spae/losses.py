@@ -82,8 +82,10 @@ def candidate_mask(pool_scores: Tensor, thresholds: Sequence[float]) -> Tensor:
 
     Padding entries should carry a NaN or -inf score; they never pass a threshold.
     """
-    rho = torch.as_tensor(thresholds, dtype=pool_scores.dtype, device=pool_scores.device)  # [l]
-    return pool_scores.unsqueeze(0) >= rho[:, None, None]  # [l, b, k], s(I, k) >= rho_l (eq. 4)
+    # thresholds stay Python floats: no host -> device copy (a sync) per step
+    return torch.stack(
+        [pool_scores >= float(rho) for rho in thresholds]
+    )  # [l, b, k], s(I, k) >= rho_l (eq. 4)
 
 
 def sample_semantic_targets(
@@ -177,20 +179,21 @@ def semantic_loss(
 def _semantic_loss(
     layer_inputs: Sequence[Tensor], e_all: Tensor, targets: Sequence[Tensor], temperature: float, chunk: int
 ) -> Tensor:
-    per_layer = []
+    # Masked means instead of boolean indexing: no data-dependent shape, so no host sync per layer.
+    per_layer, has_target = [], []
     for z_l, c_l in zip(layer_inputs, targets, strict=False):
         keep = c_l.reshape(-1) >= 0  # [b * n_l]
-        if not bool(keep.any()):
-            continue
-        z = z_l.reshape(-1, z_l.shape[-1])[keep]  # [N, c]
-        c = c_l.reshape(-1)[keep].long()  # [N]
-        e_c = e_all[c].float()  # [N, c]
+        z = z_l.reshape(-1, z_l.shape[-1])  # [N, c], N = b * n_l
+        e_c = e_all[c_l.reshape(-1).clamp_min(0).long()].float()  # [N, c] (row 0 where no target)
         target_logit = (2.0 * (z.float() * e_c).sum(-1) - (e_c * e_c).sum(-1)) / temperature  # [N]
         lse = _StreamingLogSumExp.apply(z, e_all, float(temperature), int(chunk))  # [N]
-        per_layer.append((lse - target_logit).mean())  # E_z E_c -log softmax (eq. 7)
+        n = keep.sum()
+        per_layer.append(((lse - target_logit) * keep).sum() / n.clamp_min(1))  # E_z E_c -log softmax (eq. 7)
+        has_target.append((n > 0).float())
     if not per_layer:
         return sum((z.sum() * 0.0 for z in layer_inputs), torch.zeros((), device=e_all.device))
-    return torch.stack(per_layer).mean()  # E_l, l in [1, D'] (eq. 7)
+    has = torch.stack(has_target)  # [l]: layers without any target are left out of the mean
+    return (torch.stack(per_layer) * has).sum() / has.sum().clamp_min(1)  # E_l, l in [1, D'] (eq. 7)
 
 
 # --------------------------------------------------------------------------- appearance terms (eq. 8)

@@ -16,12 +16,14 @@ tokens so far (``PyramidSpec.coverage``):
   this is the paper's "Baseline VQ".
 
 Each layer does ONE nearest-code search over all of its positions in the batch (``nearest_codes``:
-a chunked GEMM with a running minimum). Ties go to the lowest codebook row.
+a chunked GEMM with a running minimum, or on CUDA one fused Triton kernel). Ties go to the lowest
+codebook row. ``walk_ids`` is the same walk for inference (ids only: ``SPAETokenizer.encode``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -96,7 +98,8 @@ def nearest_codes(
     ``codebook_sq`` [v]: precomputed ``||e||^2`` (fp32) to skip recomputing it. Ties: lowest row.
     ``fused``: on CUDA with a bf16/fp16 table, one Triton kernel does the GEMM and the argmin in its
     epilogue, so the [n, v] scores never reach memory (``fused_nearest_codes``); None = when available
-    (``SPAE_FUSED_SEARCH=0`` turns it off), False = always the chunked GEMM above.
+    (``SPAE_FUSED_SEARCH=0`` turns it off; ``SPAE_FUSED_KERNEL=tiled`` takes the first, non-persistent
+    kernel), False = always the chunked GEMM above.
     """
     if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
         raise ValueError(
@@ -113,7 +116,10 @@ def nearest_codes(
     if fused is None:
         fused = fused_search_available(x, codebook)
     if fused and n:
-        best, ids = fused_nearest_codes(x, codebook, codebook_sq)  # [n] each
+        import os
+
+        kernel = "tiled" if os.environ.get("SPAE_FUSED_KERNEL") == "tiled" else "persistent"
+        best, ids = fused_nearest_codes(x, codebook, codebook_sq, kernel=kernel)  # [n] each
         return ids, (best + x_sq).clamp_min(0)
     ids = torch.zeros(n, dtype=torch.long, device=x.device)
     best = torch.full((n,), float("inf"), dtype=acc, device=x.device)
@@ -132,10 +138,18 @@ def nearest_codes(
 
 
 # ----------------------------------------------------------------------------- fused search (CUDA)
-# One Triton program owns BM rows of x and a slice of the codebook; per BN-row tile it does the bf16
-# GEMM with fp32 accumulation, then ``||e||^2 - 2 x.e``, the tile's min/argmin and the running minimum,
-# all in registers. The codebook is split over ``num_splits`` program columns to fill the GPU when n
-# is small; the per-split minima [s, n] are combined in torch (ties: lowest row, as above).
+# Two Triton kernels do the bf16 GEMM with fp32 accumulation and ``||e||^2 - 2 x.e`` with its
+# min/argmin in the epilogue, so the [n, v] scores never reach memory:
+#
+# - ``persistent`` (the default): one program per SM walks ONE flattened loop over
+#   (work unit, codebook tile, k step); the tile's epilogue runs under ``if k == last``, so the loads of
+#   the next tile are already in flight while the argmin of this one is reduced, and the pipeline never
+#   drains between tiles. A work unit is (BM rows of x, a contiguous slice of codebook tiles); the number
+#   of slices is picked so the units spread evenly over the programs (no partial last wave). Each unit
+#   writes its (distance, row) as one int64 whose order is (distance, row), so the per-slice results
+#   combine with one ``min`` and ties go to the lowest row exactly, whatever the split.
+# - ``tiled`` (the first version, kept for comparison): a grid of (row block, split) programs, each
+#   looping over its codebook tiles with a K loop inside (the pipeline refills on every tile).
 
 try:  # triton ships with CUDA builds of torch; the CPU path never needs it
     import triton
@@ -154,11 +168,84 @@ def fused_search_available(x: Tensor, codebook: Tensor) -> bool:
         and codebook.is_cuda
         and codebook.dtype in (torch.bfloat16, torch.float16)
         and codebook.shape[1] % 32 == 0
+        and codebook.numel() < 2**31  # int32 offsets in the kernel
         and os.environ.get("SPAE_FUSED_SEARCH", "1") != "0"
     )
 
 
+@dataclass(frozen=True)
+class FusedSearchConfig:
+    """Tile and launch shape of the persistent kernel: BM rows of x x BN codebook rows per tile, BK per
+    k step; ``tma``: load tiles through Hopper's tensor-memory-accelerator descriptors;
+    ``programs_per_sm``: resident programs per SM (the grid is SMs x this)."""
+
+    bm: int = 128
+    bn: int = 256
+    bk: int = 64
+    warps: int = 8
+    stages: int = 3
+    tma: bool = False
+    programs_per_sm: int = 1
+
+
+# the default on CUDA, picked from ``bench/saq_search.py --sweep`` on an H100 (docs/BENCHMARKS.md):
+# 0.90-0.92 of a bare cuBLAS GEMM of the same shape; the same tile with pointer loads 0.71-0.75, the
+# tiled kernel 0.52-0.54. On GPUs before Hopper (no TMA) the same tile runs with pointer loads.
+FUSED_SEARCH = FusedSearchConfig(tma=True)
+
 if triton is not None:
+
+    @triton.jit
+    def _argmin_persistent_kernel(
+        x_src, e_src, esq_ptr, out_ptr, n, v, num_m, num_units, tiles_per_unit,
+        K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        NUM_PROGS: tl.constexpr, TMA: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        KT: tl.constexpr = K // BK  # k steps per tile
+        my_units = tl.cdiv(num_units - pid, NUM_PROGS)  # units pid, pid + P, pid + 2P, ...
+        steps = my_units * tiles_per_unit * KT
+        rk = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], tl.float32)
+        best = tl.full([BM], float("inf"), tl.float32)
+        best_i = tl.zeros([BM], tl.int32)
+        for step in range(steps):  # ONE loop over (unit, tile, k): the pipeline runs across tiles
+            ki = step % KT
+            tile = step // KT
+            tj = tile % tiles_per_unit
+            u = pid + (tile // tiles_per_unit) * NUM_PROGS  # units in m-fastest order: programs that
+            m0 = (u % num_m) * BM  # run together read the same codebook tiles (L2 reuse)
+            s = u // num_m  # codebook slice of this unit
+            v0 = (s * tiles_per_unit + tj) * BN
+            k0 = ki * BK
+            if TMA:
+                a = x_src.load([m0, k0])  # [BM, BK], zero-filled past n
+                b = e_src.load([v0, k0])  # [BN, BK], zero-filled past v
+            else:
+                rm = m0 + tl.arange(0, BM)
+                rn = v0 + tl.arange(0, BN)
+                a = tl.load(x_src + rm[:, None] * K + (k0 + rk)[None, :], mask=rm[:, None] < n, other=0.0)
+                b = tl.load(e_src + rn[:, None] * K + (k0 + rk)[None, :], mask=rn[:, None] < v, other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc)  # [BM, BN] x.e in fp32
+            if ki == KT - 1:  # the tile's epilogue; the next tile's loads are already in flight
+                rn = v0 + tl.arange(0, BN)
+                esq = tl.load(esq_ptr + rn, mask=rn < v, other=float("inf"))  # [BN]
+                dist = esq[None, :] - 2.0 * acc  # ||x||^2 is added by the caller
+                d_min, i_min = tl.min(
+                    dist, axis=1, return_indices=True, return_indices_tie_break_left=True
+                )  # first minimum within the tile
+                better = d_min < best  # strict: earlier tiles win ties
+                best = tl.where(better, d_min, best)
+                best_i = tl.where(better, i_min + v0, best_i)
+                if tj == tiles_per_unit - 1:  # the unit is done: one int64 per row, ordered (dist, row)
+                    rm = m0 + tl.arange(0, BM)
+                    bits = tl.where(best == 0.0, 0.0, best).to(tl.int32, bitcast=True)  # -0 -> +0
+                    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed int order
+                    packed = (key.to(tl.int64) << 32) | best_i.to(tl.int64)
+                    tl.store(out_ptr + s * n + rm, packed, mask=rm < n)
+                    best = tl.full([BM], float("inf"), tl.float32)
+                    best_i = tl.zeros([BM], tl.int32)
+                acc = tl.zeros([BM, BN], tl.float32)
 
     @triton.jit
     def _argmin_kernel(
@@ -205,18 +292,97 @@ if triton is not None:
     _argmin_tuned = triton.autotune(_FUSED_CONFIGS, key=["n", "v", "K", "BK"])(_argmin_kernel)
 
 
+@functools.lru_cache(maxsize=256)
+def plan_units(n: int, v: int, bm: int, bn: int, programs: int) -> tuple[int, int]:
+    """(codebook slices, tiles per slice) for the persistent kernel: the fewest slices among those that
+    give the shortest critical path, ceil(units / programs) x tiles per unit (units = row blocks x slices)."""
+    num_m, tiles = -(-n // bm), -(-v // bn)
+    best = None
+    for s in range(1, tiles + 1):
+        per = -(-tiles // s)
+        if s > 1 and -(-tiles // (s - 1)) == per:
+            continue  # same tiles per slice as s - 1: more units for nothing
+        cost = -(-num_m * s // programs) * per
+        if best is None or cost < best[0]:
+            best = (cost, -(-tiles // per), per)
+    return best[1], best[2]
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _decode(packed: Tensor) -> tuple[Tensor, Tensor]:
+    """int64 (key << 32 | row) -> (distance fp32, row int64); the inverse of the kernel's packing."""
+    key = packed >> 32
+    bits = (key ^ ((key >> 31) & 0x7FFFFFFF)).to(torch.int32)
+    return bits.view(torch.float32), packed & 0xFFFFFFFF
+
+
+def _persistent_search(
+    x: Tensor, codebook: Tensor, codebook_sq: Tensor, cfg: FusedSearchConfig
+) -> tuple[Tensor, Tensor]:
+    """One launch of the persistent kernel over x [n, c] (n * c < 2^31) -> (best [n] fp32, ids [n])."""
+    n, c = x.shape
+    v = codebook.shape[0]
+    programs = _sm_count(x.device) * cfg.programs_per_sm
+    slices, per = plan_units(n, v, cfg.bm, cfg.bn, programs)
+    num_m = -(-n // cfg.bm)
+    units = num_m * slices
+    out = torch.empty(slices, n, dtype=torch.int64, device=x.device)
+    if cfg.tma and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        cfg = replace(cfg, tma=False)  # TMA descriptors need Hopper or newer
+    if cfg.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        if x.data_ptr() % 16:  # TMA needs 16-byte aligned bases (c % 32 == 0 keeps the rows aligned)
+            x = x.clone()
+        if codebook.data_ptr() % 16:
+            codebook = codebook.clone()
+        x_src = TensorDescriptor.from_tensor(x, [cfg.bm, cfg.bk])
+        e_src = TensorDescriptor.from_tensor(codebook, [cfg.bn, cfg.bk])
+    else:
+        x_src, e_src = x, codebook
+    grid = (min(programs, units),)
+    _argmin_persistent_kernel[grid](
+        x_src, e_src, codebook_sq, out, n, v, num_m, units, per,
+        K=c, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, NUM_PROGS=grid[0], TMA=cfg.tma,
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+    return _decode(out.min(0).values if slices > 1 else out[0])
+
+
 def fused_nearest_codes(
-    x: Tensor, codebook: Tensor, codebook_sq: Tensor, block: tuple[int, int] | None = None
+    x: Tensor,
+    codebook: Tensor,
+    codebook_sq: Tensor,
+    block: tuple[int, int] | None = None,
+    kernel: Literal["persistent", "tiled"] = "persistent",
+    config: FusedSearchConfig | None = None,
 ) -> tuple[Tensor, Tensor]:
     """x [n, c], codebook [v, c] (same dtype), codebook_sq [v] fp32 -> (min of ``||e||^2 - 2 x.e`` [n]
-    fp32, ids [n] int64). ``block=(BM, BN)`` fixes the tile (tests, the interpreter); None autotunes."""
+    fp32, ids [n] int64; ties: the lowest row). ``kernel``: ``persistent`` (default) or ``tiled`` (the
+    first version). ``config``: the persistent kernel's shape (default ``FUSED_SEARCH``); ``block=(BM,
+    BN)`` overrides its tile (tests, the interpreter) or fixes the tiled kernel's (None: autotuned)."""
     assert triton is not None, "fused_nearest_codes needs triton"
     n, c = x.shape
     v = codebook.shape[0]
     x, codebook = x.contiguous(), codebook.contiguous()
     codebook_sq = codebook_sq.float().contiguous()
     bk = 64 if c % 64 == 0 else 32
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    if kernel == "persistent":
+        cfg = config or FUSED_SEARCH
+        cfg = replace(cfg, bk=min(cfg.bk, bk))
+        if block is not None:
+            cfg = replace(cfg, bm=block[0], bn=block[1])
+        rows = max(cfg.bm, ((2**31 - 1) // max(c, -(-v // cfg.bn))) // cfg.bm * cfg.bm)  # int32 offsets
+        parts = [_persistent_search(x[r : r + rows], codebook, codebook_sq, cfg) for r in range(0, n, rows)]
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if kernel != "tiled":
+        raise ValueError(f"fused search kernel {kernel!r} is not one of 'persistent', 'tiled'")
+    sms = _sm_count(x.device)
     splits = max(1, min(64, -(-2 * sms // -(-n // 128)), -(-v // 256)))  # ~2 waves of programs
     best = torch.empty(splits, n, dtype=torch.float32, device=x.device)
     idx = torch.empty(splits, n, dtype=torch.int32, device=x.device)
@@ -298,6 +464,65 @@ def _walk(
         codes.append(e)
     out = QuantizerOutput(ids, prefixes, inputs, commitment, zf.new_zeros(()))
     return out, codes
+
+
+@torch.no_grad()
+def walk_ids(
+    z: Tensor,
+    emb: Tensor,
+    pyramid: PyramidSpec,
+    average: bool,
+    chunk: int = 8192,
+    search_table: Tensor | None = None,
+    search_sq: Tensor | None = None,
+) -> list[Tensor]:
+    """The ids of ``_walk`` (same arithmetic, so the same ids) without what only training needs: no
+    prefixes, commitment or layer inputs, and the latent kept as [b, h*w, c] so each layer's targets are
+    already the search's [n_l, c] rows. The inference path of ``SPAETokenizer.encode``."""
+    b, c, *latent = z.shape
+    if tuple(latent) != pyramid.latent_size:
+        raise ValueError(
+            f"latent grid {tuple(latent)} does not match the pyramid's latent size {pyramid.latent_size}"
+        )
+    if emb.shape[1] != c:
+        raise ValueError(f"latent dim {c} does not match the codebook dim {emb.shape[1]}")
+    table = emb if search_table is None else search_table
+    sq = table.float().pow(2).sum(1) if search_sq is None else search_sq  # [v], once for all layers
+    flat_index, coverage = _pyramid_tensors(pyramid, z.device)
+    n_pos = pyramid.num_positions
+    full = [bool(torch.equal(i, torch.arange(n_pos))) for i in pyramid.flat_index]  # P(l) = every position
+    zt = z.reshape(b, c, n_pos).transpose(1, 2).contiguous()  # [b, hw, c]
+    s = torch.zeros_like(zt)  # running sum of e(k_i) per position
+    ids = []
+    for l in range(pyramid.num_layers):
+        idx = flat_index[l]  # [n_l]
+        n_l = idx.numel()
+        z_at = zt if full[l] else zt.index_select(1, idx)  # [b, n_l, c]
+        s_at = s if full[l] else s.index_select(1, idx)  # [b, n_l, c]
+        if l == 0:
+            z_l = z_at  # nothing chosen yet: s = 0, n_prev = 0
+        elif average:
+            n_prev = coverage[l - 1].index_select(0, idx)[:, None]  # [n_l, 1]
+            z_l = (1.0 + n_prev) * z_at - s_at  # eq. 2
+        else:
+            z_l = z_at - s_at  # residual
+        k = _nearest_ids(z_l.reshape(b * n_l, c), table, chunk, sq)  # [b*n_l]
+        if l + 1 < pyramid.num_layers:
+            e = emb[k].view(b, n_l, c).to(s.dtype)  # [b, n_l, c]
+            s.add_(e) if full[l] else s.index_add_(1, idx, e)
+        ids.append(k.view(b, *pyramid.layer_sizes[l]))
+    return ids
+
+
+def _nearest_ids(x: Tensor, table: Tensor, chunk: int, sq: Tensor) -> Tensor:
+    """``nearest_codes(x, table, chunk, sq)[0]`` without the distances (no ||x||^2 pass)."""
+    xs = x.to(table.dtype)
+    if x.shape[0] and fused_search_available(xs, table):
+        import os
+
+        kernel = "tiled" if os.environ.get("SPAE_FUSED_KERNEL") == "tiled" else "persistent"
+        return fused_nearest_codes(xs, table, sq, kernel=kernel)[1]
+    return nearest_codes(x, table, chunk, sq)[0]
 
 
 def saq_quantize(z: Tensor, codebook_emb: Tensor, pyramid: PyramidSpec, chunk: int = 8192) -> QuantizerOutput:
@@ -392,6 +617,17 @@ class Quantizer(nn.Module):
         return _walk(
             z, emb, self.pyramid, chunk, average=self.cfg.kind == "saq", search_table=table, search_sq=sq
         )[0]
+
+    @torch.no_grad()
+    def encode_ids(self, z: Tensor) -> list[Tensor]:
+        """z [b, c, *latent] -> per layer ids [b, *layer_size]: ``forward(z).ids`` without the training
+        outputs (``walk_ids``)."""
+        chunk, average = self.cfg.search_chunk, self.cfg.kind != "rq"
+        if self.cfg.kind == "vq":
+            return walk_ids(z, self.embedding.weight.detach(), self.pyramid, True, chunk)
+        table, sq = self._search()
+        emb = self.codebook.embeddings.detach()
+        return walk_ids(z, emb, self.pyramid, average, chunk, search_table=table, search_sq=sq)
 
     def lookup(self, ids: list[Tensor], up_to_layer: int) -> Tensor:
         """ids (layers 1..up_to_layer, each [b, *layer_size]) -> Ẑ<=l [b, c, *latent] (the decode path)."""

@@ -43,6 +43,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -336,12 +337,40 @@ def _pad_from_coarser(
 # ----------------------------------------------------------------------------- the tokenizer
 
 
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How ``SPAETokenizer.encode`` runs the encoder (the search and the SAQ walk are always fp32 targets
+    with the bf16/fp32 search of ``QuantizerConfig.search_dtype``).
+
+    dtype:   ``float32`` (default: the tokens of the training forward pass) or ``bfloat16`` (autocast
+             around the encoder, z cast back to fp32 before the walk: faster on GPUs, but near-ties in
+             the codebook can flip; docs/BENCHMARKS.md gives the agreement measured).
+    compile: ``torch.compile`` the encoder (and the [0, 1] -> [-1, 1] map). Off by default: the first
+             call pays the compilation (10-30 s on an H100 machine), which a run recovers only after
+             thousands of batches (docs/BENCHMARKS.md). Batches are padded up to the largest batch size
+             compiled so far, so a stage's last, smaller batch costs no recompilation.
+    compile_backend: the ``torch.compile`` backend (``inductor``; tests use ``aot_eager``).
+    compile_mode: the ``torch.compile`` mode (None: the default; e.g. ``max-autotune-no-cudagraphs``).
+    """
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"encode dtype {self.dtype!r} is not one of 'float32', 'bfloat16'")
+
+
 class SPAETokenizer(nn.Module):
     """Images <-> token pyramids <-> text around a trained ``SPAE``."""
 
-    def __init__(self, model: SPAE):
+    def __init__(self, model: SPAE, encode_options: EncodeOptions | None = None):
         super().__init__()
         self.model = model
+        self.encode_options = encode_options or EncodeOptions()
+        self._compiled: dict[str, object] = {}  # a plain dict: the compiled encoder is no submodule
         self.config: SPAEConfig = model.cfg
         self.pyramid: PyramidSpec = model.pyramid
         if self.config.quantizer.kind == "vq":  # a learned codebook has no words: name its rows
@@ -368,7 +397,8 @@ class SPAETokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, images: Tensor, layers: Sequence[int] | None = None) -> TokenPyramid:
         """images [b, C, H, W] (clips [b, C, T, H, W]) in [0, 1] -> TokenPyramid of ``layers``
-        (default: all)."""
+        (default: all). The encoder runs as ``encode_options`` says; the ids equal those of the
+        training forward pass (``SPAE.forward``) for the default fp32 eager encoder."""
         layers = (
             tuple(range(1, self.pyramid.num_layers + 1)) if layers is None else tuple(sorted(set(layers)))
         )
@@ -377,11 +407,40 @@ class SPAETokenizer(nn.Module):
         was_training = self.model.training
         self.model.eval()
         try:
-            z = self.model.encode_latent(images.to(self.device, torch.float32))
-            quant = self.model.quantizer(z)
+            z = self._encode_latent(images.to(self.device, torch.float32))  # [b, c, *latent] fp32
+            ids = self.model.quantizer.encode_ids(z)  # per layer [b, *layer_size]
         finally:
             self.model.train(was_training)
-        return TokenPyramid([quant.ids[l - 1].cpu() for l in layers], layers, self.vocabulary, self.pyramid)
+        flat = torch.cat([ids[l - 1].reshape(-1) for l in layers]).cpu()  # one device -> host copy
+        sizes = [ids[l - 1].numel() for l in layers]
+        out = [t.view(ids[l - 1].shape) for t, l in zip(flat.split(sizes), layers, strict=True)]
+        return TokenPyramid(out, layers, self.vocabulary, self.pyramid)
+
+    def _encode_latent(self, images: Tensor) -> Tensor:
+        """images [b, C, ...] in [0, 1] -> z [b, c, *latent] fp32, as ``encode_options`` says."""
+        opts = self.encode_options
+        if opts.dtype == "float32" and not opts.compile:
+            return self.model.encode_latent(images)
+        self.model._check_images(images)
+        if not opts.compile:
+            return _encoder_fn(self.model.encoder, opts.dtype)(images)
+        key = f"{opts.dtype}/{opts.compile_backend}/{opts.compile_mode}"
+        if key not in self._compiled:
+            fn = torch.compile(
+                _encoder_fn(self.model.encoder, opts.dtype),
+                backend=opts.compile_backend,
+                mode=opts.compile_mode,
+                dynamic=False,
+            )
+            self._compiled[key] = (fn, 0)
+        fn, size = self._compiled[key]
+        b = images.shape[0]
+        if b > size:  # a new, larger batch: compiled once more, and kept as the size to pad to
+            size = 1 << (b - 1).bit_length()
+            self._compiled[key] = (fn, size)
+        if size > b:  # every image is encoded on its own (per-image GroupNorm): the pads change nothing
+            images = torch.cat([images, images.new_zeros(size - b, *images.shape[1:])])
+        return fn(images)[:b]
 
     @torch.no_grad()
     def decode(self, pyramid: TokenPyramid, up_to_layer: int | None = None) -> Tensor:
@@ -509,6 +568,17 @@ class SPAETokenizer(nn.Module):
         return cls(model.to(map_location))
 
 
+def _encoder_fn(encoder: nn.Module, dtype: str):
+    """images in [0, 1] -> z fp32 through ``encoder``, under bf16 autocast when ``dtype`` says so."""
+
+    def run(images: Tensor) -> Tensor:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            z = encoder(images * 2.0 - 1.0)  # [b, c, *latent]
+        return z.float()
+
+    return run
+
+
 def _resolve(path_or_uri: str | Path) -> Path:
     uri = str(path_or_uri)
     if uri.startswith("file://"):
@@ -536,4 +606,4 @@ def _find_folder(path: Path) -> Path:
     return found[0]
 
 
-__all__ = ["ParseReport", "SPAETokenizer", "TokenPyramid", "Vocabulary"]
+__all__ = ["EncodeOptions", "ParseReport", "SPAETokenizer", "TokenPyramid", "Vocabulary"]

@@ -13,6 +13,20 @@ Both updates are guarded: a non-finite loss or gradient norm skips that update a
 ``skipped_steps`` (the weights, the optimizer moments and the LeCAM anchors stay as they were).
 Under ``torch.distributed`` the decision is all-reduced so every rank skips together.
 
+No host sync in the trainer (docs/BENCHMARKS.md, section 2): its own code never waits for the
+device. The guard is a device flag handed to the fused Adam as ``found_inf`` (the kernel skips the
+update and puts the step counter back, the way ``GradScaler`` uses it), the LeCAM anchors are
+restored with ``torch.where``, the skip counters are device tensors, distinct tokens are counted
+without ``unique``, and the metrics come back as ``StepMetrics``: tensors until the first read,
+then ONE batched device -> host copy. A caller that reads the metrics only on log steps pays one
+sync there. (Eq. 7's ``_semantic_loss`` in spae/losses.py still syncs per semantic layer.)
+
+Speed options (``OptimConfig``): ``compile`` (default: on for CUDA) compiles the encoder, the
+decoder and the discriminator in place with ``torch.compile`` (one static graph per batch shape);
+``tf32`` (default: on for CUDA) runs the fp32 matmuls of the step (eq. 7's softmax over the
+codebook) on TF32 tensor cores; ``channels_last`` (default: off) stores the convolution weights and
+the images channels-last.
+
 The trainer takes the module to call (``model`` may be a DDP wrapper around ``SPAE``) and finds the
 bare ``SPAE`` behind it for the pyramid and the codebook. Targets for step ``s`` on rank ``r`` are
 drawn from a generator seeded with ``(seed, r, s)``, so a resumed run samples what an uninterrupted
@@ -34,8 +48,10 @@ updated from each rank's own logits; the checkpoint keeps rank 0's.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,7 +66,6 @@ from spae.losses import (
     PerceptualLoss,
     appearance_loss,
     discriminator_loss,
-    discriminator_total,
     dynamic_weight,
     generator_gan_loss,
     lecam_loss,
@@ -75,6 +90,15 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still checked)
     gan_start_step: int = 0  # the discriminator and the GAN term switch on at this step
     latent_init: bool = True  # step 0 of a fresh run: start z on the codebook (SPAE.match_latent_to_codebook)
+    # torch.compile of the encoder, decoder and discriminator: "auto" = on CUDA, off on the CPU
+    compile: Literal["auto", "on", "off"] = "auto"
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
+    # TF32 tensor cores for fp32 matmuls (torch.set_float32_matmul_precision("high"), process-wide):
+    # "auto" = on CUDA; "off" leaves the process setting as it is
+    tf32: Literal["auto", "on", "off"] = "auto"
+    # channels-last weights and images for the encoder, decoder and discriminator ("auto" = on CUDA
+    # when compiled: eager GroupNorm is slower in channels-last, docs/BENCHMARKS.md)
+    channels_last: Literal["auto", "on", "off"] = "off"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -94,6 +118,23 @@ class OptimConfig:
             )
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("optim.grad_clip and optim.weight_decay must be >= 0")
+        for key, allowed in (
+            ("compile", ("auto", "on", "off")),
+            ("compile_mode", ("default", "max-autotune-no-cudagraphs", "max-autotune")),
+            ("tf32", ("auto", "on", "off")),
+            ("channels_last", ("auto", "on", "off")),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"optim.{key}={getattr(self, key)!r}; allowed: {', '.join(allowed)}")
+
+    def enabled(self, key: Literal["compile", "tf32", "channels_last"], device: torch.device | str) -> bool:
+        """Whether the option ``key`` is on for ``device`` ("auto" = on CUDA only; for channels_last:
+        on CUDA when compiled)."""
+        value = getattr(self, key)
+        auto = torch.device(device).type == "cuda"
+        if key == "channels_last":
+            auto = auto and self.enabled("compile", device)
+        return value == "on" or (value == "auto" and auto)
 
 
 def learning_rate(step: int, cfg: OptimConfig, base: float | None = None) -> float:
@@ -117,21 +158,124 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if hasattr(module, "module") else module  # DDP / FSDP-style wrappers
 
 
+@functools.cache
+def _fused_adam_on_cpu() -> bool:
+    """This torch has a CPU kernel for the fused Adam (2.4 and later)."""
+    try:
+        p = torch.nn.Parameter(torch.zeros(1))
+        p.grad = torch.zeros(1)
+        torch.optim.Adam([p], fused=True).step()
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is true on any rank (a no-op outside torch.distributed)."""
-    if not _distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+def _any_rank_(flag: Tensor) -> Tensor:
+    """All-reduce a float flag with MAX in place (a no-op outside torch.distributed); no host sync."""
+    if _distributed():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
 
 
-def _finite(x: Tensor | float) -> bool:
-    return bool(torch.isfinite(torch.as_tensor(x)).all())
+def _nonfinite(*xs: Tensor) -> Tensor:
+    """1.0 if any of ``xs`` holds a NaN/inf, else 0.0: a float32 device scalar (Adam's ``found_inf``)."""
+    bad = torch.zeros((), dtype=torch.bool, device=xs[0].device)
+    for x in xs:
+        bad = bad | ~torch.isfinite(x.detach()).all()
+    return bad.float()
+
+
+def _fused(opt: torch.optim.Optimizer) -> bool:
+    return bool(opt.defaults.get("fused"))
+
+
+def _guarded_step(opt: torch.optim.Optimizer, found_inf: Tensor) -> None:
+    """``opt.step()`` unless ``found_inf`` is 1. A fused Adam skips on the device (no sync): the kernel
+    leaves weights and moments alone and the step counter is put back; other optimizers read the flag."""
+    if _fused(opt):
+        opt.found_inf = found_inf  # type: ignore[attr-defined]  # read by the fused kernel, as GradScaler sets it
+        opt.step()
+    elif not bool(found_inf):  # host sync: only for a non-fused optimizer
+        opt.step()
+
+
+@torch.no_grad()
+def _lecam_update_(ema: LeCAMEMA, real_logits: Tensor, fake_logits: Tensor) -> None:
+    """``LeCAMEMA.update`` without reading ``num_updates`` on the host: the first update copies the means."""
+    d = torch.where(ema.num_updates > 0, ema.decay, 0.0)  # [] on the device
+    ema.ema_real.mul_(d).add_((1 - d) * real_logits.detach().float().mean())
+    ema.ema_fake.mul_(d).add_((1 - d) * fake_logits.detach().float().mean())
+    ema.num_updates += 1
+
+
+def distinct_tokens(ids: list[Tensor], vocab: int) -> Tensor:
+    """Distinct codebook rows per layer without ``unique`` (no host sync): ids per layer [b, ...] -> [L]."""
+    offsets = [layer.reshape(-1) + l * vocab for l, layer in enumerate(ids)]  # layer l -> rows [l v, (l+1) v)
+    seen = torch.zeros(len(ids) * vocab, dtype=torch.bool, device=ids[0].device)  # [L * v]
+    seen.index_fill_(0, torch.cat(offsets), True)
+    return seen.view(len(ids), vocab).sum(1)  # [L]
+
+
+class StepMetrics(MutableMapping):
+    """The metrics of one step, a ``dict[str, float]`` to its readers. Values stay device tensors until
+    the first read; then ONE batched device -> host copy turns all of them into floats. Keys, ``in`` and
+    ``len`` never touch the device; setting a key (``m["images_per_s"] = x``) works before or after."""
+
+    def __init__(self, values: dict[str, Tensor | float]) -> None:
+        self._raw = dict(values)
+        self._host: dict[str, float] | None = None
+
+    def _resolve(self) -> dict[str, float]:
+        if self._host is None:
+            host = {k: float(v) for k, v in self._raw.items() if not isinstance(v, Tensor)}
+            by_device: dict[torch.device, list[str]] = {}
+            for k, v in self._raw.items():
+                if isinstance(v, Tensor):
+                    by_device.setdefault(v.device, []).append(k)
+            for keys in by_device.values():
+                flat = torch.stack([self._raw[k].detach().reshape(()).double() for k in keys])  # [n]
+                host.update(zip(keys, flat.cpu().tolist(), strict=True))  # the one sync
+            self._host = {k: host[k] for k in self._raw}  # insertion order kept
+        return self._host
+
+    @property
+    def resolved(self) -> bool:
+        """True once the values have been copied to the host."""
+        return self._host is not None
+
+    def __getitem__(self, key: str) -> float:
+        if key not in self._raw:
+            raise KeyError(key)
+        return self._resolve()[key]
+
+    def __setitem__(self, key: str, value: Tensor | float) -> None:
+        self._raw[key] = value
+        if self._host is not None:
+            if isinstance(value, Tensor):
+                self._host = None  # read again (with the new tensor) on the next access
+            else:
+                self._host[key] = float(value)
+
+    def __delitem__(self, key: str) -> None:
+        del self._raw[key]
+        if self._host is not None:
+            del self._host[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __repr__(self) -> str:
+        return f"StepMetrics({self._resolve()!r})"
 
 
 class SPAETrainer:
@@ -170,12 +314,13 @@ class SPAETrainer:
         self.perceptual = perceptual if loss_cfg.perceptual_weight > 0 else None
         self.gan_on = loss_cfg.gan_weight > 0 and discriminator is not None
         self.seed, self.rank = int(seed), int(rank)
+        fused = self.device.type == "cuda" or _fused_adam_on_cpu()  # one kernel for all parameters
         self.opt_g = torch.optim.Adam(
             [p for p in model.parameters() if p.requires_grad],
             lr=optim_cfg.lr,
             betas=optim_cfg.betas,
             weight_decay=optim_cfg.weight_decay,
-            fused=self.device.type == "cuda",  # one kernel for all parameters (docs/BENCHMARKS.md)
+            fused=fused,
         )
         self.opt_d = (
             torch.optim.Adam(
@@ -183,15 +328,47 @@ class SPAETrainer:
                 lr=optim_cfg.disc_lr,
                 betas=optim_cfg.betas,
                 weight_decay=optim_cfg.weight_decay,
-                fused=self.device.type == "cuda",
+                fused=fused,
             )
             if discriminator is not None
             else None
         )
         self.lecam = LeCAMEMA(loss_cfg.lecam_ema_decay).to(self.device)
         self.step_count = 0  # steps attempted (the schedule position)
-        self.skipped_steps = 0  # generator updates skipped by the NaN/inf guard
-        self.skipped_disc_steps = 0
+        self._skipped = torch.zeros((), dtype=torch.long, device=self.device)  # generator updates skipped
+        self._skipped_disc = torch.zeros((), dtype=torch.long, device=self.device)
+        if optim_cfg.enabled("tf32", self.device):
+            torch.set_float32_matmul_precision("high")  # process-wide, as the train job sets it
+        self.compiled = optim_cfg.enabled("compile", self.device)
+        self.channels_last = optim_cfg.enabled("channels_last", self.device)
+        modules = [self.core.encoder, self.core.decoder]
+        modules += [_unwrap(discriminator)] if discriminator is not None else []
+        if self.channels_last:
+            for m in modules:
+                m.to(memory_format=torch.channels_last)  # 4-d weights only; values unchanged
+        if self.compiled:
+            mode = None if optim_cfg.compile_mode == "default" else optim_cfg.compile_mode
+            for m in modules:  # in place: parameter names and state dicts stay as they are
+                m.compile(mode=mode, dynamic=False)  # one graph per batch shape (the GAN term and D's step)
+
+    # ------------------------------------------------------------------ counters (device tensors)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Generator updates skipped by the NaN/inf guard (reading it syncs with the device)."""
+        return int(self._skipped)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped = torch.tensor(int(value), dtype=torch.long, device=self.device)
+
+    @property
+    def skipped_disc_steps(self) -> int:
+        return int(self._skipped_disc)
+
+    @skipped_disc_steps.setter
+    def skipped_disc_steps(self, value: int) -> None:
+        self._skipped_disc = torch.tensor(int(value), dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ the step
 
@@ -203,9 +380,11 @@ class SPAETrainer:
         g.manual_seed((self.seed * 1_000_003 + self.rank * 7_919 + self.step_count) % (2**63))
         return g
 
-    def step(self, images: Tensor, pool_ids: Tensor, pool_scores: Tensor) -> dict[str, float]:
+    def step(self, images: Tensor, pool_ids: Tensor, pool_scores: Tensor) -> StepMetrics:
         """images [b, 3, H, W] in [0, 1], pool_ids [b, k] codebook rows (-1 = padding), pool_scores [b, k]
-        normalised eq. 6 scores -> every loss term, w, lr, |z| and distinct tokens per layer."""
+        normalised eq. 6 scores -> every loss term, w, lr, |z| and distinct tokens per layer.
+
+        Never waits for the device: the metrics are read (one batched copy) when first accessed."""
         cfg, lcfg = self.cfg, self.loss_cfg
         step = self.step_count
         lr = learning_rate(step, cfg)
@@ -214,14 +393,16 @@ class SPAETrainer:
         if self.opt_d is not None:
             for group in self.opt_d.param_groups:
                 group["lr"] = learning_rate(step, cfg, base=cfg.disc_lr)
-        images = images.to(self.device, torch.float32)
-        pool_ids = pool_ids.to(self.device)
-        pool_scores = pool_scores.to(self.device, torch.float32)
+        images = images.to(self.device, torch.float32, non_blocking=True)
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        pool_ids = pool_ids.to(self.device, non_blocking=True)
+        pool_scores = pool_scores.to(self.device, torch.float32, non_blocking=True)
         gan_active = self.gan_on and step >= cfg.gan_start_step
         if step == 0 and cfg.latent_init:
             self._match_latent(images)
         self.model.train()
-        metrics: dict[str, float] = {"lr": lr, "step": float(step)}
+        metrics: dict[str, Tensor | float] = {"lr": lr, "step": float(step)}
 
         # ---- generator: eq. 7, 8, 9
         with self._autocast():
@@ -259,32 +440,29 @@ class SPAETrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         )
-        bad = not (_finite(total) and _finite(grad_norm))
-        if _any_rank(bad, self.device):
-            self.skipped_steps += 1
-            self.opt_g.zero_grad(set_to_none=True)
-            metrics["skipped"] = 1.0
-        else:
-            self.opt_g.step()
-            metrics["skipped"] = 0.0
+        bad = _any_rank_(_nonfinite(total, grad_norm))  # [] 1.0 = skip on every rank
+        _guarded_step(self.opt_g, bad)
+        self._skipped = self._skipped + bad.long()  # out of place: earlier metrics keep their value
+        metrics["skipped"] = bad
 
         # ---- discriminator: logistic loss + phi LeCAM
         if gan_active:
             metrics.update(self._disc_step(out.target.detach(), fake.detach(), images.shape[0]))
 
         with torch.no_grad():
-            metrics.update({f"loss/{k}": float(v) for k, v in terms.items()})
-            metrics["loss/appearance"] = float(l_app)
-            metrics["loss/semantic"] = float(l_sem)
-            metrics["loss/total"] = float(total)
-            metrics["w"] = float(w)
-            metrics["grad_norm"] = float(grad_norm)
-            metrics["z_norm"] = float(out.z.detach().float().norm(dim=1).mean())  # mean |z| over positions
-            for l, ids in enumerate(out.quant.ids, start=1):
-                metrics[f"tokens/l{l}"] = float(ids.unique().numel())  # distinct tokens in the batch
+            metrics.update({f"loss/{k}": v.detach() for k, v in terms.items()})
+            metrics["loss/appearance"] = l_app.detach()
+            metrics["loss/semantic"] = l_sem.detach()
+            metrics["loss/total"] = total.detach()
+            metrics["w"] = w.detach() if isinstance(w, Tensor) else float(w)
+            metrics["grad_norm"] = grad_norm.detach()
+            metrics["z_norm"] = out.z.detach().float().norm(dim=1).mean()  # mean |z| over positions
+            tokens = distinct_tokens(out.quant.ids, self.core.quantizer.num_codes)  # [L], in the batch
+            for l in range(len(out.quant.ids)):
+                metrics[f"tokens/l{l + 1}"] = tokens[l]
         self.step_count += 1
-        metrics["skipped_steps"] = float(self.skipped_steps)
-        return metrics
+        metrics["skipped_steps"] = self._skipped
+        return StepMetrics(metrics)
 
     def _match_latent(self, images: Tensor) -> None:
         """Rank 0 fits the encoder's output layer to the codebook on its first batch; every rank copies it."""
@@ -294,31 +472,33 @@ class SPAETrainer:
             for p in (conv.weight, conv.bias):
                 dist.broadcast(p.data, src=0)
 
-    def _disc_step(self, real: Tensor, fake: Tensor, b: int) -> dict[str, float]:
+    def _disc_step(self, real: Tensor, fake: Tensor, b: int) -> dict[str, Tensor]:
         assert self.disc is not None and self.opt_d is not None
         anchors = {k: v.clone() for k, v in self.lecam.state_dict().items()}
         with self._autocast():
             logits = self.disc(torch.cat([real, fake], 0))  # one pass: DDP syncs once
             real_logits, fake_logits = logits[:b], logits[b:]
-            loss = discriminator_total(real_logits, fake_logits, self.lecam, self.loss_cfg)  # updates the EMA
+            _lecam_update_(self.lecam, real_logits, fake_logits)  # the EMA anchors first
+            d_loss = discriminator_loss(real_logits, fake_logits)
+            lecam = lecam_loss(real_logits, fake_logits, self.lecam)
+            loss = d_loss + self.loss_cfg.lecam_weight * lecam  # + phi L_LeCAM
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(list(self.disc.parameters()), clip)
-        if _any_rank(not (_finite(loss) and _finite(norm)), self.device):
-            self.skipped_disc_steps += 1
-            self.opt_d.zero_grad(set_to_none=True)
-            self.lecam.load_state_dict(anchors)  # the anchors never see a poisoned batch
-        else:
-            self.opt_d.step()
+        bad = _any_rank_(_nonfinite(loss, norm))
+        _guarded_step(self.opt_d, bad)
         with torch.no_grad():
-            return {
-                "loss/disc": float(discriminator_loss(real_logits, fake_logits)),
-                "loss/lecam": float(lecam_loss(real_logits, fake_logits, self.lecam)),
-                "disc/real": float(real_logits.float().mean()),
-                "disc/fake": float(fake_logits.float().mean()),
-                "skipped_disc_steps": float(self.skipped_disc_steps),
-            }
+            for k, v in self.lecam.state_dict().items():  # the anchors never see a poisoned batch
+                v.copy_(torch.where(bad > 0, anchors[k], v))
+        self._skipped_disc = self._skipped_disc + bad.long()
+        return {
+            "loss/disc": d_loss.detach(),
+            "loss/lecam": lecam.detach(),
+            "disc/real": real_logits.detach().float().mean(),
+            "disc/fake": fake_logits.detach().float().mean(),
+            "skipped_disc_steps": self._skipped_disc,
+        }
 
     # ------------------------------------------------------------------ state
 

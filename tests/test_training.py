@@ -148,3 +148,39 @@ def test_semantic_loss_off_without_alpha():
     assert out["loss/semantic"] == 0.0 and out["w"] == 0.0
     assert out["loss/total"] == pytest.approx(out["loss/appearance"])
     assert "loss/disc" not in out
+
+
+def _poisoned_rank_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    trainer = make_trainer()  # the same weights on both ranks
+    images, ids, scores = batch(seed=rank)
+    trainer.step(images, ids, scores)
+    before = [p.detach().clone() for p in trainer.core.parameters()]
+    if rank == 1:
+        images = images.clone()
+        images[0, 0, 0, 0] = float("nan")  # only rank 1 sees a poisoned batch
+    m = trainer.step(images, ids, scores)
+    unchanged = all(torch.equal(p, q) for p, q in zip(trainer.core.parameters(), before, strict=True))
+    torch.save(
+        {"skipped": m["skipped"], "unchanged": unchanged, "count": trainer.skipped_steps}, f"{out}.{rank}"
+    )
+    dist.destroy_process_group()
+
+
+def test_nan_guard_skips_on_every_rank_when_one_rank_is_poisoned(tmp_path):
+    """The device flag is all-reduced (MAX) without a host read: rank 0's clean batch is skipped too."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank")
+    mp.start_processes(_poisoned_rank_worker, args=(port, out), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        r = torch.load(f"{out}.{rank}")
+        assert r == {"skipped": 1.0, "unchanged": True, "count": 1}, (rank, r)
