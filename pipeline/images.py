@@ -29,7 +29,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -185,6 +185,51 @@ def to_float(pixels: np.ndarray) -> np.ndarray:
     clips ``[n, T, H, W, 3]`` -> ``[n, 3, T, H, W]``."""
     axes = (0, 4, 1, 2, 3) if pixels.ndim == 5 else (0, 3, 1, 2)
     return np.ascontiguousarray(pixels.transpose(axes), dtype=np.float32) / 255.0
+
+
+_UNIT = np.arange(256, dtype=np.float32) / 255.0  # [256]: exactly the values to_float gives each byte
+_LOOKUP: dict[str, Any] = {}  # device -> _UNIT as a tensor there
+
+
+def pixels_to_device(pixels: np.ndarray, device: Any) -> Any:
+    """uint8 ``[n, H, W, 3]`` -> float32 ``[n, 3, H, W]`` in ``[0, 1]`` on ``device`` (a torch tensor);
+    clips ``[n, T, H, W, 3]`` -> ``[n, 3, T, H, W]``. Bit-identical to ``torch.from_numpy(to_float(p))``.
+
+    On CUDA the uint8 bytes cross (through pinned memory, without blocking the host), a quarter of
+    what ``to_float``'s float32 copy would move, and the layout change and the conversion run there
+    (``unit_floats``). On the CPU it is ``to_float``, the fastest there.
+    """
+    import torch
+
+    if pixels.dtype != np.uint8 or pixels.ndim not in (4, 5):
+        raise ValueError(
+            f"pixels: expected uint8 [n, H, W, 3] or [n, T, H, W, 3], got {pixels.dtype} {pixels.shape}"
+        )
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.from_numpy(to_float(pixels)).to(device)
+    host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+    host.numpy()[...] = pixels  # the one host copy, into page-locked memory
+    return unit_floats(host.to(device, non_blocking=True))
+
+
+_UNIT = np.arange(256, dtype=np.float32) / 255.0  # [256]: exactly the value to_float gives each byte
+_LOOKUP: dict[str, Any] = {}  # device -> _UNIT as a tensor there
+
+
+def unit_floats(x: Any) -> Any:
+    """uint8 tensor ``[n, H, W, 3]`` (clips ``[n, T, H, W, 3]``) -> float32 ``[n, 3, (T,) H, W]`` in
+    ``[0, 1]`` on its device, contiguous. A lookup of the 256 values ``to_float`` computes, so the
+    result is bit-identical to it (a GPU divides by a scalar as a multiply by its reciprocal, which
+    can differ in the last bit)."""
+    import torch
+
+    axes = (0, 4, 1, 2, 3) if x.dim() == 5 else (0, 3, 1, 2)
+    x = x.permute(axes).contiguous()  # [n, 3, (T,) H, W] uint8: the layout change at 1 byte a value
+    key = str(x.device)
+    if key not in _LOOKUP:
+        _LOOKUP[key] = torch.from_numpy(_UNIT).to(x.device)
+    return _LOOKUP[key][x.long()]  # [n, 3, (T,) H, W] float32
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.images import decode_source, to_float
+from pipeline.images import decode_source, pixels_to_device, to_float
 from pipeline.ray_utils import RayConfig
 from pipeline.schemas import POOLS_SCHEMA
 from pipeline.search import SearchConfig, TokenSearch, normalize_scores
@@ -118,7 +118,7 @@ class PoolStage:
         """uint8 ``[b, H, W, 3]`` -> ``f_I`` ``[b, d]``; clips ``[b, T, H, W, 3]``: the mean over sampled
         frames, L2-normalised."""
         if pixels.ndim == 4:
-            images = torch.from_numpy(to_float(pixels))  # [b, 3, H, W] in [0, 1]
+            images = pixels_to_device(pixels, self.scorer.device)  # [b, 3, H, W] in [0, 1], uint8 across
             return self.scorer.embed_images(images).float().cpu().numpy()  # [b, d]
         from spae.video import sample_frame_indices
 
@@ -137,7 +137,8 @@ class PoolStage:
         ids = np.zeros((n, k), np.int32)
         scores = np.zeros((n, k), np.float32)
         if ok.any():
-            f = self.embed(np.asarray(batch["pixels"])[ok])  # [b, d]  f_I(I)
+            pixels = np.asarray(batch["pixels"])
+            f = self.embed(pixels if ok.all() else pixels[ok])  # [b, d]  f_I(I); no host copy if all ok
             result = self.search.search(f, k)  # eq. 4's s'(I, k) for the top-K, min and max
             feats[ok] = f.astype(np.float16)
             s_min[ok], s_max[ok] = result.s_min, result.s_max

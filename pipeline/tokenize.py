@@ -1,12 +1,14 @@
 """The tokenize job: a dataset of images -> a lexical corpus (see docs/CORPUS.md), exactly once.
 
-    input shards -> read + decode (tasks) -> TokenizeStage (actor pool, CPU or GPU)
+    input shards -> read + decode (tasks) -> TokenizeStage, ids only (actor pool, CPU or GPU)
+        -> add_words: words and text (tasks, on the other CPUs)
         -> ShardWriter on the driver: per shard, errors, then part-<id>.jsonl, then part-<id>.parquet
 
 ``TokenizeStage`` is Ray-free: it loads the tokenizer once and maps a numpy batch (``KEEP`` columns
-+ ``pixels``) to corpus columns. The driver then checks the corpus (counts, token histograms and
-utilization per layer, a round trip on a sample: the emitted ids are re-derived with the library
-and decoded, PSNR against the originals) and logs everything to one MLflow run per output.
++ ``pixels``) to corpus columns (``words=False``: the token ids only; ``WordsStage`` adds the rest).
+The driver then checks the corpus (counts, token histograms and utilization per layer, a round trip
+on a sample: the emitted ids are re-derived with the library and decoded, PSNR against the
+originals) and logs everything to one MLflow run per output.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pipeline.corpus import (
     tokens_column,
     words_column,
 )
-from pipeline.images import FIT_MODES, decode_batch, to_float
+from pipeline.images import FIT_MODES, decode_batch, pixels_to_device, to_float
 from pipeline.ray_utils import RayConfig, init_ray
 from pipeline.shards import ShardWriter, read_manifest
 from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
@@ -143,42 +145,127 @@ class TokenizeStage:
     ``[n, T, H, W, 3]``) -> ``KEEP`` + corpus columns.
 
     Rows with an error pass through (empty tokens); an encode failure turns the batch's rows into
-    errors of stage ``tokenize`` instead of killing the job.
+    errors of stage ``tokenize`` instead of killing the job. The uint8 pixels go to the device as
+    they are and become floats there (``pixels_to_device``). ``words=False`` emits the token ids
+    only (``tokens_l<l>``, no ``words_l<l>`` / ``text``): the Ray job then builds words and text in
+    ``WordsStage`` on the CPUs, off the GPU actor.
     """
 
-    def __init__(self, tokenizer: str, layers: Sequence[int] = (), device: str = "auto"):
+    def __init__(self, tokenizer: str, layers: Sequence[int] = (), device: str = "auto", words: bool = True):
         self.tokenizer = load_tokenizer(tokenizer, device)
         self.layers = resolve_layers(layers, self.tokenizer.pyramid)
+        self.words = WordsStage(self.tokenizer.vocabulary.words, self.layers) if words else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         out = carry(batch)
         n = len(batch["image_id"])
         error = np.array([_reason(e) for e in batch["error"]], dtype=object)
         stage = np.array([_reason(s) for s in batch.get("error_stage", [None] * n)], dtype=object)
         ok = error == ""
         tokens = {l: np.zeros((n, self.tokenizer.pyramid.token_counts[l - 1]), np.int32) for l in self.layers}
-        words = {l: _object_array([[] for _ in range(n)]) for l in self.layers}
-        text = np.full(n, "", dtype=object)
         rows = np.flatnonzero(ok)
         if len(rows):
             try:
-                images = torch.from_numpy(to_float(np.asarray(batch["pixels"])[rows]))  # [k, 3, (T,) H, W]
+                pixels = np.asarray(batch["pixels"])
+                pixels = pixels if len(rows) == n else pixels[rows]  # no host copy when every row is ok
+                images = pixels_to_device(pixels, self.tokenizer.device)  # [k, 3, (T,) H, W] in [0, 1]
                 pyramid = self.tokenizer.encode(images, layers=self.layers)
                 for l in self.layers:
                     tokens[l][rows] = pyramid.layer_ids(l).reshape(len(rows), -1).numpy()  # [k, n_l]
-                    for i, w in zip(rows, pyramid.words(l), strict=True):
-                        words[l][i] = w
-                text[rows] = pyramid.to_text(self.layers)
             except Exception as e:  # noqa: BLE001 - a failing batch becomes error rows, not a dead job
                 error[rows] = f"tokenize failed: {type(e).__name__}: {e}"
                 stage[rows] = TOKENIZE_STAGE
-        out.update(error=error, error_stage=stage, text=text)
+                for l in self.layers:
+                    tokens[l][rows] = 0
+        out.update(error=error, error_stage=stage)
         for l in self.layers:
             out[tokens_column(l)] = tokens[l]
+        return self.words(out) if self.words is not None else out
+
+
+class WordsStage:
+    """Ray-free, CPU: ``tokens_l<l>`` int ``[n, n_l]`` + ``error`` -> + ``words_l<l>`` (a list of words
+    per row) and ``text`` (``"[L1] w [L2] w w w w ..."``, as ``TokenPyramid.to_text``). Rows with an
+    error get ``[]`` and ``""``.
+
+    One vectorised lookup per batch (``words[ids]``) and one ``join`` per row instead of a Python
+    lookup per token: the layer tags are extra rows of the lookup table, so each row's text is a
+    single join of its tags and words.
+    """
+
+    def __init__(self, words: Sequence[str], layers: Sequence[int]):
+        self.layers = tuple(layers)
+        v = len(words)
+        # [v + L]: the vocabulary, then "[L<l>]" for each emitted layer (ids v, v+1, ...)
+        self.table = np.asarray([*words, *(f"[L{l}]" for l in self.layers)], dtype=object)
+        self.tags = {l: v + i for i, l in enumerate(self.layers)}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["error"])
+        rows = np.flatnonzero(np.array([_reason(e) == "" for e in batch["error"]], dtype=bool))
+        words = {l: _object_array([[] for _ in range(n)]) for l in self.layers}
+        text = np.full(n, "", dtype=object)
+        if len(rows):
+            parts = []
+            for l in self.layers:
+                ids = np.asarray(batch[tokens_column(l)])[rows].astype(np.int64)  # [k, n_l]
+                assert ids.shape[1] > 0, "every pyramid layer has at least one token"
+                parts += [np.full((len(rows), 1), self.tags[l]), ids]
+            strings = self.table[np.concatenate(parts, axis=1)].tolist()  # [k][L + sum n_l] tags and words
+            text[rows] = [" ".join(r) for r in strings]
+            start = 0
+            for l, part in zip(self.layers, parts[1::2], strict=True):
+                start += 1  # the tag
+                for i, r in zip(rows.tolist(), strings, strict=True):
+                    words[l][i] = r[start : start + part.shape[1]]
+                start += part.shape[1]
+        out = dict(batch)
+        out["text"] = text
+        for l in self.layers:
             out[words_column(l)] = words[l]
         return out
+
+
+def tokenize_stages(
+    ds: Any,
+    tokenizer: str,
+    layers: Sequence[int],
+    words: Sequence[str],
+    *,
+    device: str = "auto",
+    actors: int = 1,
+    batch_size: int = 64,
+    num_gpus: float = 0,
+) -> Any:
+    """The job's model stages on a Ray dataset of decoded rows: ``TokenizeStage`` (token ids only) on
+    an actor pool, then ``add_words`` as tasks, so words and text are built on the other CPUs while
+    the actor encodes the next batch. ``words``: the tokenizer's vocabulary words."""
+    ds = map_stage(
+        ds,
+        TokenizeStage,
+        constructor_kwargs={
+            "tokenizer": tokenizer,
+            "layers": tuple(layers),
+            "device": device,
+            "words": False,
+        },
+        actors=actors,
+        batch_size=batch_size,
+        num_gpus=num_gpus,
+    )
+    return ds.map_batches(
+        add_words,
+        fn_kwargs={"words": list(words), "layers": tuple(layers)},
+        batch_size=batch_size,  # one call per actor output
+        batch_format="numpy",
+    )
+
+
+def add_words(
+    batch: dict[str, np.ndarray], words: Sequence[str], layers: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """``WordsStage(words, layers)(batch)`` as a plain function (a Ray Data task stage)."""
+    return WordsStage(words, layers)(batch)
 
 
 def _reason(value: Any) -> str:
@@ -262,10 +349,12 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
         return jsonl_sidecar(shard_id, table)
 
     def stages(ds: Any) -> Any:
-        return map_stage(
+        return tokenize_stages(
             ds,
-            TokenizeStage,
-            constructor_kwargs={"tokenizer": cfg.tokenizer, "layers": layers, "device": cfg.device},
+            cfg.tokenizer,
+            layers,
+            tokenizer.vocabulary.words,
+            device=cfg.device,
             actors=cfg.actors,
             batch_size=cfg.batch_size,
             num_gpus=cfg.num_gpus_per_actor,
@@ -549,6 +638,9 @@ __all__ = [
     "TokenizeJobConfig",
     "TokenizeResult",
     "TokenizeStage",
+    "WordsStage",
+    "add_words",
+    "tokenize_stages",
     "load_tokenizer",
     "run_tokenize_job",
 ]

@@ -3,6 +3,7 @@
 ::
 
     codebook (load_codebook) -> token rows, grouped into shards of ``shard_size`` rows
+        -> add_prompt_tokens (open_clip: the prompts tokenized by tasks on the CPUs)
         -> TextFeatureStage on an actor pool (GPU or CPU; each actor loads the scorer once)
         -> driver: + codebook columns -> ShardWriter (one ``part-<shard>.parquet`` each, exactly once)
         -> vocab_card.json
@@ -38,7 +39,15 @@ from pipeline.storage import Location, resolve
 from pipeline.tracking import MlflowConfig
 from spae.codebook import CodebookConfig, FrozenCodebook
 from spae.config import from_dict, to_dict
-from spae.scorers import ScorerConfig, build_scorer, describe_scorer, scorer_templates, token_text_features
+from spae.scorers import (
+    ScorerConfig,
+    build_scorer,
+    describe_scorer,
+    prompt_token_ids,
+    scorer_templates,
+    text_tokenizer,
+    token_text_features,
+)
 
 CARD = "vocab_card.json"
 FORMAT = "spae-vocab-v1"
@@ -84,7 +93,11 @@ class VocabJobConfig:
 
 
 class TextFeatureStage:
-    """``{"word": [n]} -> + "text_feature" float16 [n, d]``: eq. 5 with the scorer's text tower."""
+    """``{"word": [n]} -> + "text_feature" float16 [n, d]``: eq. 5 with the scorer's text tower.
+
+    With a ``prompt_tokens`` column (``[n, t, context]`` int, from ``add_prompt_tokens``) the prompts
+    are not tokenized here: the features are the same, and the actor only runs the text tower.
+    """
 
     def __init__(self, scorer: Mapping[str, Any], templates: Sequence[str], prompt_batch: int = 2048):
         self.scorer = build_scorer(from_dict(ScorerConfig, dict(scorer)))
@@ -92,11 +105,73 @@ class TextFeatureStage:
         self.prompt_batch = prompt_batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = dict(batch)
+        tokens = out.pop(PROMPT_TOKENS, None)
         words = [str(w) for w in batch["word"]]
         feats = token_text_features(
-            self.scorer, words, self.templates, batch_size=self.prompt_batch
+            self.scorer,
+            words,
+            self.templates,
+            batch_size=self.prompt_batch,
+            prompt_tokens=None if tokens is None else torch.from_numpy(np.require(tokens, requirements="W")),
         )  # [n, d]
-        return {**batch, "text_feature": feats.to(torch.float16).cpu().numpy()}
+        return {**out, "text_feature": feats.to(torch.float16).cpu().numpy()}
+
+
+PROMPT_TOKENS = "prompt_tokens"
+_TOKENIZERS: dict[str, Any] = {}  # one text tokenizer per scorer, per worker process
+
+
+def add_prompt_tokens(
+    batch: dict[str, np.ndarray], scorer: Mapping[str, Any], templates: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """CPU stage before ``TextFeatureStage``: + ``prompt_tokens`` int32 ``[n, t, context]``, every word
+    in every template through the scorer's text tokenizer (Ray runs it on the other CPUs, overlapped
+    with the GPU actor)."""
+    cfg = from_dict(ScorerConfig, dict(scorer))
+    key = json.dumps(to_dict(cfg), sort_keys=True)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = text_tokenizer(cfg)
+    ids = prompt_token_ids(_TOKENIZERS[key], [str(w) for w in batch["word"]], templates)  # [n, t, context]
+    return {**batch, PROMPT_TOKENS: ids.to(torch.int32).numpy()}
+
+
+def text_feature_stages(
+    ds: Any,
+    scorer: Mapping[str, Any],
+    templates: Sequence[str],
+    *,
+    prompt_batch: int = 2048,
+    actors: int = 1,
+    batch_size: int = 256,
+    num_gpus: float = 0,
+    num_cpus: float = 1,
+    stage_cls: type = TextFeatureStage,
+) -> Any:
+    """The job's model stages on a Ray dataset of word rows: for an open_clip scorer, ``add_prompt_tokens``
+    as tasks (the prompts tokenized on the other CPUs, overlapped), then ``stage_cls`` on an actor pool."""
+    from pipeline.stages import map_stage
+
+    if scorer.get("kind") == "open_clip":  # it has a text_tokenizer: keep the BPE off the actor
+        ds = ds.map_batches(
+            add_prompt_tokens,
+            fn_kwargs={"scorer": dict(scorer), "templates": list(templates)},
+            batch_size=batch_size,
+            batch_format="numpy",
+        )
+    return map_stage(
+        ds,
+        stage_cls,
+        constructor_kwargs={
+            "scorer": dict(scorer),
+            "templates": list(templates),
+            "prompt_batch": prompt_batch,
+        },
+        actors=actors,
+        batch_size=batch_size,
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+    )
 
 
 # ----------------------------------------------------------------------------- shards
@@ -222,18 +297,13 @@ def run_vocab_job(
     todo = writer.pending()
     tokens_run = 0
     if todo:
-        from pipeline.stages import map_stage
-
         rows = _shard_rows(codebook, todo)
         ds = ray.data.from_items(rows, override_num_blocks=max(len(todo), min(cfg.actors * 2, len(rows))))
-        ds = map_stage(
+        ds = text_feature_stages(
             ds,
-            TextFeatureStage,
-            constructor_kwargs={
-                "scorer": to_dict(cfg.scorer),
-                "templates": templates,
-                "prompt_batch": cfg.prompt_batch,
-            },
+            to_dict(cfg.scorer),
+            templates,
+            prompt_batch=cfg.prompt_batch,
             actors=cfg.actors,
             batch_size=cfg.batch_size,
             num_gpus=cfg.num_gpus_per_actor,

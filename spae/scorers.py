@@ -25,7 +25,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -79,6 +79,21 @@ class SemanticScorer:
 
     def embed_texts(self, texts: Sequence[str]) -> Tensor:  # m strings -> [m, d]
         raise NotImplementedError
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:  # [m, context] ids of text_tokenizer -> [m, d]
+        """``embed_texts`` of already tokenized texts (scorers whose ``text_tokenizer`` is not None)."""
+        raise NotImplementedError(f"{type(self).__name__} has no separate text tokenizer")
+
+
+def text_tokenizer(cfg: ScorerConfig) -> Callable[[list[str]], Tensor] | None:
+    """The scorer's text tokenizer (strings -> ``[m, context]`` int64 ids for ``embed_tokens``), built
+    without the model, so prompts can be tokenized on other CPUs; ``None`` when the scorer tokenizes
+    inside its own text encoder (the label probe's sentence model)."""
+    if cfg.kind != "open_clip":
+        return None
+    import open_clip
+
+    return open_clip.get_tokenizer(cfg.arch)
 
 
 def build_scorer(cfg: ScorerConfig) -> SemanticScorer:
@@ -148,26 +163,48 @@ def token_text_features(
     templates: Sequence[str],
     batch_size: int = 1024,
     renormalize: bool | None = None,
+    prompt_tokens: Tensor | None = None,
 ) -> Tensor:
     """Eq. 5: ``f'_T(k) = 1/|p| sum_i f_T(p_i(k))`` for every word -> ``[v, d]`` float32.
 
     ``batch_size`` counts prompts per text-encoder call. ``renormalize`` defaults to the scorer's.
+    ``prompt_tokens`` ``[v, t, context]``: the prompts already tokenized by ``prompt_token_ids`` (e.g. on
+    other CPUs); the features are the same, computed in the same groups.
     """
     if not templates:
         raise ValueError("templates: need at least one prompt template")
+    if prompt_tokens is not None and tuple(prompt_tokens.shape[:2]) != (len(words), len(templates)):
+        raise ValueError(
+            f"prompt_tokens: shape {tuple(prompt_tokens.shape)} is not [{len(words)} words, "
+            f"{len(templates)} templates, context]"
+        )
     renormalize = scorer.renormalize_text if renormalize is None else renormalize
     t = len(templates)
     per_call = max(1, batch_size // t)  # words per call
     out = []
     for start in range(0, len(words), per_call):
         chunk = words[start : start + per_call]
-        prompts = [tpl.replace("{}", w) for w in chunk for tpl in templates]
-        feats = scorer.embed_texts(prompts).float()  # [w * t, d]
+        if prompt_tokens is None:
+            prompts = [tpl.replace("{}", w) for w in chunk for tpl in templates]
+            feats = scorer.embed_texts(prompts).float()  # [w * t, d]
+        else:
+            ids = prompt_tokens[start : start + per_call]  # [w, t, context]
+            feats = scorer.embed_tokens(ids.reshape(-1, ids.shape[-1])).float()  # [w * t, d]
         feats = feats.view(len(chunk), t, -1).mean(dim=1)  # [w, d]  eq. 5
         out.append(F.normalize(feats, dim=-1) if renormalize else feats)
     if not out:
         return torch.zeros(0, scorer.dim)
     return torch.cat(out)  # [v, d]
+
+
+def prompt_token_ids(
+    tokenizer: Callable[[list[str]], Tensor], words: Sequence[str], templates: Sequence[str]
+) -> Tensor:
+    """Every word in every template, tokenized: ``[v, t, context]`` int64 (``text_tokenizer``'s ids), the
+    prompts of ``token_text_features`` in its order."""
+    prompts = [tpl.replace("{}", w) for w in words for tpl in templates]
+    ids = tokenizer(prompts)  # [v * t, context]
+    return ids.view(len(words), len(templates), -1)
 
 
 def normalized_scores(image_features: Tensor, text_features: Tensor) -> Tensor:
@@ -215,7 +252,7 @@ class OpenCLIPScorer(SemanticScorer):
             self.model = open_clip.create_model(
                 cfg.arch, pretrained=pretrained, precision=cfg.precision, device=self.device
             ).eval()
-        self.tokenizer = open_clip.get_tokenizer(cfg.arch)
+        self.tokenizer = text_tokenizer(cfg)
         self.dtype = _DTYPES[cfg.precision]
         pp = getattr(self.model.visual, "preprocess_cfg", {}) or {}
         size = pp.get("size", getattr(self.model.visual, "image_size", 224))
@@ -238,7 +275,11 @@ class OpenCLIPScorer(SemanticScorer):
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> Tensor:  # m -> [m, d]
-        tokens = self.tokenizer(list(texts)).to(self.device)  # [m, context]
+        return self.embed_tokens(self.tokenizer(list(texts)))  # [m, context] ids
+
+    @torch.no_grad()
+    def embed_tokens(self, tokens: Tensor) -> Tensor:  # [m, context] -> [m, d]
+        tokens = tokens.to(self.device, torch.long)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 

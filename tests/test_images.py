@@ -111,3 +111,26 @@ def test_decode_source_keeps_good_rows_and_reports_the_rest(tmp_path):
     assert data.labels.tolist() == [-1, 0]
     assert data.pixels[0, 0, 0].tolist() == [1, 2, 3] and data.pixels[1, 0, 0].tolist() == [9, 9, 9]
     assert data.errors == {"a/2.png": "zero-byte file"}
+
+
+def test_pixels_to_device_is_to_float_bit_for_bit():
+    import torch
+
+    from pipeline.images import pixels_to_device, to_float, unit_floats
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)  # [n, H, W, 3]
+    images[0, 0, :, 0] = [0, 1, 127, 128, 254, 255, 3]  # the ends and the middle of the byte range
+    clips = rng.integers(0, 256, (2, 4, 5, 6, 3), dtype=np.uint8)  # [n, T, H, W, 3]
+    for pixels in (images, clips):
+        want = torch.from_numpy(to_float(pixels))  # [n, 3, (T,) H, W]
+        got = pixels_to_device(pixels, "cpu")
+        assert got.dtype == torch.float32 and got.shape == want.shape and torch.equal(got, want)
+        # the CUDA path's conversion (a lookup of to_float's 256 values), run here on the CPU
+        on_device = unit_floats(torch.from_numpy(pixels))
+        assert on_device.is_contiguous() and torch.equal(on_device, want)
+    read_only = images.copy()
+    read_only.flags.writeable = False  # Ray hands batches over read-only
+    assert torch.equal(pixels_to_device(read_only, "cpu"), torch.from_numpy(to_float(images)))
+    with pytest.raises(ValueError, match="uint8"):
+        pixels_to_device(images.astype(np.float32), "cpu")

@@ -236,3 +236,20 @@ def test_label_probe_top_tokens_name_the_digit(probe, mnist_test) -> None:
             common = ", ".join(f"{w} ({n})" for w, n in counts.most_common(5))
             print(f"{c:>5} {len(rows):>6} {float(hit[rows].float().mean()):>8.2f}  {common}")
     assert rates["eq. 5 as written"] >= 0.8
+
+
+def test_features_from_prompt_tokens_equal_features_from_words(tiny_clip) -> None:
+    from spae.scorers import prompt_token_ids, text_tokenizer
+
+    words = ["seven", "7", "cat", "a b", "hello-", "'s"]
+    templates = ["a photo of a {}.", "{}", "itap of the {}"]
+    tokenizer = text_tokenizer(tiny_clip.cfg)  # built without the model (a CPU stage's tokenizer)
+    ids = prompt_token_ids(tokenizer, words, templates)  # [v, t, context]
+    assert ids.shape == (6, 3, 77)
+    assert torch.equal(ids[3, 0], tiny_clip.tokenizer(["a photo of a a b."])[0])  # word-major, template-minor
+    want = token_text_features(tiny_clip, words, templates, batch_size=4)
+    got = token_text_features(tiny_clip, words, templates, batch_size=4, prompt_tokens=ids.to(torch.int32))
+    assert torch.equal(got, want)  # the same prompts, the same encoder calls: the same bits
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        token_text_features(tiny_clip, words[:2], templates, prompt_tokens=ids)
+    assert text_tokenizer(ScorerConfig(kind="label_probe")) is None  # the probe tokenizes inside its encoder

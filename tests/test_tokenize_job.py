@@ -236,3 +236,55 @@ def _check_mlflow_run(tracking_uri: str, run_id: str, tok_uri: str, out_uri: str
     )
     picture = Image.open(local)
     assert picture.size[0] == 2 * picture.size[1]  # 4 originals over 4 decodes, 16 px each, upscaled
+
+
+def test_words_stage_equals_the_token_pyramid_on_a_hand_made_pyramid():
+    from pipeline.tokenize import WordsStage
+    from spae.pyramid import PyramidSpec
+    from spae.tokenizer import TokenPyramid, Vocabulary
+
+    spec = PyramidSpec(preset("tiny").pyramid)  # layers 1x1, 2x2, 4x4, 4x4
+    vocab = Vocabulary(["cat", "dog", "sun", "red", "##ing", "7"])
+    l1 = torch.tensor([[[3]], [[5]], [[0]]])  # [b, 1, 1]
+    l2 = torch.tensor([[[0, 1], [2, 5]], [[4, 4], [4, 4]], [[1, 1], [1, 1]]])  # [b, 2, 2]
+    l3 = torch.arange(48).remainder(6).view(3, 4, 4)  # [b, 4, 4]
+    pyramid = TokenPyramid([l1, l2, l3], (1, 2, 3), vocab, spec)
+    batch = {
+        "error": np.array([None, "", "zero-byte file"], dtype=object),  # row 2 failed upstream
+        "tokens_l1": l1.reshape(3, -1).numpy().astype(np.int32),
+        "tokens_l2": l2.reshape(3, -1).numpy().astype(np.int32),
+        "tokens_l3": l3.reshape(3, -1).numpy().astype(np.int32),
+    }
+    out = WordsStage(vocab.words, (1, 2, 3))(batch)
+    assert out["text"][0].startswith("[L1] red [L2] cat dog sun 7 [L3] cat dog sun red ##ing 7 cat")
+    assert list(out["text"][:2]) == pyramid.to_text()[:2]  # the per-token path, exactly
+    for l in (1, 2, 3):
+        assert [list(w) for w in out[f"words_l{l}"][:2]] == pyramid.words(l)[:2]
+        assert list(out[f"words_l{l}"][2]) == []
+    assert out["words_l2"][1] == ["##ing"] * 4 and out["text"][2] == ""
+    only_two = WordsStage(vocab.words, (2,))(batch)  # a subset of layers keeps its own tags
+    assert only_two["text"][0] == "[L2] cat dog sun 7" and "words_l1" not in only_two
+
+
+def test_ids_only_stage_then_words_equals_the_whole_stage(tokenizer_dir):
+    from pipeline.tokenize import add_words
+
+    pixels = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    batch = {
+        "shard_id": np.array(["00000"] * 4, dtype=object),
+        "image_id": np.array(["a", "b", "c", "d"], dtype=object),
+        "error": np.array([None, None, "undecodable: x", None], dtype=object),
+        "error_stage": np.array([None, None, "decode", None], dtype=object),
+        "pixels": pixels,
+    }
+    whole = TokenizeStage(str(tokenizer_dir))(batch)
+    ids_only = TokenizeStage(str(tokenizer_dir), words=False)
+    part = ids_only(batch)
+    assert "text" not in part and "words_l1" not in part
+    split = add_words(part, ids_only.tokenizer.vocabulary.words, ids_only.layers)  # the Ray job's two stages
+    assert sorted(split) == sorted(whole)
+    for key, value in whole.items():
+        if value.dtype == object:
+            assert [list(v) if isinstance(v, list) else v for v in split[key]] == list(value), key
+        else:
+            np.testing.assert_array_equal(split[key], value)

@@ -153,3 +153,18 @@ def test_cli_logs_to_mlflow_and_config_errors_exit_2(
     assert run.data.metrics["rows"] == 40 and run.data.metrics["shards_run"] == 3
     assert run.data.metrics["tokens_per_s"] > 0
     assert run.data.params["codebook.top_n"] == "40"
+
+
+def test_text_feature_stage_on_prompt_tokens_made_elsewhere(scorer_cfg: ScorerConfig) -> None:
+    from pipeline.vocab import PROMPT_TOKENS, add_prompt_tokens
+
+    templates = ["a photo of a {}.", "{}", "art of the {}"]
+    stage = TextFeatureStage(to_dict(scorer_cfg), templates, prompt_batch=4)
+    batch = {"word": np.array(["seven", "7", "cat", "##ing", "x-"], dtype=object), "token_id": np.arange(5)}
+    tokenized = add_prompt_tokens(batch, to_dict(scorer_cfg), templates)  # the CPU stage of the job
+    assert tokenized[PROMPT_TOKENS].shape == (5, 3, 77) and tokenized[PROMPT_TOKENS].dtype == np.int32
+    out = stage(tokenized)
+    assert PROMPT_TOKENS not in out  # not carried to the driver
+    np.testing.assert_array_equal(out["text_feature"], stage(batch)["text_feature"])
+    direct = token_text_features(stage.scorer, list(batch["word"]), templates, batch_size=4)  # eq. 5
+    np.testing.assert_array_equal(out["text_feature"], direct.to(torch.float16).numpy())
