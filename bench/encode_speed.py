@@ -24,28 +24,12 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
-from bench.common import device_line, pick_device, random_codebook, time_fn, write_json
-from spae.model import SPAE, preset
-from spae.networks import NetworkConfig
+from bench.common import device_line, pick_device, time_fn, write_json
+from bench.tokenize_stage import build_tokenizer  # the same paper-preset tokenizer, random codebook
 from spae.tokenizer import EncodeOptions, SPAETokenizer
-
-
-def build_tokenizer(args, device) -> SPAETokenizer:
-    torch.manual_seed(0)
-    if args.smoke:
-        cfg = preset("tiny")
-        codebook = random_codebook(args.vocab, cfg.network.latent_dim)
-    else:
-        cfg = replace(preset("paper"), network=NetworkConfig.preset("paper", latent_dim=args.dim))
-        codebook = random_codebook(args.vocab, args.dim)
-    model = SPAE(cfg, codebook)
-    g = torch.Generator().manual_seed(1)
-    model.match_latent_to_codebook(torch.rand(8, 3, cfg.image_size, cfg.image_size, generator=g))
-    return SPAETokenizer(model).to(device).eval()
 
 
 @torch.no_grad()
