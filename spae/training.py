@@ -19,7 +19,7 @@ update and puts the step counter back, the way ``GradScaler`` uses it), the LeCA
 restored with ``torch.where``, the skip counters are device tensors, distinct tokens are counted
 without ``unique``, and the metrics come back as ``StepMetrics``: tensors until the first read,
 then ONE batched device -> host copy. A caller that reads the metrics only on log steps pays one
-sync there. (Eq. 7's ``_semantic_loss`` in spae/losses.py still syncs per semantic layer.)
+sync there. Eq. 7 (spae/losses.py) is masked means, with no data-dependent shapes, so no sync either.
 
 Speed options (``OptimConfig``): ``compile`` (default: on for CUDA) compiles the encoder, the
 decoder and the discriminator in place with ``torch.compile`` (one static graph per batch shape);
