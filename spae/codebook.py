@@ -199,10 +199,6 @@ class FrozenCodebook(nn.Module):
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
 
-    def lookup(self, rows: Tensor) -> Tensor:
-        """``[...]`` codebook rows -> ``[..., c]`` embeddings (no gradient to the table)."""
-        return self.embeddings[rows]
-
     def extra_repr(self) -> str:
         return f"v={len(self)}, c={self.dim}, source={self.card.get('source')!r}, hash={self.hash[:12]}"
 

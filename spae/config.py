@@ -182,14 +182,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(arg, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass  # try the next member
         raise ConfigError(f"{key}: {value!r} matches none of {_type_name(tp)}")
     if origin is Literal:
         if value not in args:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spae.metrics import WEIGHT_FILES, MissingMetricDependency, _Moments, frechet_distance, load_weights
+from spae.video import frames_as_images
 
 I3D_SIZE = 224  # frame side the Kinetics I3D was trained on
 I3D_CLASSES = 400  # Kinetics-400
@@ -193,7 +194,7 @@ class I3DFeatures(nn.Module):
     def forward(self, clips: Tensor) -> Tensor:
         check_clip(clips)
         b, c, t, h, w = clips.shape
-        frames = clips.float().transpose(1, 2).reshape(b * t, c, h, w)  # [b*T, 3, H, W]
+        frames = frames_as_images(clips.float())  # [b*T, 3, H, W]
         frames = F.interpolate(frames, size=(self.size, self.size), mode="bilinear", align_corners=False)
         x = frames.reshape(b, t, c, self.size, self.size).transpose(1, 2)  # [b, 3, T, S, S]
         return self.net(2.0 * x - 1.0).mean(2)  # [b, 400]  logits averaged over time

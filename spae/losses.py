@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spae.metrics import IMAGENET_MEAN, IMAGENET_STD
 from spae.video import frames_as_images
 
 
@@ -233,7 +234,8 @@ class LeCAMEMA(nn.Module):
 
     @torch.no_grad()
     def update(self, real_logits: Tensor, fake_logits: Tensor) -> None:
-        d = self.decay if int(self.num_updates) > 0 else 0.0
+        """The first update copies the means; the decay is picked on the device (no host sync)."""
+        d = torch.where(self.num_updates > 0, self.decay, 0.0)  # []
         self.ema_real.mul_(d).add_((1 - d) * real_logits.detach().float().mean())
         self.ema_fake.mul_(d).add_((1 - d) * fake_logits.detach().float().mean())
         self.num_updates += 1
@@ -276,8 +278,8 @@ class PerceptualLoss(nn.Module):
         if missing:
             raise ValueError(f"{str(path)!r} is not a VGG16 state dict (missing features.{missing[0]}, ...)")
         self.vgg = vgg.eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> PerceptualLoss:
         super().train(mode)
@@ -294,13 +296,22 @@ class PerceptualLoss(nn.Module):
         return out
 
     def forward(self, images: Tensor, recon: Tensor) -> Tensor:
+        return self.mean_distance(images, [recon])
+
+    def mean_distance(self, images: Tensor, recons: Sequence[Tensor]) -> Tensor:
+        """The mean of ``forward(images, r)`` over ``recons`` (the prefixes' decodes); the target's
+        features are computed once."""
         if images.dim() == 5:  # clips [b, 3, T, H, W] -> frames [b * T, 3, H, W]
-            images, recon = frames_as_images(images), frames_as_images(recon)
-        dist = images.new_zeros((images.shape[0],), dtype=torch.float32)  # [b]
-        for fa, fb in zip(self._features(images), self._features(recon), strict=True):
-            na, nb = F.normalize(fa.float(), dim=1, eps=1e-10), F.normalize(fb.float(), dim=1, eps=1e-10)
-            dist = dist + (na - nb).pow(2).sum(1).mean(dim=(1, 2))  # [b]
-        return dist.mean()
+            images, recons = frames_as_images(images), [frames_as_images(r) for r in recons]
+        target = [F.normalize(f.float(), dim=1, eps=1e-10) for f in self._features(images)]
+        per_recon = []
+        for recon in recons:
+            dist = images.new_zeros((images.shape[0],), dtype=torch.float32)  # [b]
+            for na, fb in zip(target, self._features(recon), strict=True):
+                nb = F.normalize(fb.float(), dim=1, eps=1e-10)
+                dist = dist + (na - nb).pow(2).sum(1).mean(dim=(1, 2))  # [b]
+            per_recon.append(dist.mean())
+        return torch.stack(per_recon).mean()
 
 
 # --------------------------------------------------------------------------- totals (eq. 8, 9)

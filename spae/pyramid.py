@@ -152,6 +152,21 @@ class PyramidSpec:
             l + 1 for l in range(self.num_layers) if bool((self.coverage[l] > 0).all())
         )
         assert self.covering_layers and self.covering_layers[-1] == self.num_layers
+        # per layer: P(l) is every position (in order), and the positions covered by the prefix <= l
+        every = torch.arange(self.num_positions)
+        self.full_layers = tuple(bool(torch.equal(i, every)) for i in self.flat_index)
+        self.covered_counts = tuple(int(self.coverage[l].count_nonzero()) for l in range(self.num_layers))
+        self._on_device: dict[str, tuple[list[Tensor], Tensor]] = {}
+
+    def device_tensors(self, device: torch.device | str) -> tuple[list[Tensor], Tensor]:
+        """``flat_index`` per layer and ``coverage`` as float ``[L, prod(latent)]`` on ``device`` (made once
+        per device)."""
+        key = str(device)
+        if key not in self._on_device:
+            idx = [i.to(device) for i in self.flat_index]
+            cov = self.coverage.reshape(self.num_layers, -1).to(device=device, dtype=torch.float32)
+            self._on_device[key] = (idx, cov)
+        return self._on_device[key]
 
     def positions(self, l: int) -> list[tuple[int, ...]]:
         """P(l) of eq. 1 for 1-indexed layer ``l``: 0-indexed (y, x) or (t, y, x), row-major."""
@@ -171,9 +186,6 @@ class PyramidSpec:
     def layer_size(self, l: int) -> tuple[int, ...]:
         self._check_layer(l)
         return self.layer_sizes[l - 1]
-
-    def is_covering(self, l: int) -> bool:
-        return l in self.covering_layers
 
     def _check_layer(self, l: int) -> None:
         if not isinstance(l, int) or not 1 <= l <= self.num_layers:

@@ -23,6 +23,7 @@ codebook row. ``walk_ids`` is the same walk for inference (ids only: ``SPAEToken
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -116,10 +117,7 @@ def nearest_codes(
     if fused is None:
         fused = fused_search_available(x, codebook)
     if fused and n:
-        import os
-
-        kernel = "tiled" if os.environ.get("SPAE_FUSED_KERNEL") == "tiled" else "persistent"
-        best, ids = fused_nearest_codes(x, codebook, codebook_sq, kernel=kernel)  # [n] each
+        best, ids = fused_nearest_codes(x, codebook, codebook_sq, kernel=_fused_kernel())  # [n] each
         return ids, (best + x_sq).clamp_min(0)
     ids = torch.zeros(n, dtype=torch.long, device=x.device)
     best = torch.full((n,), float("inf"), dtype=acc, device=x.device)
@@ -160,8 +158,6 @@ except ImportError:  # pragma: no cover - CPU-only torch builds
 
 def fused_search_available(x: Tensor, codebook: Tensor) -> bool:
     """True when ``nearest_codes`` would take the fused kernel for these operands."""
-    import os
-
     return (
         triton is not None
         and x.is_cuda
@@ -402,15 +398,19 @@ def fused_nearest_codes(
 # ----------------------------------------------------------------------------- the pyramid walk
 
 
-def _pyramid_tensors(pyramid: PyramidSpec, device: torch.device) -> tuple[list[Tensor], Tensor]:
-    """flat_index per layer and coverage [L, h*w] (float) on ``device``, cached on the spec."""
-    cache = pyramid.__dict__.setdefault("_device_cache", {})
-    key = str(device)
-    if key not in cache:
-        idx = [i.to(device) for i in pyramid.flat_index]
-        cov = pyramid.coverage.reshape(pyramid.num_layers, -1).to(device=device, dtype=torch.float32)
-        cache[key] = (idx, cov)
-    return cache[key]
+def _fused_kernel() -> str:
+    """The fused search kernel: ``persistent`` unless ``SPAE_FUSED_KERNEL=tiled``."""
+    return "tiled" if os.environ.get("SPAE_FUSED_KERNEL") == "tiled" else "persistent"
+
+
+def _check_latent(z: Tensor, emb: Tensor, pyramid: PyramidSpec) -> None:
+    b, c, *latent = z.shape
+    if tuple(latent) != pyramid.latent_size:
+        raise ValueError(
+            f"latent grid {tuple(latent)} does not match the pyramid's latent size {pyramid.latent_size}"
+        )
+    if emb.shape[1] != c:
+        raise ValueError(f"latent dim {c} does not match the codebook dim {emb.shape[1]}")
 
 
 def _walk(
@@ -424,16 +424,13 @@ def _walk(
 ) -> tuple[QuantizerOutput, list[Tensor]]:
     """The shared SAQ (``average=True``) / RQ walk. Returns the output and, per layer, the chosen code
     vectors ``emb[ids]`` [b, n_l, c] (carrying grad if ``emb`` does: the vq codebook loss uses them)."""
+    _check_latent(z, emb, pyramid)
     b, c, *latent = z.shape
-    if tuple(latent) != pyramid.latent_size:
-        raise ValueError(
-            f"latent grid {tuple(latent)} does not match the pyramid's latent size {pyramid.latent_size}"
-        )
     n_pos = pyramid.num_positions  # h*w (t*h*w for video)
-    if emb.shape[1] != c:
-        raise ValueError(f"latent dim {c} does not match the codebook dim {emb.shape[1]}")
     table = emb.detach() if search_table is None else search_table
-    flat_index, coverage = _pyramid_tensors(pyramid, z.device)
+    if search_sq is None:  # ||e||^2 once for every layer, as nearest_codes would compute it
+        search_sq = table.to(torch.promote_types(table.dtype, torch.float32)).pow(2).sum(1)  # [v]
+    flat_index, coverage = pyramid.device_tensors(z.device)
     zf = z.reshape(b, c, n_pos)  # [b, c, hw]
     s = zf.new_zeros(b, c, n_pos)  # running sum of e(k_i) per position, no grad
     ids, prefixes, inputs, codes = [], [], [], []
@@ -457,7 +454,7 @@ def _walk(
         z_hat = s / cnt.clamp_min(1.0) if average else s  # eq. 3 (saq) / sum (rq); [b, c, hw]
         st = zf + (z_hat - zf).detach()  # straight-through
         prefixes.append(torch.where(covered, st, torch.zeros_like(st)).view(b, c, *latent))
-        n_cov = b * c * int(pyramid.coverage[l].count_nonzero())  # host-side count: no device sync
+        n_cov = b * c * pyramid.covered_counts[l]  # host-side count: no device sync
         commitment = commitment + ((zf - z_hat).pow(2) * covered).sum() / n_cov  # ||Z - sg(Ẑ<=l)||^2, eq. 8
         ids.append(k.view(b, *pyramid.layer_sizes[l]))
         inputs.append(z_l)
@@ -479,18 +476,13 @@ def walk_ids(
     """The ids of ``_walk`` (same arithmetic, so the same ids) without what only training needs: no
     prefixes, commitment or layer inputs, and the latent kept as [b, h*w, c] so each layer's targets are
     already the search's [n_l, c] rows. The inference path of ``SPAETokenizer.encode``."""
+    _check_latent(z, emb, pyramid)
     b, c, *latent = z.shape
-    if tuple(latent) != pyramid.latent_size:
-        raise ValueError(
-            f"latent grid {tuple(latent)} does not match the pyramid's latent size {pyramid.latent_size}"
-        )
-    if emb.shape[1] != c:
-        raise ValueError(f"latent dim {c} does not match the codebook dim {emb.shape[1]}")
     table = emb if search_table is None else search_table
     sq = table.float().pow(2).sum(1) if search_sq is None else search_sq  # [v], once for all layers
-    flat_index, coverage = _pyramid_tensors(pyramid, z.device)
+    flat_index, coverage = pyramid.device_tensors(z.device)
     n_pos = pyramid.num_positions
-    full = [bool(torch.equal(i, torch.arange(n_pos))) for i in pyramid.flat_index]  # P(l) = every position
+    full = pyramid.full_layers  # P(l) = every position
     zt = z.reshape(b, c, n_pos).transpose(1, 2).contiguous()  # [b, hw, c]
     s = torch.zeros_like(zt)  # running sum of e(k_i) per position
     ids = []
@@ -518,10 +510,7 @@ def _nearest_ids(x: Tensor, table: Tensor, chunk: int, sq: Tensor) -> Tensor:
     """``nearest_codes(x, table, chunk, sq)[0]`` without the distances (no ||x||^2 pass)."""
     xs = x.to(table.dtype)
     if x.shape[0] and fused_search_available(xs, table):
-        import os
-
-        kernel = "tiled" if os.environ.get("SPAE_FUSED_KERNEL") == "tiled" else "persistent"
-        return fused_nearest_codes(xs, table, sq, kernel=kernel)[1]
+        return fused_nearest_codes(xs, table, sq, kernel=_fused_kernel())[1]
     return nearest_codes(x, table, chunk, sq)[0]
 
 
@@ -554,7 +543,7 @@ def lookup_latent(
         raise ValueError(f"lookup needs the ids of layers 1..{up_to_layer}, got {len(ids)} layers")
     b = ids[0].shape[0]
     c = emb.shape[1]
-    flat_index, coverage = _pyramid_tensors(pyramid, emb.device)
+    flat_index, coverage = pyramid.device_tensors(emb.device)
     s = emb.new_zeros(b, c, pyramid.num_positions)
     for l in range(up_to_layer):
         k = ids[l].to(emb.device).reshape(b, -1)  # [b, n_l]

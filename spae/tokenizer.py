@@ -490,20 +490,17 @@ class SPAETokenizer(nn.Module):
     # -- persistence
 
     def _weights(self) -> dict[str, Tensor]:
-        """Model weights without the frozen codebook (it travels in codebook.safetensors)."""
-        state = self.model.state_dict()
-        return {
-            k: v.detach().cpu().contiguous()
-            for k, v in state.items()
-            if not k.startswith("quantizer.codebook.")
-        }
+        """Model weights on the CPU. The frozen codebook is a non-persistent buffer, so it is not among
+        them: it travels in codebook.safetensors."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
 
-    def fingerprint(self) -> str:
-        """sha256 of the weights, the config and the codebook hash: the tokenizer's identity."""
+    def fingerprint(self, weights: dict[str, Tensor] | None = None) -> str:
+        """sha256 of the weights, the config and the codebook hash: the tokenizer's identity
+        (``weights``: this tokenizer's ``_weights()`` when the caller has them already)."""
         h = hashlib.sha256()
         h.update(json.dumps(to_dict(self.config), sort_keys=True).encode())
         h.update(self.codebook.hash.encode())
-        for name, t in sorted(self._weights().items()):
+        for name, t in sorted((weights if weights is not None else self._weights()).items()):
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
@@ -513,7 +510,8 @@ class SPAETokenizer(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         cb = self.codebook
-        save_file(self._weights(), str(out / MODEL_FILE))
+        weights = self._weights()
+        save_file(weights, str(out / MODEL_FILE))
         save_file({"embeddings": cb.embeddings.detach().cpu().contiguous()}, str(out / CODEBOOK_FILE))
         (out / CODEBOOK_JSON).write_text(
             json.dumps({"tokens": cb.tokens, "words": cb.words, "llm_ids": cb.llm_ids, "card": cb.card})
@@ -522,7 +520,7 @@ class SPAETokenizer(nn.Module):
             "format": FORMAT,
             "config": to_dict(self.config),
             "codebook_card": cb.card,
-            "fingerprint": self.fingerprint(),
+            "fingerprint": self.fingerprint(weights),
         }
         (out / CONFIG_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return out
@@ -560,7 +558,6 @@ class SPAETokenizer(nn.Module):
         model = SPAE(cfg, codebook)
         state = load_file(str(folder / MODEL_FILE))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("quantizer.codebook.")]
         if missing or unexpected:
             raise ValueError(
                 f"{folder / MODEL_FILE} does not fit the config: missing {missing}, unexpected {unexpected}"

@@ -203,15 +203,6 @@ def _guarded_step(opt: torch.optim.Optimizer, found_inf: Tensor) -> None:
         opt.step()
 
 
-@torch.no_grad()
-def _lecam_update_(ema: LeCAMEMA, real_logits: Tensor, fake_logits: Tensor) -> None:
-    """``LeCAMEMA.update`` without reading ``num_updates`` on the host: the first update copies the means."""
-    d = torch.where(ema.num_updates > 0, ema.decay, 0.0)  # [] on the device
-    ema.ema_real.mul_(d).add_((1 - d) * real_logits.detach().float().mean())
-    ema.ema_fake.mul_(d).add_((1 - d) * fake_logits.detach().float().mean())
-    ema.num_updates += 1
-
-
 def distinct_tokens(ids: list[Tensor], vocab: int) -> Tensor:
     """Distinct codebook rows per layer without ``unique`` (no host sync): ids per layer [b, ...] -> [L]."""
     offsets = [layer.reshape(-1) + l * vocab for l, layer in enumerate(ids)]  # layer l -> rows [l v, (l+1) v)
@@ -414,7 +405,7 @@ class SPAETrainer:
                 "commitment": out.quant.commitment.float(),
             }
             if self.perceptual is not None:
-                terms["perceptual"] = torch.stack([self.perceptual(out.target, r) for r in recons]).mean()
+                terms["perceptual"] = self.perceptual.mean_distance(out.target, recons)
             if gan_active:
                 terms["gan"] = generator_gan_loss(_unwrap(self.disc)(fake))  # no DDP sync: see module notes
             l_app = appearance_loss(terms, lcfg)  # eq. 8
@@ -478,7 +469,7 @@ class SPAETrainer:
         with self._autocast():
             logits = self.disc(torch.cat([real, fake], 0))  # one pass: DDP syncs once
             real_logits, fake_logits = logits[:b], logits[b:]
-            _lecam_update_(self.lecam, real_logits, fake_logits)  # the EMA anchors first
+            self.lecam.update(real_logits, fake_logits)  # the EMA anchors first
             d_loss = discriminator_loss(real_logits, fake_logits)
             lecam = lecam_loss(real_logits, fake_logits, self.lecam)
             loss = d_loss + self.loss_cfg.lecam_weight * lecam  # + phi L_LeCAM
@@ -526,7 +517,6 @@ class SPAETrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing, unexpected = self.core.load_state_dict(state["model"], strict=False)
-        missing = [k for k in missing if not k.startswith("quantizer.codebook.")]
         if missing or unexpected:
             raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
         self.opt_g.load_state_dict(state["optimizer"])
