@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -83,15 +84,28 @@ def pick_device(smoke: bool) -> torch.device:
     return torch.device("cuda")
 
 
-def ray_throughput(ds: Any, count: Callable[[dict], int]) -> dict[str, float]:
-    """Drain a Ray dataset; rows/s from the first batch out (actor start-up and model load excluded)."""
-    it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    next(it)
-    t0, rows = time.perf_counter(), 0
-    for batch in it:
-        rows += count(batch)
-    seconds = time.perf_counter() - t0
-    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds if seconds > 0 else 0.0}
+def uint8_rows(pixels: np.ndarray, start: int) -> dict[str, np.ndarray]:
+    """Decoded stage rows (``KEEP`` columns + ``pixels``) for uint8 images ``[n, H, W, 3]``."""
+    n = len(pixels)
+    return {
+        "image_id": np.array([f"img{start + i}" for i in range(n)], dtype=object),
+        "shard_id": np.array(["s0"] * n, dtype=object),
+        "error": np.array([None] * n, dtype=object),
+        "error_stage": np.array([None] * n, dtype=object),
+        "pixels": pixels,
+    }
+
+
+def uint8_block(batch: dict[str, np.ndarray], size: int, per_block: int) -> dict[str, np.ndarray]:
+    """Ray Data source: one block of ``per_block`` random uint8 images (seeded by the block) per input row."""
+    start = int(batch["i"][0]) * per_block
+    rng = np.random.default_rng(start)
+    return uint8_rows(rng.integers(0, 256, size=(per_block, size, size, 3), dtype=np.uint8), start)
+
+
+def open_clip_scorer(arch: str, precision: str, device: torch.device) -> dict[str, Any]:
+    """The scorer config of a random-weight open_clip model (same FLOPs as the real one)."""
+    return dict(kind="open_clip", arch=arch, pretrained="", precision=precision, device=str(device))
 
 
 def ray_init(device: torch.device) -> None:

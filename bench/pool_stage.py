@@ -29,11 +29,13 @@ import torch
 from bench.common import (
     TINY_CLIP,
     device_line,
+    open_clip_scorer,
     pick_device,
     ray_init,
     register_tiny_clip,
     sync,
     time_fn,
+    uint8_block,
     write_json,
 )
 from pipeline.pools import PoolStage
@@ -55,18 +57,6 @@ class RandomVocabPoolStage(PoolStage):
         self.search = TokenSearch(feats, from_dict(SearchConfig, dict(search)))  # [v, d]
         self.k = min(top_k, vocab_size)
         self.min_threshold = min_threshold
-
-
-def image_block(batch: dict[str, np.ndarray], size: int, per_block: int) -> dict[str, np.ndarray]:
-    start = int(batch["i"][0]) * per_block
-    rng = np.random.default_rng(start)
-    n = per_block
-    return {
-        "image_id": np.array([f"img{start + i}" for i in range(n)], dtype=object),
-        "shard_id": np.array(["s0"] * n, dtype=object),
-        "error": np.array([None] * n, dtype=object),
-        "pixels": rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,13 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             1,
         )
     device = pick_device(args.smoke)
-    scorer_cfg = {
-        "kind": "open_clip",
-        "arch": args.arch,
-        "pretrained": "",
-        "precision": args.precision,
-        "device": str(device),
-    }
+    scorer_cfg = open_clip_scorer(args.arch, args.precision, device)
     kw = {
         "scorer": scorer_cfg,
         "vocab_size": args.vocab,
@@ -125,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.randn(args.batch, scorer.dim, device=device, generator=g), dim=1
     )
     t_search = time_fn(lambda: stage.search.search(feats, stage.k), device, warmup=2, reps=reps)
-    block = image_block({"i": np.array([0])}, size, args.batch)
+    block = uint8_block({"i": np.array([0])}, size, args.batch)
     t_stage = time_fn(lambda: stage(block), device, warmup=1, reps=max(2, reps // 2))
     loop = args.batch / t_stage
     share = t_search / t_stage
@@ -166,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             blocks = max(args.warmup + 1, args.images // args.batch)
             ds = ray.data.from_items([{"i": i} for i in range(blocks)], override_num_blocks=blocks)
             ds = ds.map_batches(
-                image_block,
+                uint8_block,
                 batch_size=1,
                 batch_format="numpy",
                 fn_kwargs={"size": size, "per_block": args.batch},

@@ -4,7 +4,7 @@
 are not counted: actor start, model load, compilation, the pipeline filling up. The clock runs from the
 arrival of the last of them to the arrival of the last batch, and counts the rows of the batches in
 between; with many timed batches the bias of one batch already under way when the clock starts
-(``common.ray_throughput`` times from the first batch) shrinks to ``1 / batches``.
+(timing from the first batch out instead) shrinks to ``1 / batches``.
 The median gap between arrivals is reported beside it (a steady-state rate that ignores stalls).
 """
 

@@ -31,7 +31,17 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from bench.common import device_line, pick_device, random_codebook, ray_init, sync, time_fn, write_json
+from bench.common import (
+    device_line,
+    pick_device,
+    random_codebook,
+    ray_init,
+    sync,
+    time_fn,
+    uint8_block,
+    uint8_rows,
+    write_json,
+)
 from spae.model import SPAE, preset
 from spae.networks import NetworkConfig
 from spae.tokenizer import SPAETokenizer
@@ -60,25 +70,6 @@ def encode_bf16(tok: SPAETokenizer, images: torch.Tensor) -> list[torch.Tensor]:
     return model.quantizer(z.float()).ids
 
 
-def stage_batch(pixels: np.ndarray, start: int) -> dict[str, np.ndarray]:
-    n = len(pixels)
-    return {
-        "image_id": np.array([f"img{start + i}" for i in range(n)], dtype=object),
-        "shard_id": np.array(["s0"] * n, dtype=object),
-        "error": np.array([None] * n, dtype=object),
-        "error_stage": np.array([None] * n, dtype=object),
-        "pixels": pixels,
-    }
-
-
-def make_block(batch: dict[str, np.ndarray], size: int, per_block: int) -> dict[str, np.ndarray]:
-    """Ray Data source: one block of ``per_block`` random uint8 images per input row."""
-    start = int(batch["i"][0]) * per_block
-    rng = np.random.default_rng(start)
-    pixels = rng.integers(0, 256, size=(per_block, size, size, 3), dtype=np.uint8)
-    return stage_batch(pixels, start)
-
-
 def ray_run(args, folder: str, size: int, n_images: int, device, words: list[str], layers, report) -> dict:
     """The job's stages (``tokenize_stages``: the GPU actor emits ids, tasks build words and text) fed by
     in-memory uint8 blocks; rate from ``settled_throughput`` (start-up and warm-up batches excluded).
@@ -93,7 +84,7 @@ def ray_run(args, folder: str, size: int, n_images: int, device, words: list[str
         blocks = max(args.warmup + 1, n_images // args.batch)
         ds = ray.data.from_items([{"i": i} for i in range(blocks)], override_num_blocks=blocks)
         ds = ds.map_batches(
-            make_block, batch_size=1, batch_format="numpy", fn_kwargs={"size": size, "per_block": args.batch}
+            uint8_block, batch_size=1, batch_format="numpy", fn_kwargs={"size": size, "per_block": args.batch}
         )
         ds = tokenize_stages(
             ds,
@@ -199,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             tok.save_pretrained(folder)
             rng = np.random.default_rng(0)
             pix = rng.integers(0, 256, size=(args.batch, size, size, 3), dtype=np.uint8)
-            sb = stage_batch(pix, 0)
+            sb = uint8_rows(pix, 0)
             reps = max(2, args.reps // 2)
             loops = {}
             for name, emit_words in (("TokenizeStage loop", True), ("TokenizeStage loop, ids only", False)):

@@ -29,6 +29,7 @@ import torch
 from bench.common import (
     TINY_CLIP,
     device_line,
+    open_clip_scorer,
     pick_device,
     ray_init,
     register_tiny_clip,
@@ -74,14 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.smoke)
     from spae.scorers import prompt_templates
 
-    templates = prompt_templates("imagenet80") if not args.smoke else prompt_templates("imagenet80")[:2]
-    scorer_cfg = {
-        "kind": "open_clip",
-        "arch": args.arch,
-        "pretrained": "",
-        "precision": args.precision,
-        "device": str(device),
-    }
+    templates = prompt_templates("imagenet80")[: 2 if args.smoke else None]
+    scorer_cfg = open_clip_scorer(args.arch, args.precision, device)
     print(f"device: {device_line(device)}")
     print(f"{args.arch} text tower, {args.precision}, {len(templates)} templates, {args.words} words")
     stage = BenchTextFeatureStage(scorer_cfg, templates, prompt_batch=args.prompt_batch)
