@@ -1,8 +1,8 @@
 """FVD: the Inception-I3D network (port checkpoint layout), its loading errors and the Frechet distance."""
 
-import numpy as np
 import pytest
 import torch
+from metric_helpers import numpy_frechet
 
 from spae.fvd import FVD, I3D_CLASSES, I3D_MIN_FRAMES, I3D_SIZE, I3DFeatures, InceptionI3d, same_padding
 from spae.metrics import (
@@ -18,14 +18,6 @@ from spae.video import frames_as_images
 N = 6  # clips per set
 SIZE = 32  # frame side fed to I3D in these tests (224 in use: ~10 s per clip on this CPU)
 T = 16  # frames, as the reference FVD
-
-
-def numpy_frechet(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The Frechet distance written out with numpy: tr sqrt(S1 S2) = sum of sqrt(eigenvalues of S1 S2)."""
-    a, b = a.double().numpy(), b.double().numpy()
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    eig = np.linalg.eigvals(s1 @ s2).real.clip(min=0)
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum())
 
 
 def random_i3d(seed: int = 0) -> InceptionI3d:

@@ -1,8 +1,8 @@
 import math
 
-import numpy as np
 import pytest
 import torch
+from metric_helpers import numpy_frechet as numpy_fid
 from torchvision.models import inception_v3
 from torchvision.models.vgg import cfgs, make_layers
 
@@ -20,14 +20,6 @@ from spae.metrics import (
 
 N = 3  # images per set: Inception-v3 at 299 px is heavy on the CPU
 D = 64  # FID numerics on the first D pool dims: scipy's sqrtm of a 2048x2048 matrix takes minutes here
-
-
-def numpy_fid(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The Frechet distance written out with numpy: tr sqrt(S1 S2) = sum of sqrt(eigenvalues of S1 S2)."""
-    a, b = a.double().numpy(), b.double().numpy()
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    eig = np.linalg.eigvals(s1 @ s2).real.clip(min=0)
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum())
 
 
 @pytest.fixture(scope="module")
