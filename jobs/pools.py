@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from jobs.common import job_parser, parse_job_config, require_inputs, run_main
 from pipeline.pools import PoolsJobConfig, run_pools_job
+from pipeline.tracking import tracking_dir
 
 SUMMARY = "per-image top-K candidate tokens (eq. 4-6) from images and a vocab table -> pools (Parquet)"
 CONFIG_CLASS = PoolsJobConfig
@@ -28,10 +28,6 @@ Failed images go to <output>/_errors.parquet; counts to <output>/_manifest.json.
 """
 
 
-def _tracking_dir(output: str) -> str:
-    return str(Path(output).expanduser().resolve().parent) if "://" not in output else "outputs"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("spae pools", __doc__.splitlines()[0].split(": ", 1)[-1], EPILOG)
     cfg, _ = parse_job_config(PoolsJobConfig, parser, argv)
@@ -41,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.tracking import log_params_flat, start_run
 
     init_ray(cfg.ray)
-    with start_run(cfg.mlflow, run_name=f"pools:{cfg.output}", default_dir=_tracking_dir(cfg.output)) as run:
+    with start_run(cfg.mlflow, run_name=f"pools:{cfg.output}", default_dir=tracking_dir(cfg.output)) as run:
         if run is not None:
             log_params_flat(cfg)
         result = run_pools_job(cfg)

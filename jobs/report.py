@@ -79,13 +79,14 @@ def _pick_rows(cfg: ReportConfig) -> tuple[Any, list[str]]:
     if not parts:
         raise FileNotFoundError(f"{corpus.uri}: no corpus shards (part-*.parquet) found")
     wanted = list(cfg.image_ids)
+    wanted_set = set(wanted)
     found: dict[str, tuple[Any, str]] = {}
     for part in parts:
         table = pq.read_table(part.path, filesystem=part.fs)
         shard_id = part.name[len("part-") : -len(".parquet")]
         ids = table.column("image_id").to_pylist()
         for i, iid in enumerate(ids):
-            if (iid in wanted if wanted else len(found) < cfg.num_images) and iid not in found:
+            if (iid in wanted_set if wanted else len(found) < cfg.num_images) and iid not in found:
                 found[iid] = (table.slice(i, 1), shard_id)
         if (wanted and all(w in found for w in wanted)) or (not wanted and len(found) >= cfg.num_images):
             break
@@ -101,33 +102,37 @@ def _originals(
 ) -> np.ndarray:
     """The source images of the rows, decoded as the tokenize job did: uint8 [k, H, W, 3]
     (``size=(T, S)``: clips [k, T, S, S, 3])."""
-    from pipeline.images import decode_batch
+    from pipeline.images import decode_table
     from pipeline.sources import SourceConfig, list_shards, read_shard
     from spae.config import from_dict
 
     source = from_dict(SourceConfig, manifest["config"]["source"])
     shards = {s.shard_id: s for s in list_shards(source)}
+    max_pixels = int(manifest["config"].get("max_pixels", 50_000_000))
+    wanted = set(image_ids)
     pixels: dict[str, np.ndarray] = {}
     for shard_id in dict.fromkeys(shard_ids):
         raw = read_shard(shards[shard_id])
-        batch = {k: np.array(raw.column(k).to_pylist(), dtype=object) for k in ("image_bytes", "error")}
-        max_pixels = int(manifest["config"].get("max_pixels", 50_000_000))
-        decoded = decode_batch(batch, size, max_pixels=max_pixels, fit=fit)
-        for iid, px in zip(raw.column("image_id").to_pylist(), decoded["pixels"], strict=True):
+        keep = [i for i, iid in enumerate(raw.column("image_id").to_pylist()) if iid in wanted]
+        decoded = decode_table(raw.take(keep), size, max_pixels=max_pixels, fit=fit)  # the shown rows only
+        for iid, px in zip(decoded["image_id"], decoded["pixels"], strict=True):
             pixels[iid] = px
     return np.stack([pixels[i] for i in image_ids])
 
 
 def _pool_scores(pools: str, image_ids: list[str]) -> dict[str, dict[int, float]]:
     """image_id -> {token_id: eq. 6 score} from a pools table."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from pipeline.shards import read_output
 
     table = read_output(pools, columns=["image_id", "topk_ids", "topk_scores"])
     want = set(image_ids)
+    table = table.filter(pc.is_in(table["image_id"], value_set=pa.array(sorted(want), pa.string())))
     out = {}
-    for row in table.to_pylist():
-        if row["image_id"] in want:
-            out[row["image_id"]] = dict(zip(row["topk_ids"], row["topk_scores"], strict=True))
+    for row in table.to_pylist():  # the shown rows only
+        out[row["image_id"]] = dict(zip(row["topk_ids"], row["topk_scores"], strict=True))
     missing = want - set(out)
     if missing:
         raise ValueError(f"pools table {pools} has no rows for {', '.join(sorted(missing)[:10])}")

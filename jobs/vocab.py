@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from jobs.common import job_parser, parse_job_config, run_main
+from pipeline.tracking import tracking_dir
 from pipeline.vocab import CARD, VocabJobConfig, run_vocab_job
 
 SUMMARY = "text features (eq. 5) of every codebook token, by a Ray actor pool -> vocab table (Parquet)"
@@ -26,10 +26,6 @@ Without scorer.pretrained an open_clip scorer has RANDOM weights (tests and spee
 """
 
 
-def _tracking_dir(output: str) -> str:
-    return str(Path(output).expanduser().resolve().parent) if "://" not in output else "outputs"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("spae vocab", __doc__.splitlines()[0].split(": ", 1)[-1], EPILOG)
     cfg, _ = parse_job_config(VocabJobConfig, parser, argv)
@@ -38,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.tracking import log_params_flat, start_run
 
     init_ray(cfg.ray)
-    with start_run(cfg.mlflow, run_name=f"vocab:{cfg.output}", default_dir=_tracking_dir(cfg.output)) as run:
+    with start_run(cfg.mlflow, run_name=f"vocab:{cfg.output}", default_dir=tracking_dir(cfg.output)) as run:
         if run is not None:
             log_params_flat(cfg)
         result = run_vocab_job(cfg)

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from pipeline.images import decode_batch
+from pipeline.images import decode_table
 from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
 from pipeline.storage import Location, resolve
 from pipeline.tracking import MlflowConfig
@@ -113,9 +113,7 @@ def shard_pixels(shard: Shard, size: int | tuple[int, int], fit: str = "auto") -
     """One input shard read and decoded: ``image_id``, ``label`` (-1 none), ``pixels`` uint8 [n, H, W, 3]
     (``size = S``) or clips [n, T, H, W, 3] (``size = (T, S)``); rows that failed to read or decode are
     dropped."""
-    table = read_shard(shard)
-    rows = {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
-    decoded = decode_batch(rows, size, fit=fit)
+    decoded = decode_table(read_shard(shard), size, fit=fit)
     ok = np.array([not e for e in decoded["error"]], dtype=bool)
     labels = np.array([-1 if v is None else int(v) for v in decoded["label"]], dtype=np.int64)
     return {
@@ -485,16 +483,15 @@ def run_evaluate(cfg: EvaluateJobConfig, tokenizer: Any | None = None, log: Any 
         )
     text_features = None
     if cfg.pools:
-        from pipeline.vocab import load_vocab
+        from pipeline.vocab import load_text_features
 
-        vocab = load_vocab(cfg.vocab)
-        if vocab.card["codebook"]["hash"] != tok.codebook.hash:
+        text_features, card = load_text_features(cfg.vocab)
+        if card["codebook"]["hash"] != tok.codebook.hash:
             raise ValueError(
-                f"vocab {cfg.vocab} has codebook {vocab.card['codebook']['hash'][:12]} but the tokenizer was "
+                f"vocab {cfg.vocab} has codebook {card['codebook']['hash'][:12]} but the tokenizer was "
                 f"trained on {tok.codebook.hash[:12]}: its token ids are not the vocab's rows"
             )
-        check_pools_vocab(pools_manifest(cfg.pools), vocab.card, cfg.pools)
-        text_features = vocab.text_features
+        check_pools_vocab(pools_manifest(cfg.pools), card, cfg.pools)
     data = load_eval_data(cfg.source, decode_size(tok.config), cfg.pools, cfg.fit, cfg.limit)
     words = class_words(data) if cfg.class_words == "auto" else None
     rows = class_token_rows(words, tok.vocabulary.words) if words else None

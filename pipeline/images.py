@@ -43,6 +43,15 @@ FIT_MODES = ("auto", "crop", "pad")
 DECODE_STAGE = "decode"
 
 
+def decode_table(
+    table: Any, size: int | tuple[int, int], max_pixels: int = 50_000_000, fit: str = "auto"
+) -> dict[str, np.ndarray]:
+    """A read shard (a ``pyarrow.Table`` of ``read_shard``'s columns) as object rows through
+    ``decode_batch``: its columns plus ``pixels`` and ``error``."""
+    rows = {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+    return decode_batch(rows, size, max_pixels=max_pixels, fit=fit)
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     size: int | tuple[int, int],
@@ -250,12 +259,10 @@ def decode_source(
 
     ids, labels, pixels, errors = [], [], [], {}
     for shard in list_shards(cfg):
-        table = read_shard(shard)
-        rows = {c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}
-        out = decode_batch(rows, size, max_pixels=max_pixels, fit=fit)
+        out = decode_table(read_shard(shard), size, max_pixels=max_pixels, fit=fit)
         bad = error_mask(out["error"])
-        errors.update({rows["image_id"][i]: out["error"][i] for i in np.flatnonzero(bad)})
-        ids += [str(x) for x in rows["image_id"][~bad]]
-        labels.append(np.array([-1 if x is None else x for x in rows["label"][~bad]], dtype=np.int64))
+        errors.update({out["image_id"][i]: out["error"][i] for i in np.flatnonzero(bad)})
+        ids += [str(x) for x in out["image_id"][~bad]]
+        labels.append(np.array([-1 if x is None else x for x in out["label"][~bad]], dtype=np.int64))
         pixels.append(out["pixels"][~bad])
     return DecodedImages(ids, np.concatenate(labels), np.concatenate(pixels), errors)

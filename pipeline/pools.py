@@ -105,12 +105,12 @@ class PoolStage:
         min_threshold: float,
         sample_frames: int = 4,
     ):
-        from pipeline.vocab import load_vocab
+        from pipeline.vocab import load_text_features
 
         self.scorer = build_scorer(from_dict(ScorerConfig, dict(scorer)))
-        table = load_vocab(vocab)
-        self.search = TokenSearch(table.text_features, from_dict(SearchConfig, dict(search)))  # [v, d]
-        self.k = min(top_k, len(table))
+        text_features, _ = load_text_features(vocab)  # [v, d]
+        self.search = TokenSearch(text_features, from_dict(SearchConfig, dict(search)))
+        self.k = min(top_k, len(text_features))
         self.min_threshold = min_threshold
         self.sample_frames = sample_frames
 

@@ -88,10 +88,17 @@ def read_part_meta(out: Location, shard_id: str) -> CommittedPart | None:
 
 def pending(out: Location | str, shards: list[Shard], identity: Mapping[str, Any]) -> list[Shard]:
     """The shards whose part is not committed yet; raises ``ShardError`` on a stale or foreign part."""
+    return _scan(out, shards, identity)[0]
+
+
+def _scan(
+    out: Location | str, shards: list[Shard], identity: Mapping[str, Any]
+) -> tuple[list[Shard], dict[str, CommittedPart]]:
+    """``pending``'s shards and the committed parts it read (by shard id): each footer is read once."""
     out = resolve(out) if isinstance(out, str) else out
     existing = _names(out)
     digest = job_digest(identity)
-    todo = []
+    todo, found = [], {}
     for shard in shards:
         if part_name(shard.shard_id) not in existing:
             todo.append(shard)
@@ -99,7 +106,9 @@ def pending(out: Location | str, shards: list[Shard], identity: Mapping[str, Any
         part = read_part_meta(out, shard.shard_id)
         if part is None:
             todo.append(shard)
-        elif part.input_digest != shard.digest:
+            continue
+        found[shard.shard_id] = part
+        if part.input_digest != shard.digest:
             raise ShardError(
                 f"{out.uri}/{part_name(shard.shard_id)}: written from different input items "
                 f"(digest {part.input_digest} != {shard.digest}); the input changed since. "
@@ -110,7 +119,7 @@ def pending(out: Location | str, shards: list[Shard], identity: Mapping[str, Any
                 f"{out.uri}/{part_name(shard.shard_id)}: written by a job with a different configuration "
                 f"(job digest {part.job_digest} != {digest}). Write to a new output or delete the old one."
             )
-    return todo
+    return todo, found
 
 
 class ShardWriter:
@@ -240,16 +249,16 @@ class ShardWriter:
         Writes nothing when nothing changed since the last finish (same manifest content).
         Returns the manifest.
         """
-        if self.incomplete():
-            missing = ", ".join(f"shard {s} has {n} of {e} rows" for s, (n, e) in self.incomplete().items())
+        incomplete = self.incomplete()
+        if incomplete:
+            missing = ", ".join(f"shard {s} has {n} of {e} rows" for s, (n, e) in incomplete.items())
             raise ShardError(f"{self.out.uri}: incomplete shards: {missing}")
-        todo = self.pending()
+        todo, found = _scan(self.out, list(self.shards.values()), self.identity)
         if todo:
             raise ShardError(f"{self.out.uri}: shards not committed: {', '.join(s.shard_id for s in todo)}")
         parts = []
         for shard in self.shards.values():
-            part = read_part_meta(self.out, shard.shard_id)
-            assert part is not None
+            part = found[shard.shard_id]
             if part.rows_in != shard.num_rows or part.rows_written + part.errors != shard.num_rows:
                 raise ShardError(
                     f"{self.out.uri}/{part_name(shard.shard_id)}: rows in {shard.num_rows} != "

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.images import decode_batch
+from pipeline.images import decode_table
 from pipeline.schemas import error_mask
 from pipeline.shards import ShardWriter
 from pipeline.sources import Shard, read_shard
@@ -51,9 +51,7 @@ def read_and_decode(
         tables.append(
             table.append_column("shard_id", pa.array([shard.shard_id] * table.num_rows, pa.string()))
         )
-    table = pa.concat_tables(tables)
-    rows = {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
-    decoded = decode_batch(rows, image_size, max_pixels=max_pixels, fit=fit)
+    decoded = decode_table(pa.concat_tables(tables), image_size, max_pixels=max_pixels, fit=fit)
     return {**carry(decoded), "pixels": decoded["pixels"]}
 
 

@@ -37,13 +37,13 @@ from pipeline.corpus import (
     tokens_column,
     words_column,
 )
-from pipeline.images import FIT_MODES, decode_batch, pixels_to_device, to_float
+from pipeline.images import FIT_MODES, decode_table, pixels_to_device, to_float
 from pipeline.ray_utils import RayConfig, init_ray
-from pipeline.shards import ShardWriter, read_manifest
+from pipeline.shards import ShardWriter
 from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
 from pipeline.stages import ShardedJobResult, carry, map_stage, read_and_decode, run_sharded_job
 from pipeline.storage import resolve
-from pipeline.tracking import MlflowConfig, log_params_flat, start_run
+from pipeline.tracking import MlflowConfig, log_params_flat, start_run, tracking_dir
 from pipeline.video import decode_size
 from spae.config import to_dict
 
@@ -255,17 +255,22 @@ def tokenize_stages(
     )
     return ds.map_batches(
         add_words,
-        fn_kwargs={"words": list(words), "layers": tuple(layers)},
+        fn_kwargs={"stage": WordsStage(list(words), tuple(layers))},
         batch_size=batch_size,  # one call per actor output
         batch_format="numpy",
     )
 
 
 def add_words(
-    batch: dict[str, np.ndarray], words: Sequence[str], layers: Sequence[int]
+    batch: dict[str, np.ndarray],
+    words: Sequence[str] = (),
+    layers: Sequence[int] = (),
+    *,
+    stage: WordsStage | None = None,
 ) -> dict[str, np.ndarray]:
-    """``WordsStage(words, layers)(batch)`` as a plain function (a Ray Data task stage)."""
-    return WordsStage(words, layers)(batch)
+    """``WordsStage(words, layers)(batch)`` as a plain function (a Ray Data task stage); the job passes
+    ``stage``, built once on the driver, so no task rebuilds the vocabulary's lookup table."""
+    return (stage or WordsStage(words, layers))(batch)
 
 
 def _reason(value: Any) -> str:
@@ -305,11 +310,6 @@ def jsonl_sidecar(shard_id: str, table: pa.Table) -> dict[str, bytes]:
 def run_name_for(cfg: TokenizeJobConfig, output_uri: str) -> str:
     """One MLflow run per corpus: a re-run (after a crash) resumes it."""
     return cfg.run_name or f"tokenize:{output_uri}"
-
-
-def tracking_dir(output: str) -> str:
-    """Where the default local MLflow store goes: beside a local output, else ./outputs."""
-    return str(Path(output).expanduser().resolve().parent) if "://" not in output else "outputs"
 
 
 def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
@@ -509,17 +509,13 @@ def roundtrip_check(
         table = pq.read_table(part.path, filesystem=part.fs)
         if table.num_rows == 0:
             continue
-        raw = read_shard(shard)
-        decoded = decode_batch(
-            {k: np.array(raw.column(k).to_pylist(), dtype=object) for k in raw.column_names},
-            size,
-            max_pixels=cfg.max_pixels,
-            fit=cfg.fit,
-        )
-        index = {iid: i for i, iid in enumerate(raw.column("image_id").to_pylist())}
         take = table.slice(0, cfg.roundtrip_sample - sum(t.num_rows for t in sample))
+        raw = read_shard(shard)
+        index = {iid: i for i, iid in enumerate(raw.column("image_id").to_pylist())}
+        raw = raw.take(pa.array([index[i] for i in take.column("image_id").to_pylist()], pa.int64()))
+        decoded = decode_table(raw, size, max_pixels=cfg.max_pixels, fit=cfg.fit)  # the sampled rows only
         sample.append(take)
-        originals.append(decoded["pixels"][[index[i] for i in take.column("image_id").to_pylist()]])
+        originals.append(decoded["pixels"])
         if sum(t.num_rows for t in sample) >= cfg.roundtrip_sample:
             break
     if not sample:
@@ -625,12 +621,6 @@ def _log_run(metrics, counts, words, check, output_uri, manifest) -> None:
         scale = max(1, 128 // picture.shape[0])
         mlflow.log_image(picture.repeat(scale, 0).repeat(scale, 1), artifact_file="roundtrip.png")
         mlflow.log_dict({"image_ids": check.image_ids, **check.metrics}, "roundtrip.json")
-
-
-def corpus_summary(output: str) -> dict[str, Any]:
-    """The manifest's counts of a finished corpus (for the CLI)."""
-    m = read_manifest(output)
-    return {k: m[k] for k in ("rows_in", "rows_written", "errors")} | {"shards": len(m["shards"])}
 
 
 __all__ = [

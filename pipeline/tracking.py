@@ -31,6 +31,11 @@ class MlflowConfig:
     enabled: bool = True
 
 
+def tracking_dir(output: str) -> str:
+    """Where the default local MLflow store goes: beside a local output, else ./outputs."""
+    return str(Path(output).expanduser().resolve().parent) if "://" not in output else "outputs"
+
+
 def resolve_tracking_uri(cfg: MlflowConfig, default_dir: str) -> str:
     if cfg.tracking_uri:
         return cfg.tracking_uri
@@ -121,14 +126,3 @@ def log_params_flat(cfg: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> d
     if changed:
         mlflow.set_tags(changed)
     return params
-
-
-def log_figure_png(fig_or_path: Any, artifact_path: str) -> None:
-    """Log a matplotlib figure (as PNG) or an existing image file under ``artifact_path``."""
-    import mlflow
-
-    if isinstance(fig_or_path, str | os.PathLike):
-        mlflow.log_artifact(os.fspath(fig_or_path), artifact_path=artifact_path or None)
-        return
-    name = artifact_path if artifact_path.endswith(".png") else f"{artifact_path.rstrip('/')}/figure.png"
-    mlflow.log_figure(fig_or_path, name)

@@ -386,19 +386,32 @@ class VocabTable:
         return cb
 
 
-def load_vocab(uri: str | Location) -> VocabTable:
-    """Read ``vocab_card.json`` and every part under ``uri``; checks the rows against the card."""
+def _read_table(uri: str | Location, columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """The card, and the parts' ``columns`` (all if None) in ``token_id`` order, checked against the card."""
     out = resolve(uri) if isinstance(uri, str) else uri
     card_loc = out.join(CARD)
     if not card_loc.exists():
         raise FileNotFoundError(f"{out.uri}: no {CARD}; run the vocab job (spae vocab) first")
     card = json.loads(card_loc.read_text())
-    table = read_output(out).sort_by("token_id")
+    table = read_output(out, columns=columns).sort_by("token_id")
     ids = table.column("token_id").to_numpy()
     if len(ids) != card["rows"] or not np.array_equal(ids, np.arange(card["rows"])):
         raise ValueError(
             f"{out.uri}: {len(ids)} rows with token ids not 0..{card['rows'] - 1} (card says {card['rows']})"
         )
+    return table, card
+
+
+def load_text_features(uri: str | Location) -> tuple[Tensor, dict[str, Any]]:
+    """Only the text features ``[v, d]`` (eq. 5) and the card: what the pools stage and evaluation need,
+    without reading the codebook's embeddings and words."""
+    table, card = _read_table(uri, columns=["token_id", "text_feature"])
+    return torch.from_numpy(_list_matrix(table.column("text_feature"), np.float32)), card
+
+
+def load_vocab(uri: str | Location) -> VocabTable:
+    """Read ``vocab_card.json`` and every part under ``uri``; checks the rows against the card."""
+    table, card = _read_table(uri)
     return VocabTable(
         text_features=torch.from_numpy(_list_matrix(table.column("text_feature"), np.float32)),
         embeddings=torch.from_numpy(_list_matrix(table.column("embedding"), np.float32)),
