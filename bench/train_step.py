@@ -18,21 +18,21 @@ and the same target-sampling seed; batches are on the device before the clock st
   of the encoder, decoder and discriminator;
 - ``... +cl`` (``--channels-last``): + channels-last activations and weights (compiled;
   ``OptimConfig.channels_last="on"``);
-- ``... +masked-eq7`` (``--masked-eq7``): an experiment, not the library's code: eq. 7 and eq. 4 with
-  the host syncs of spae/losses.py removed (``masked_semantic_loss`` below: a masked mean instead of
-  boolean indexing and ``keep.any()``; thresholds compared as Python floats), patched in for that
-  variant only, to measure what those syncs cost.
+- ``fp32 perturbed`` (for the loss curves only): the baseline again with every initial weight
+  multiplied by ``1 + 1e-6 N(0, 1)``: how far two fp32 runs drift apart from a rounding-sized difference
+  (the GAN game amplifies any perturbation), the floor the bf16 curve is judged against.
 
 ``--variants`` keeps only the named variants (comma-separated names as printed).
 
 A step's time is the wall time of ``--steps`` steps after ``--skip`` warm-up steps, device
 synchronised at both ends, divided by the steps (metrics read every ``--read-every`` steps, as the
-train job reads them on log steps). The baseline and the compiled variant of the first batch size
-run ``--curve-steps`` steps and their loss curves are compared. Also: host syncs left in one step
-(``torch.cuda.set_sync_debug_mode``), FLOPs (``torch.utils.flop_counter``) and MFU over the measured
-bf16 matmul peak, and with ``--profile`` a ``torch.profiler`` table of the compiled step.
+train job reads them on log steps). The baseline, the compiled variant and ``fp32 perturbed`` run
+``--curve-steps`` steps at the first batch size and their loss curves are compared. Also: host syncs
+left in one step (``torch.cuda.set_sync_debug_mode``), FLOPs (``torch.utils.flop_counter``) and MFU
+over the measured bf16 matmul peak, and with ``--profile`` a ``torch.profiler`` table of the compiled
+step.
 
-    python -m bench.train_step [--batches 16,64] [--curve-steps 60] [--profile] [--json out.json]
+    python -m bench.train_step [--batches 16,64] [--curve-steps 200] [--profile] [--json out.json]
     python -m bench.train_step --smoke
 """
 
@@ -68,52 +68,7 @@ class Variant:
     compile: bool = False
     channels_last: bool = False
     read_every_step: bool = False
-    masked_eq7: bool = False  # the experiment: eq. 7 / eq. 4 without host syncs (see the module notes)
-
-
-def masked_semantic_loss(layer_inputs, e_all, targets, temperature: float, chunk: int):
-    """Eq. 7 as ``spae.losses._semantic_loss`` computes it, without a host sync: every position's
-    ``lse - target logit``, masked to the positions that have a target (-1 = none), a mean per layer,
-    then the mean over the layers that have any target."""
-    from spae.losses import _StreamingLogSumExp
-
-    per_layer, has = [], []
-    for z_l, c_l in zip(layer_inputs, targets, strict=False):
-        keep = c_l.reshape(-1) >= 0  # [b * n_l]
-        z = z_l.reshape(-1, z_l.shape[-1])  # [b * n_l, c]
-        e_c = e_all[c_l.reshape(-1).clamp_min(0).long()].float()  # [b * n_l, c]
-        target_logit = (2.0 * (z.float() * e_c).sum(-1) - (e_c * e_c).sum(-1)) / temperature
-        lse = _StreamingLogSumExp.apply(z, e_all, float(temperature), int(chunk))  # [b * n_l]
-        n = keep.sum()
-        per_layer.append(((lse - target_logit) * keep).sum() / n.clamp_min(1))
-        has.append((n > 0).float())
-    h = torch.stack(has)  # [l]
-    return (torch.stack(per_layer) * h).sum() / h.sum().clamp_min(1)
-
-
-def masked_candidate_mask(pool_scores, thresholds):
-    """Eq. 4 with the thresholds as Python floats (no host -> device copy): [b, k] -> [l, b, k]."""
-    return torch.stack([pool_scores >= float(rho) for rho in thresholds])
-
-
-class patched_eq7:  # noqa: N801  (a context manager)
-    """Swap spae.losses' eq. 7 / eq. 4 helpers for the sync-free ones while the block runs."""
-
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        import spae.losses as L
-
-        self.saved = (L._semantic_loss, L.candidate_mask)
-        if self.on:
-            L._semantic_loss, L.candidate_mask = masked_semantic_loss, masked_candidate_mask
-        return self
-
-    def __exit__(self, *exc):
-        import spae.losses as L
-
-        L._semantic_loss, L.candidate_mask = self.saved
+    perturb: float = 0.0  # > 0: initial weights x (1 + perturb N(0, 1)), the fp32 noise floor
 
 
 def build(args, device) -> tuple[SPAE, Discriminator]:
@@ -155,6 +110,12 @@ def make_trainer(
     model.cfg = replace(model.cfg, quantizer=replace(model.cfg.quantizer, search_dtype=search))
     model.quantizer.cfg = QuantizerConfig(**{**model.quantizer.cfg.__dict__, "search_dtype": search})
     disc = copy.deepcopy(disc0)
+    if v.perturb:
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in [*model.parameters(), *disc.parameters()]:
+                if p.requires_grad:
+                    p.mul_(1 + v.perturb * torch.randn(p.shape, generator=g))
     model, disc = model.to(device), disc.to(device)
     if not v.fast:
         torch.set_float32_matmul_precision("highest")
@@ -211,8 +172,7 @@ def run_variant(v: Variant, args, b: int, model0, disc0, device, steps: int, kee
     size, vocab = model0.cfg.image_size, len(model0.codebook)
     data = [batch(s, b, size, vocab, device, v.channels_last) for s in range(min(steps, args.data_batches))]
     skip = min(args.compile_skip if v.compile else args.skip, steps - 1)
-    with patched_eq7(v.masked_eq7):
-        r = timed_steps(trainer, data, steps, skip, 1 if v.read_every_step else args.read_every, device)
+    r = timed_steps(trainer, data, steps, skip, 1 if v.read_every_step else args.read_every, device)
     curve = [{k: m[k] for k in CURVE_KEYS} for m in r["metrics"]]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     out = {
@@ -309,13 +269,29 @@ def curve_gap(a: list[dict], b: list[dict], key: str = "loss/total") -> dict:
     }
 
 
+def report_curves(base: dict, other: dict) -> dict:
+    """Print and return how far ``other``'s loss curves are from the fp32 baseline's."""
+    n = min(len(base["curve"]), len(other["curve"]))
+    gaps = {k: curve_gap(base["curve"][:n], other["curve"][:n], k) for k in CURVE_KEYS[:3]}
+    for k, gp in gaps.items():
+        print(
+            f"curve {k}, fp32 vs {other['variant']} ({n} steps): median per-step rel gap "
+            f"{gp['median_rel_gap']:.2e}, max {gp['max_rel_gap']:.2e}; last-{min(20, n)} mean "
+            f"{gp['tail_mean_base']:.4f} vs {gp['tail_mean_fast']:.4f} -> {gp['tail_rel_gap']:.2%}"
+        )
+    for s in range(0, n, max(1, n // 6)):
+        a, b = base["curve"][s]["loss/total"], other["curve"][s]["loss/total"]
+        print(f"  step {s:4d}: fp32 {a:.4f}   {other['variant']} {b:.4f}")
+    return gaps
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="16,64", help="comma-separated batch sizes; each gets every variant")
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--steps", type=int, default=30, help="steps per variant (warm-up included)")
-    ap.add_argument("--curve-steps", type=int, default=60, help="steps of fp32 and compiled, first batch")
+    ap.add_argument("--curve-steps", type=int, default=200, help="steps of the curves, first batch")
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the timing")
     ap.add_argument("--compile-skip", type=int, default=4, help="warm-up steps of compiled variants")
     ap.add_argument("--read-every", type=int, default=10, help="metrics read every N steps (a log step)")
@@ -325,7 +301,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--channels-last", action="store_true", help="also a compiled channels-last variant")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of the compiled step")
-    ap.add_argument("--masked-eq7", action="store_true", help="also the sync-free eq. 7 experiment")
     ap.add_argument("--variants", default="", help="comma-separated variant names to run (default: all)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
@@ -363,35 +338,19 @@ def main(argv: list[str] | None = None) -> int:
                 run_variant(Variant("bf16 eager", fast=True), args, b, model0, disc0, device, args.steps)
             )
         best = rows[-1]
-        extra = []
         if not args.no_compile:
             comp = Variant("bf16 compiled", fast=True, compile=True)
             if want(comp.name):
                 best = run_variant(comp, args, b, model0, disc0, device, n_curve, keep=True)
                 rows.append(best)
-            if args.masked_eq7:
-                extra.append(replace(comp, name=comp.name + " +masked-eq7", masked_eq7=True))
-            if args.channels_last:
-                extra.append(replace(comp, name=comp.name + " +cl", channels_last=True))
-                if args.masked_eq7:
-                    extra.append(
-                        replace(
-                            comp, name=comp.name + " +cl +masked-eq7", channels_last=True, masked_eq7=True
-                        )
-                    )
-        elif args.masked_eq7:
-            extra.append(Variant("bf16 eager +masked-eq7", fast=True, masked_eq7=True))
-        for v in extra:
-            if want(v.name):
-                rows.append(run_variant(v, args, b, model0, disc0, device, args.steps, keep=v.masked_eq7))
-                if rows[-1].get("trainer") is not None and i == 0:
-                    with patched_eq7(True):
-                        left = count_syncs(rows[-1]["trainer"], rows[-1]["data"], device)
-                    print(f"host syncs in one {v.name} step: {left or 'none'}", flush=True)
-                    rows[-1]["host_syncs"] = left
-                rows[-1].pop("trainer", None), rows[-1].pop("data", None)
+            if args.channels_last and want(comp.name + " +cl"):
+                v = replace(comp, name=comp.name + " +cl", channels_last=True)
+                rows.append(run_variant(v, args, b, model0, disc0, device, args.steps))
         if i == 0:
-            fast_curve = best
+            floor = None
+            if want("fp32 perturbed"):
+                v = Variant("fp32 perturbed", perturb=1e-6)
+                floor = run_variant(v, args, b, model0, disc0, device, n_curve)
             if "trainer" in best:
                 syncs = count_syncs(best["trainer"], best["data"], device)
                 print(f"host syncs in one {best['variant']} step (metrics not read): {syncs or 'none'}")
@@ -400,19 +359,10 @@ def main(argv: list[str] | None = None) -> int:
 
                     print(f"== profile: {best['variant']}, batch {b}")
                     profile_steps(best["trainer"], best["data"], device, rows=25)
-            n = min(len(base["curve"]), len(fast_curve["curve"]))
-            gaps = {k: curve_gap(base["curve"][:n], fast_curve["curve"][:n], k) for k in CURVE_KEYS[:3]}
-            for k, gp in gaps.items():
-                print(
-                    f"curve {k} ({n} steps): median per-step rel gap {gp['median_rel_gap']:.2e}, max "
-                    f"{gp['max_rel_gap']:.2e}; last-{min(20, n)} mean {gp['tail_mean_base']:.4f} (fp32) "
-                    f"vs {gp['tail_mean_fast']:.4f} -> {gp['tail_rel_gap']:.2%}"
-                )
-            for s in range(0, n, max(1, n // 6)):
-                print(
-                    f"  step {s:4d}: fp32 {base['curve'][s]['loss/total']:.4f}   "
-                    f"{fast_curve['variant']} {fast_curve['curve'][s]['loss/total']:.4f}"
-                )
+            gaps = {"fast": report_curves(base, best)}
+            if floor is not None:
+                gaps["floor"] = report_curves(base, floor)
+                record["noise_floor_run"] = floor  # the baseline's timing again: not a table row
         for r in rows:
             r.pop("trainer", None), r.pop("data", None)
         gc.collect()

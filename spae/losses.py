@@ -119,42 +119,41 @@ def sample_semantic_targets(
 class _StreamingLogSumExp(torch.autograd.Function):
     """lse_k((2 z.e_k - |e_k|^2) / T) over codebook chunks; backward recomputes the softmax per chunk.
 
-    Memory is ``[N, chunk]`` in both passes; the codebook gets no gradient.
+    Memory is ``[N, chunk]`` in both passes; the codebook gets no gradient. Each chunk's logits are one
+    GEMM with the ``-|e_k|^2 / T`` row folded in (``addmm``), and the backward turns them into softmax
+    probabilities in place: no elementwise pass over ``[N, chunk]`` beyond the softmax itself.
     d lse / d z = (2 / T) sum_k p_k e_k.
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, codebook: Tensor, temperature: float, chunk: int) -> Tensor:
-        lse = _chunked_lse(z, codebook, temperature, chunk)  # [N]
-        ctx.save_for_backward(z, codebook, lse)
+        z = z.float()  # [N, c]
+        bias = codebook.float().square().sum(-1).div_(-temperature)  # [v]: -|e_k|^2 / T
+        lse = torch.full((z.shape[0],), float("-inf"), device=z.device)  # [N], running logsumexp
+        for start in range(0, codebook.shape[0], chunk):
+            logits = _logits(z, codebook, bias, temperature, start, chunk)  # [N, v']
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, -1))
+        ctx.save_for_backward(z, codebook, bias, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse: Tensor):
-        z, codebook, lse = ctx.saved_tensors
+        z, codebook, bias, lse = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
-        expected = torch.zeros_like(z, dtype=torch.float32)  # [N, c]: sum_k p_k e_k
+        expected = torch.zeros_like(z)  # [N, c]: sum_k p_k e_k
         for start in range(0, codebook.shape[0], chunk):
-            e = codebook[start : start + chunk].float()  # [v', c]
-            p = torch.exp(_logits(z, e, t) - lse[:, None])  # [N, v']
-            expected += p @ e
+            p = _logits(z, codebook, bias, t, start, chunk).sub_(lse[:, None]).exp_()  # [N, v'] softmax
+            expected.addmm_(p, codebook[start : start + chunk].float())
         grad_z = grad_lse[:, None] * (2.0 / t) * expected
-        return grad_z.to(z.dtype), None, None, None
+        return grad_z, None, None, None
 
 
-def _logits(z: Tensor, e: Tensor, t: float) -> Tensor:
-    """``-||z - e||^2 / T`` up to the per-row constant ``-|z|^2 / T`` (it cancels in eq. 7)."""
-    return (2.0 * z.float() @ e.T - (e * e).sum(-1)[None, :]) / t  # [N, v']
-
-
-def _chunked_lse(z: Tensor, codebook: Tensor, t: float, chunk: int) -> Tensor:
-    lse = torch.full((z.shape[0],), float("-inf"), device=z.device)  # [N], running logsumexp
-    for start in range(0, codebook.shape[0], chunk):
-        lse = torch.logaddexp(
-            lse, torch.logsumexp(_logits(z, codebook[start : start + chunk].float(), t), -1)
-        )
-    return lse
+def _logits(z: Tensor, codebook: Tensor, bias: Tensor, t: float, start: int, chunk: int) -> Tensor:
+    """``-||z - e||^2 / T`` for codebook rows ``start .. start + chunk``, up to the per-row constant
+    ``-|z|^2 / T`` (it cancels in eq. 7): ``bias + (2 / T) z e^T`` in one GEMM."""
+    e = codebook[start : start + chunk].float()  # [v', c]
+    return torch.addmm(bias[start : start + chunk], z, e.T, alpha=2.0 / t)  # [N, v']
 
 
 def semantic_loss(
@@ -180,21 +179,22 @@ def semantic_loss(
 def _semantic_loss(
     layer_inputs: Sequence[Tensor], e_all: Tensor, targets: Sequence[Tensor], temperature: float, chunk: int
 ) -> Tensor:
-    # Masked means instead of boolean indexing: no data-dependent shape, so no host sync per layer.
-    per_layer, has_target = [], []
-    for z_l, c_l in zip(layer_inputs, targets, strict=False):
-        keep = c_l.reshape(-1) >= 0  # [b * n_l]
-        z = z_l.reshape(-1, z_l.shape[-1])  # [N, c], N = b * n_l
-        e_c = e_all[c_l.reshape(-1).clamp_min(0).long()].float()  # [N, c] (row 0 where no target)
-        target_logit = (2.0 * (z.float() * e_c).sum(-1) - (e_c * e_c).sum(-1)) / temperature  # [N]
-        lse = _StreamingLogSumExp.apply(z, e_all, float(temperature), int(chunk))  # [N]
-        n = keep.sum()
-        per_layer.append(((lse - target_logit) * keep).sum() / n.clamp_min(1))  # E_z E_c -log softmax (eq. 7)
-        has_target.append((n > 0).float())
-    if not per_layer:
+    layers = list(zip(layer_inputs, targets, strict=False))
+    if not layers:
         return sum((z.sum() * 0.0 for z in layer_inputs), torch.zeros((), device=e_all.device))
-    has = torch.stack(has_target)  # [l]: layers without any target are left out of the mean
-    return (torch.stack(per_layer) * has).sum() / has.sum().clamp_min(1)  # E_l, l in [1, D'] (eq. 7)
+    z = torch.cat([z_l.reshape(-1, z_l.shape[-1]).float() for z_l, _ in layers])  # [N, c], N = sum b * n_l
+    c = torch.cat([c_l.reshape(-1) for _, c_l in layers]).long()  # [N] codebook rows, -1 = no target
+    keep = c >= 0  # [N]
+    e_c = e_all[c.clamp_min(0)].float()  # [N, c] (row 0 where no target)
+    target_logit = (2.0 * (z * e_c).sum(-1) - (e_c * e_c).sum(-1)) / temperature  # [N]
+    lse = _StreamingLogSumExp.apply(z, e_all, float(temperature), int(chunk))  # [N]: all layers, one pass
+    nll = (lse - target_logit) * keep  # [N]: -log softmax(-||z - e||^2 / T)[c] where c is a target
+    # Masked means per layer, not boolean indexing: no data-dependent shape, so no host sync.
+    sizes = [c_l.numel() for _, c_l in layers]
+    per_layer = torch.stack([x.sum() for x in nll.split(sizes)])  # [l]
+    n = torch.stack([k.sum() for k in keep.split(sizes)])  # [l] targets per layer
+    has = (n > 0).float()  # [l]: layers without any target are left out of the mean
+    return (per_layer / n.clamp_min(1) * has).sum() / has.sum().clamp_min(1)  # E_l E_z E_c (eq. 7)
 
 
 # --------------------------------------------------------------------------- appearance terms (eq. 8)

@@ -351,12 +351,16 @@ class EncodeOptions:
              compiled so far, so a stage's last, smaller batch costs no recompilation.
     compile_backend: the ``torch.compile`` backend (``inductor``; tests use ``aot_eager``).
     compile_mode: the ``torch.compile`` mode (None: the default; e.g. ``max-autotune-no-cudagraphs``).
+    channels_last: the encoder's weights and input in channels-last memory (``channels_last_3d`` for
+             clips): cuDNN's bf16 convolutions skip their layout transposes. The same values; the
+             model's encoder weights stay in that layout afterwards.
     """
 
     dtype: Literal["float32", "bfloat16"] = "float32"
     compile: bool = False
     compile_backend: str = "inductor"
     compile_mode: str | None = None
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -419,12 +423,18 @@ class SPAETokenizer(nn.Module):
     def _encode_latent(self, images: Tensor) -> Tensor:
         """images [b, C, ...] in [0, 1] -> z [b, c, *latent] fp32, as ``encode_options`` says."""
         opts = self.encode_options
-        if opts.dtype == "float32" and not opts.compile:
-            return self.model.encode_latent(images)
         self.model._check_images(images)
+        fmt = torch.contiguous_format
+        if opts.channels_last:
+            fmt = torch.channels_last if images.dim() == 4 else torch.channels_last_3d
+            images = images.contiguous(memory_format=fmt)
+            for p in self.model.encoder.parameters():  # conv weights: the same values, NHWC strides
+                if p.dim() == images.dim():
+                    p.data = p.data.contiguous(memory_format=fmt)
         if not opts.compile:
-            return _encoder_fn(self.model.encoder, opts.dtype)(images)
-        key = f"{opts.dtype}/{opts.compile_backend}/{opts.compile_mode}"
+            z = _encoder_fn(self.model.encoder, opts.dtype)(images)  # [b, c, *latent]
+            return z.contiguous()  # the SAQ walk reads z in the standard layout
+        key = f"{opts.dtype}/{opts.compile_backend}/{opts.compile_mode}/{opts.channels_last}"
         if key not in self._compiled:
             fn = torch.compile(
                 _encoder_fn(self.model.encoder, opts.dtype),
@@ -439,8 +449,9 @@ class SPAETokenizer(nn.Module):
             size = 1 << (b - 1).bit_length()
             self._compiled[key] = (fn, size)
         if size > b:  # every image is encoded on its own (per-image GroupNorm): the pads change nothing
-            images = torch.cat([images, images.new_zeros(size - b, *images.shape[1:])])
-        return fn(images)[:b]
+            pad = images.new_zeros(size - b, *images.shape[1:])
+            images = torch.cat([images, pad]).contiguous(memory_format=fmt)
+        return fn(images)[:b].contiguous()
 
     @torch.no_grad()
     def decode(self, pyramid: TokenPyramid, up_to_layer: int | None = None) -> Tensor:

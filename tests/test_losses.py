@@ -82,6 +82,31 @@ def test_chunked_matches_full_softmax_values_and_gradients(temperature):
     assert torch.allclose(z_a.grad, z_b.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_layers_searched_together_match_each_layer_alone():
+    # eq. 7 runs one streaming pass over every layer's positions; the result must be the mean of
+    # per-layer full-softmax cross-entropies (padding skipped), with each layer's own gradient
+    g = torch.Generator().manual_seed(3)
+    codebook = torch.randn(61, 8, generator=g)
+    zs = [torch.randn(2, n, 8, generator=g) for n in (1, 4, 16)]
+    ts = [torch.randint(0, 61, (2, n), generator=g) for n in (1, 4, 16)]
+    ts[1][0, :3] = -1  # some padding in layer 2
+    ts[2][:] = -1  # layer 3 has no target at all: left out of the mean
+    za = [z.clone().requires_grad_(True) for z in zs]
+    zb = [z.clone().requires_grad_(True) for z in zs]
+    loss = semantic_loss(za, codebook, ts, temperature=0.3, chunk=16)
+    refs = []
+    for z, t in zip(zb[:2], ts[:2], strict=True):
+        keep = t.reshape(-1) >= 0
+        refs.append(_reference(z.reshape(-1, 8)[keep], codebook, t.reshape(-1)[keep], 0.3))
+    ref = torch.stack(refs).mean() + 0.0 * zb[2].sum()
+    loss.backward()
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(za, zb, strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    assert torch.equal(za[2].grad, torch.zeros_like(za[2]))
+
+
 def test_gradients_reach_layer_inputs_never_the_codebook():
     codebook = CODEBOOK.clone().requires_grad_(True)  # even a table that asks for gradients gets none
     z = torch.tensor([[[0.3, 0.2]]], requires_grad=True)
