@@ -70,8 +70,9 @@ def _run_worker(rank: int, world: int, args: argparse.Namespace, port: int, out:
     trainer = make_trainer(v, model0, disc0, device, 20, rank=rank)  # compiles its modules in place
     if world > 1:  # as ray.train.torch.prepare_model wraps them (the optimizers hold the same parameters)
         ids = [rank] if cuda else None
-        trainer.model = DDP(trainer.core, device_ids=ids, broadcast_buffers=False)
-        trainer.disc = DDP(trainer.disc, device_ids=ids, broadcast_buffers=False)
+        kw = {"broadcast_buffers": False, "gradient_as_bucket_view": args.bucket_view}
+        trainer.model = DDP(trainer.core, device_ids=ids, **kw)
+        trainer.disc = DDP(trainer.disc, device_ids=ids, **kw)
     size, vocab = model0.cfg.image_size, len(model0.codebook)
     data = [batch(1000 * rank + s, args.batch, size, vocab, device, False) for s in range(args.data_batches)]
 
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--read-every", type=int, default=10)
     ap.add_argument("--data-batches", type=int, default=6)
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    ap.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view=True")
     ap.add_argument("--no-ray", action="store_true", help="ignored (no Ray here; the smoke test passes it)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
@@ -160,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_json(
         args.json,
-        {"bench": "train_scaling", "batch_per_worker": args.batch, "results": [one, many], "ratio": ratio},
+        {
+            "bench": "train_scaling",
+            "batch_per_worker": args.batch,
+            "bucket_view": args.bucket_view,
+            "results": [one, many],
+            "ratio": ratio,
+        },
     )
     return 0
 

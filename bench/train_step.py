@@ -66,6 +66,7 @@ class Variant:
     name: str
     fast: bool = False  # the trainer's CUDA defaults: bf16 autocast + bf16 search, fused Adam, TF32
     compile: bool = False
+    compile_mode: str = "default"
     channels_last: bool = False
     read_every_step: bool = False
     perturb: float = 0.0  # > 0: initial weights x (1 + perturb N(0, 1)), the fp32 noise floor
@@ -122,6 +123,7 @@ def make_trainer(
     optim = OptimConfig(
         warmup_steps=lr_warmup,
         compile="on" if v.compile else "off",
+        compile_mode=v.compile_mode,
         tf32="on" if v.fast else "off",
         channels_last="on" if v.channels_last else "off",
     )
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-limit", type=int, default=0, help="> 0: doubling search for the largest")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--channels-last", action="store_true", help="also a compiled channels-last variant")
+    ap.add_argument("--compile-modes", default="", help="also compiled variants in these torch.compile modes")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of the compiled step")
     ap.add_argument("--variants", default="", help="comma-separated variant names to run (default: all)")
     ap.add_argument("--smoke", action="store_true")
@@ -310,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         args.compile_skip, args.read_every = 1, 2
         args.no_compile = True  # compiling costs minutes on the CPU
     args.batches = [int(b) for b in str(args.batches).split(",")]
+    args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
     device = pick_device(args.smoke)
     cuda = device.type == "cuda"
     print(f"device: {device_line(device)}", flush=True)
@@ -343,26 +347,36 @@ def main(argv: list[str] | None = None) -> int:
             if want(comp.name):
                 best = run_variant(comp, args, b, model0, disc0, device, n_curve, keep=True)
                 rows.append(best)
-            if args.channels_last and want(comp.name + " +cl"):
-                v = replace(comp, name=comp.name + " +cl", channels_last=True)
-                rows.append(run_variant(v, args, b, model0, disc0, device, args.steps))
         if i == 0:
             floor = None
             if want("fp32 perturbed"):
                 v = Variant("fp32 perturbed", perturb=1e-6)
                 floor = run_variant(v, args, b, model0, disc0, device, n_curve)
-            if "trainer" in best:
-                syncs = count_syncs(best["trainer"], best["data"], device)
-                print(f"host syncs in one {best['variant']} step (metrics not read): {syncs or 'none'}")
-                if args.profile and cuda:
-                    from bench.profile_step import profile_steps
-
-                    print(f"== profile: {best['variant']}, batch {b}")
-                    profile_steps(best["trainer"], best["data"], device, rows=25)
             gaps = {"fast": report_curves(base, best)}
             if floor is not None:
                 gaps["floor"] = report_curves(base, floor)
                 record["noise_floor_run"] = floor  # the baseline's timing again: not a table row
+            write_json(args.json, {**record, "partial": True, "results": results + rows, "curve_gaps": gaps})
+        if not args.no_compile:
+            extra = [replace(comp, name=f"{comp.name} ({m})", compile_mode=m) for m in args.compile_modes]
+            if args.channels_last:
+                extra.append(replace(comp, name=comp.name + " +cl", channels_last=True))
+            for v in extra:
+                if want(v.name):
+                    try:
+                        rows.append(run_variant(v, args, b, model0, disc0, device, args.steps))
+                    except Exception as exc:  # an experiment that fails is reported, not fatal
+                        print(
+                            f"b={b:4d} {v.name:>22}: failed: {type(exc).__name__}: {exc}"[:2000], flush=True
+                        )
+        if i == 0 and "trainer" in best:
+            syncs = count_syncs(best["trainer"], best["data"], device)
+            print(f"host syncs in one {best['variant']} step (metrics not read): {syncs or 'none'}")
+            if args.profile and cuda:
+                from bench.profile_step import profile_steps
+
+                print(f"== profile: {best['variant']}, batch {b}")
+                profile_steps(best["trainer"], best["data"], device, rows=25)
         for r in rows:
             r.pop("trainer", None), r.pop("data", None)
         gc.collect()

@@ -92,7 +92,10 @@ class OptimConfig:
     latent_init: bool = True  # step 0 of a fresh run: start z on the codebook (SPAE.match_latent_to_codebook)
     # torch.compile of the encoder, decoder and discriminator: "auto" = on CUDA, off on the CPU
     compile: Literal["auto", "on", "off"] = "auto"
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
+    # "reduce-overhead" / "max-autotune" add CUDA graphs (fewer kernel launches from the host)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = (
+        "default"
+    )
     # TF32 tensor cores for fp32 matmuls (torch.set_float32_matmul_precision("high"), process-wide):
     # "auto" = on CUDA; "off" leaves the process setting as it is
     tf32: Literal["auto", "on", "off"] = "auto"
@@ -120,7 +123,7 @@ class OptimConfig:
             raise ValueError("optim.grad_clip and optim.weight_decay must be >= 0")
         for key, allowed in (
             ("compile", ("auto", "on", "off")),
-            ("compile_mode", ("default", "max-autotune-no-cudagraphs", "max-autotune")),
+            ("compile_mode", ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")),
             ("tf32", ("auto", "on", "off")),
             ("channels_last", ("auto", "on", "off")),
         ):
