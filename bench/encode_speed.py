@@ -9,7 +9,6 @@ Model: the paper preset with ``network.latent_dim=768`` and a random frozen 65,5
 - ``fp32 eager``: ``encode`` with ``EncodeOptions(compile=False)``: the lean walk (``walk_ids``) and the
   persistent kernel; its tokens are the reference the others are compared with (per layer);
 - ``bf16 eager``, ``fp32 compiled``, ``bf16 compiled``: ``EncodeOptions(dtype=..., compile=...)``;
-- ``... +cl``: the same with ``channels_last=True`` (run last: the encoder's weights stay channels-last);
 - ``fp32 eager, no TF32`` (tokens only): the noise floor of the reference itself, its convolutions in
   full fp32 instead of cuDNN's default TF32.
 
@@ -125,11 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         options["bf16 compiled" + suffix] = EncodeOptions(
             dtype="bfloat16", compile=True, compile_backend=backend, compile_mode=mode
         )
-    options["bf16 eager +cl"] = EncodeOptions(dtype="bfloat16", channels_last=True)
-    if not args.no_compile:
-        options["bf16 compiled +cl" + suffix] = EncodeOptions(
-            dtype="bfloat16", compile=True, compile_backend=backend, compile_mode=mode, channels_last=True
-        )
     only = set(args.only.split(",")) if args.only else None
     run_all = only is None
 
@@ -165,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             tok.encode_options = options[name]
             record(f"encoder only, {name}", lambda: tok._encode_latent(images))
         with torch.no_grad():
-            z = tok.model.encode_latent(images).contiguous()  # the weights may be channels-last by now
+            z = tok.model.encode_latent(images)
             q = tok.model.quantizer
             record("lean walk + search", lambda: q.encode_ids(z))
             record("training walk + search", lambda: q(z).ids)

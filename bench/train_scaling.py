@@ -4,9 +4,10 @@ The step is ``SPAETrainer.step`` with the trainer's defaults (bf16, fused Adam, 
 CUDA unless ``--compile off``) at the ``paper`` preset (``bench.train_step.build``). Workers are
 processes started by ``torch.multiprocessing``; with more than one, ``torch.distributed`` (NCCL on
 GPUs, gloo on the CPU) and the model and the discriminator wrapped in DDP with
-``broadcast_buffers=False``, as the train job's ``ray.train.torch.prepare_model`` wraps them (one
-worker: no DDP, as there). Each rank sees its own batches. Time: ``--steps`` steps after ``--skip``
-warm-up steps, between two barriers, metrics read every ``--read-every`` steps (a log step).
+``broadcast_buffers=False`` and ``gradient_as_bucket_view=True``, as the train job's
+``ray.train.torch.prepare_model`` wraps them (one worker: no DDP, as there; ``--copy-grads``: DDP's
+default gradient copy into the buckets). Each rank sees its own batches. Time: ``--steps`` steps
+after ``--skip`` warm-up steps, between two barriers, metrics read every ``--read-every`` steps.
 Prints images/s for 1 and N workers and the ratio (goal: >= 1.85x for 2 H100s).
 
     python -m bench.train_scaling [--workers 2] [--batch 16] [--steps 30] [--json out.json]
@@ -70,7 +71,7 @@ def _run_worker(rank: int, world: int, args: argparse.Namespace, port: int, out:
     trainer = make_trainer(v, model0, disc0, device, 20, rank=rank)  # compiles its modules in place
     if world > 1:  # as ray.train.torch.prepare_model wraps them (the optimizers hold the same parameters)
         ids = [rank] if cuda else None
-        kw = {"broadcast_buffers": False, "gradient_as_bucket_view": args.bucket_view}
+        kw = {"broadcast_buffers": False, "gradient_as_bucket_view": not args.copy_grads}
         trainer.model = DDP(trainer.core, device_ids=ids, **kw)
         trainer.disc = DDP(trainer.disc, device_ids=ids, **kw)
     size, vocab = model0.cfg.image_size, len(model0.codebook)
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--read-every", type=int, default=10)
     ap.add_argument("--data-batches", type=int, default=6)
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
-    ap.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view=True")
+    ap.add_argument(
+        "--copy-grads", action="store_true", help="DDP gradient_as_bucket_view=False (the train job: True)"
+    )
     ap.add_argument("--no-ray", action="store_true", help="ignored (no Ray here; the smoke test passes it)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "bench": "train_scaling",
             "batch_per_worker": args.batch,
-            "bucket_view": args.bucket_view,
+            "gradient_as_bucket_view": not args.copy_grads,
             "results": [one, many],
             "ratio": ratio,
         },

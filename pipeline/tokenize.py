@@ -46,6 +46,7 @@ from pipeline.storage import resolve
 from pipeline.tracking import MlflowConfig, log_params_flat, start_run, tracking_dir
 from pipeline.video import decode_size
 from spae.config import to_dict
+from spae.encode_options import EncodeOptions
 
 TOKENIZE_STAGE = "tokenize"
 HISTOGRAM_TOP = 40
@@ -61,6 +62,9 @@ class TokenizeJobConfig:
     actors: int = 1
     num_gpus_per_actor: float = 0.0
     device: str = "auto"  # "auto" = cuda when the actor sees a GPU, else cpu
+    # how the encoder runs (spae.tokenizer.EncodeOptions): fp32 eager by default, the training forward's
+    # tokens; encode.compile=true / encode.dtype=bfloat16 are faster on a GPU (docs/BENCHMARKS.md)
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
     fit: str = "auto"  # pipeline.images fit policy
     max_pixels: int = 50_000_000
     roundtrip_sample: int = 8  # images decoded back for the round-trip check (0 = skip)
@@ -151,8 +155,16 @@ class TokenizeStage:
     ``WordsStage`` on the CPUs, off the GPU actor.
     """
 
-    def __init__(self, tokenizer: str, layers: Sequence[int] = (), device: str = "auto", words: bool = True):
+    def __init__(
+        self,
+        tokenizer: str,
+        layers: Sequence[int] = (),
+        device: str = "auto",
+        words: bool = True,
+        encode: EncodeOptions | None = None,
+    ):
         self.tokenizer = load_tokenizer(tokenizer, device)
+        self.tokenizer.encode_options = encode or EncodeOptions()
         self.layers = resolve_layers(layers, self.tokenizer.pyramid)
         self.words = WordsStage(self.tokenizer.vocabulary.words, self.layers) if words else None
 
@@ -236,6 +248,7 @@ def tokenize_stages(
     actors: int = 1,
     batch_size: int = 64,
     num_gpus: float = 0,
+    encode: EncodeOptions | None = None,
 ) -> Any:
     """The job's model stages on a Ray dataset of decoded rows: ``TokenizeStage`` (token ids only) on
     an actor pool, then ``add_words`` as tasks, so words and text are built on the other CPUs while
@@ -248,6 +261,7 @@ def tokenize_stages(
             "layers": tuple(layers),
             "device": device,
             "words": False,
+            "encode": encode,
         },
         actors=actors,
         batch_size=batch_size,
@@ -329,6 +343,8 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
         **({"num_frames": tokenizer.config.num_frames} if tokenizer.config.num_frames else {}),
         "fit": cfg.fit,
         "max_pixels": cfg.max_pixels,
+        # the encoder's options change tokens: part of the identity when they are not the default
+        **({"encode": to_dict(cfg.encode)} if cfg.encode != EncodeOptions() else {}),
     }
     manifest_extra = {
         "tokenizer": {"uri": cfg.tokenizer, "fingerprint": fingerprint, "codebook_card": card},
@@ -358,6 +374,7 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
             actors=cfg.actors,
             batch_size=cfg.batch_size,
             num_gpus=cfg.num_gpus_per_actor,
+            encode=cfg.encode,
         )
 
     run_name = run_name_for(cfg, out.uri)
@@ -441,7 +458,12 @@ def run_in_process(
     del model_stages, progress
     writer = ShardWriter(output, shards, schema, identity=identity, config=config, sidecars=sidecars)
     todo = writer.pending()
-    stage = TokenizeStage(config["tokenizer"], tuple(identity["layers"]), config["device"]) if todo else None
+    encode = EncodeOptions(**config["encode"])
+    stage = (
+        TokenizeStage(config["tokenizer"], tuple(identity["layers"]), config["device"], encode=encode)
+        if todo
+        else None
+    )
     start, rows = time.perf_counter(), 0
     for shard in todo:
         batch = read_and_decode(

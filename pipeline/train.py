@@ -341,8 +341,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     disc = build_discriminator(cfg.model) if lcfg.gan_weight else None
     perceptual = PerceptualLoss(lcfg.perceptual_weights).to(device) if lcfg.perceptual_enabled else None
     # DDP when world > 1. No buffer broadcast per step: the only buffer is the frozen codebook, which
-    # is identical on every rank (and large: 65k x 768 in the paper's setting).
-    ddp = {"broadcast_buffers": False}
+    # is identical on every rank (and large: 65k x 768 in the paper's setting). Gradients are views
+    # into DDP's all-reduce buckets: no copy into the buckets per step (docs/BENCHMARKS.md, scaling).
+    ddp = {"broadcast_buffers": False, "gradient_as_bucket_view": True}
     model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs=ddp)
     disc = ray.train.torch.prepare_model(disc, parallel_strategy_kwargs=ddp) if disc is not None else None
     trainer = SPAETrainer(

@@ -43,7 +43,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,6 +50,7 @@ from torch import Tensor, nn
 
 from spae.codebook import FrozenCodebook, load_codebook
 from spae.config import from_dict, to_dict
+from spae.encode_options import EncodeOptions
 from spae.model import SPAE, SPAEConfig
 from spae.pyramid import PyramidSpec
 
@@ -337,36 +337,6 @@ def _pad_from_coarser(
 # ----------------------------------------------------------------------------- the tokenizer
 
 
-@dataclass(frozen=True)
-class EncodeOptions:
-    """How ``SPAETokenizer.encode`` runs the encoder (the search and the SAQ walk are always fp32 targets
-    with the bf16/fp32 search of ``QuantizerConfig.search_dtype``).
-
-    dtype:   ``float32`` (default: the tokens of the training forward pass) or ``bfloat16`` (autocast
-             around the encoder, z cast back to fp32 before the walk: faster on GPUs, but near-ties in
-             the codebook can flip; docs/BENCHMARKS.md gives the agreement measured).
-    compile: ``torch.compile`` the encoder (and the [0, 1] -> [-1, 1] map). Off by default: the first
-             call pays the compilation (10-30 s on an H100 machine), which a run recovers only after
-             thousands of batches (docs/BENCHMARKS.md). Batches are padded up to the largest batch size
-             compiled so far, so a stage's last, smaller batch costs no recompilation.
-    compile_backend: the ``torch.compile`` backend (``inductor``; tests use ``aot_eager``).
-    compile_mode: the ``torch.compile`` mode (None: the default; e.g. ``max-autotune-no-cudagraphs``).
-    channels_last: the encoder's weights and input in channels-last memory (``channels_last_3d`` for
-             clips): cuDNN's bf16 convolutions skip their layout transposes. The same values; the
-             model's encoder weights stay in that layout afterwards.
-    """
-
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    compile: bool = False
-    compile_backend: str = "inductor"
-    compile_mode: str | None = None
-    channels_last: bool = False
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"encode dtype {self.dtype!r} is not one of 'float32', 'bfloat16'")
-
-
 class SPAETokenizer(nn.Module):
     """Images <-> token pyramids <-> text around a trained ``SPAE``."""
 
@@ -423,18 +393,12 @@ class SPAETokenizer(nn.Module):
     def _encode_latent(self, images: Tensor) -> Tensor:
         """images [b, C, ...] in [0, 1] -> z [b, c, *latent] fp32, as ``encode_options`` says."""
         opts = self.encode_options
+        if opts.dtype == "float32" and not opts.compile:
+            return self.model.encode_latent(images)
         self.model._check_images(images)
-        fmt = torch.contiguous_format
-        if opts.channels_last:
-            fmt = torch.channels_last if images.dim() == 4 else torch.channels_last_3d
-            images = images.contiguous(memory_format=fmt)
-            for p in self.model.encoder.parameters():  # conv weights: the same values, NHWC strides
-                if p.dim() == images.dim():
-                    p.data = p.data.contiguous(memory_format=fmt)
         if not opts.compile:
-            z = _encoder_fn(self.model.encoder, opts.dtype)(images)  # [b, c, *latent]
-            return z.contiguous()  # the SAQ walk reads z in the standard layout
-        key = f"{opts.dtype}/{opts.compile_backend}/{opts.compile_mode}/{opts.channels_last}"
+            return _encoder_fn(self.model.encoder, opts.dtype)(images)
+        key = f"{opts.dtype}/{opts.compile_backend}/{opts.compile_mode}"
         if key not in self._compiled:
             fn = torch.compile(
                 _encoder_fn(self.model.encoder, opts.dtype),
@@ -449,9 +413,8 @@ class SPAETokenizer(nn.Module):
             size = 1 << (b - 1).bit_length()
             self._compiled[key] = (fn, size)
         if size > b:  # every image is encoded on its own (per-image GroupNorm): the pads change nothing
-            pad = images.new_zeros(size - b, *images.shape[1:])
-            images = torch.cat([images, pad]).contiguous(memory_format=fmt)
-        return fn(images)[:b].contiguous()
+            images = torch.cat([images, images.new_zeros(size - b, *images.shape[1:])])
+        return fn(images)[:b]
 
     @torch.no_grad()
     def decode(self, pyramid: TokenPyramid, up_to_layer: int | None = None) -> Tensor:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.corpus import ids_from_table, parse_jsonl, read_corpus
 from pipeline.images import decode_batch, to_float
-from pipeline.shards import read_errors, read_manifest
+from pipeline.shards import ShardError, read_errors, read_manifest
 from pipeline.sources import SourceConfig, list_shards, read_shard
 from pipeline.storage import resolve
 from pipeline.tokenize import (
@@ -25,6 +25,7 @@ from pipeline.tokenize import (
 )
 from pipeline.tracking import MlflowConfig
 from spae.codebook import FrozenCodebook
+from spae.encode_options import EncodeOptions
 from spae.model import preset
 from spae.tokenizer import SPAETokenizer
 
@@ -288,3 +289,44 @@ def test_ids_only_stage_then_words_equals_the_whole_stage(tokenizer_dir):
             assert [list(v) if isinstance(v, list) else v for v in split[key]] == list(value), key
         else:
             np.testing.assert_array_equal(split[key], value)
+
+
+def test_encode_options_reach_the_stage_and_the_job_identity(tokenizer_dir, tmp_path):
+    source = SourceConfig(uri="mnist://test?limit=24", shard_size=8)
+    bf16 = EncodeOptions(dtype="bfloat16")
+    cfg = TokenizeJobConfig(
+        source=source,
+        tokenizer=str(tokenizer_dir),
+        output=str(tmp_path / "bf16"),
+        encode=bf16,
+        batch_size=8,
+        roundtrip_sample=0,
+        in_process=True,
+        progress=False,
+        mlflow=NO_MLFLOW,
+    )
+    run_tokenize_job(cfg)
+    manifest = read_manifest(cfg.output)
+    assert manifest["identity"]["encode"]["dtype"] == "bfloat16"
+    assert manifest["config"]["encode"] == manifest["identity"]["encode"]
+    # the corpus holds the ids the library gives with the same options
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    tokenizer.encode_options = bf16
+    raw = read_shard(list_shards(source)[0])
+    pixels = decode_batch({"image_bytes": np.array(raw.column("image_bytes").to_pylist(), dtype=object)}, 16)
+    ref = tokenizer.encode(torch.from_numpy(to_float(pixels["pixels"])))
+    table = read_corpus(cfg.output)
+    rows = {iid: i for i, iid in enumerate(table.column("image_id").to_pylist())}
+    got = ids_from_table(table.take([rows[i] for i in raw.column("image_id").to_pylist()]))
+    for l in (1, 2, 3, 4):
+        np.testing.assert_array_equal(got[l], ref.layer_ids(l).reshape(8, -1).numpy())
+    # a re-run into the same corpus with other encode options is refused, naming the cause
+    with pytest.raises(ShardError, match="different configuration"):
+        run_tokenize_job(TokenizeJobConfig(**{**cfg.__dict__, "encode": EncodeOptions()}))
+    # the default options leave the identity as it was before the option existed (old corpora resume)
+    run_tokenize_job(
+        TokenizeJobConfig(**{**cfg.__dict__, "encode": EncodeOptions(), "output": str(tmp_path / "d")})
+    )
+    assert "encode" not in read_manifest(str(tmp_path / "d"))["identity"]
+    stage = TokenizeStage(str(tokenizer_dir), encode=bf16)  # what the Ray job's actors are built with
+    assert stage.tokenizer.encode_options == bf16
