@@ -35,9 +35,28 @@ class RayConfig:
     include_dashboard: bool = False  # local cluster only
 
 
+# Ray Train's placement-group cleaner asks the State API (served by the dashboard) every second whether
+# the controller lives; without a dashboard each ask logs a warning, hundreds in one training run
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
 def worker_env() -> dict[str, str]:
     """The allowlisted variables that are set here, for ``runtime_env={"env_vars": ...}``."""
     return {name: os.environ[name] for name in ENV_ALLOWLIST if os.environ.get(name)}
+
+
+def local_runtime_env(include_dashboard: bool = False) -> dict:
+    """The runtime environment of a local cluster we start: the allowlisted variables, and without a
+    dashboard a worker setup hook that silences the placement-group cleaner's State API warnings."""
+    env: dict = {"env_vars": worker_env()}
+    if not include_dashboard:
+        env["worker_process_setup_hook"] = f"{__name__}.quiet_placement_group_cleaner"
+    return env
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Worker setup hook (``local_runtime_env``): the cleaner's warnings only, errors still show."""
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
@@ -60,7 +79,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus,
             include_dashboard=cfg.include_dashboard,
-            runtime_env={"env_vars": worker_env()},
+            runtime_env=local_runtime_env(cfg.include_dashboard),
         )
     from ray.data import DataContext
 

@@ -62,8 +62,8 @@ class TokenizeJobConfig:
     actors: int = 1
     num_gpus_per_actor: float = 0.0
     device: str = "auto"  # "auto" = cuda when the actor sees a GPU, else cpu
-    # how the encoder runs (spae.tokenizer.EncodeOptions): fp32 eager by default, the training forward's
-    # tokens; encode.compile=true / encode.dtype=bfloat16 are faster on a GPU (docs/BENCHMARKS.md)
+    # how the encoder runs (spae.encode_options.EncodeOptions): fp32 eager by default, the training
+    # forward's tokens; encode.compile=true / encode.dtype=bfloat16 are faster on a GPU (docs/BENCHMARKS.md)
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     fit: str = "auto"  # pipeline.images fit policy
     max_pixels: int = 50_000_000

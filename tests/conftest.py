@@ -95,7 +95,7 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
     """One small local Ray cluster for the whole suite (2 CPUs, 500 MB object store)."""
     import ray
 
-    from pipeline.ray_utils import worker_env
+    from pipeline.ray_utils import local_runtime_env
 
     if ray.is_initialized():
         ray.shutdown()
@@ -106,7 +106,7 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
         num_gpus=0,
         include_dashboard=False,
         object_store_memory=500 * 1024 * 1024,
-        runtime_env={"env_vars": worker_env()},
+        runtime_env=local_runtime_env(),
         logging_level="WARNING",
         log_to_driver=True,
     )

@@ -41,3 +41,19 @@ def test_ray_workers_reach_the_s3_server(ray_cluster, s3_prefix):
         return resolve(uri).read_text()
 
     assert ray.get(read.remote(f"{s3_prefix}/hello.txt")) == "from the driver"
+
+
+def test_local_cluster_workers_silence_the_placement_group_cleaner(ray_cluster):
+    import logging
+
+    import ray
+
+    from pipeline.ray_utils import PG_CLEANER_LOGGER, local_runtime_env
+
+    @ray.remote
+    def levels() -> tuple[int, int]:
+        return logging.getLogger(PG_CLEANER_LOGGER).level, logging.getLogger("ray.data").level
+
+    cleaner, other = ray.get(levels.remote())
+    assert cleaner == logging.ERROR and other != logging.ERROR  # only the cleaner's warnings go
+    assert "worker_process_setup_hook" not in local_runtime_env(include_dashboard=True)
