@@ -76,6 +76,8 @@ from spae.losses import (
 )
 from spae.model import SPAE
 
+SEMANTIC_CHUNK_VALUES = 2**27  # eq. 7 logits per codebook chunk (512 MB of fp32) when positions are few
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -185,10 +187,8 @@ def _any_rank_(flag: Tensor) -> Tensor:
 
 def _nonfinite(*xs: Tensor) -> Tensor:
     """1.0 if any of ``xs`` holds a NaN/inf, else 0.0: a float32 device scalar (Adam's ``found_inf``)."""
-    bad = torch.zeros((), dtype=torch.bool, device=xs[0].device)
-    for x in xs:
-        bad = bad | ~torch.isfinite(x.detach()).all()
-    return bad.float()
+    values = torch.cat([x.detach().float().reshape(-1) for x in xs])  # one check for all: few kernels
+    return (~torch.isfinite(values)).any().float()
 
 
 def _fused(opt: torch.optim.Optimizer) -> bool:
@@ -421,7 +421,7 @@ class SPAETrainer:
                     self.core.codebook.embeddings,
                     targets,
                     lcfg.semantic_temperature,
-                    self.core.cfg.quantizer.search_chunk,
+                    self._semantic_chunk(sum(t.numel() for t in targets)),
                 )  # eq. 7
                 w = dynamic_weight(l_app, l_sem, lcfg.max_dynamic_weight) if lcfg.dynamic_weight else 1.0
                 total = spae_total(l_app, l_sem, lcfg.alpha, w)  # eq. 9
@@ -456,6 +456,13 @@ class SPAETrainer:
         self.step_count += 1
         metrics["skipped_steps"] = self._skipped
         return StepMetrics(metrics)
+
+    def _semantic_chunk(self, positions: int) -> int:
+        """Codebook rows per eq. 7 chunk: ``quantizer.search_chunk`` at least, more while a chunk's
+        ``[positions, rows]`` logits stay under ``SEMANTIC_CHUNK_VALUES`` (fewer, larger GEMMs and
+        kernel launches for small batches; the same memory bound as before for large ones)."""
+        chunk = self.core.cfg.quantizer.search_chunk
+        return max(chunk, SEMANTIC_CHUNK_VALUES // max(1, positions) // chunk * chunk)
 
     def _match_latent(self, images: Tensor) -> None:
         """Rank 0 fits the encoder's output layer to the codebook on its first batch; every rank copies it."""
