@@ -76,8 +76,6 @@ from spae.losses import (
 )
 from spae.model import SPAE
 
-SEMANTIC_CHUNK_VALUES = 2**27  # eq. 7 logits per codebook chunk (512 MB of fp32) when positions are few
-
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -421,7 +419,7 @@ class SPAETrainer:
                     self.core.codebook.embeddings,
                     targets,
                     lcfg.semantic_temperature,
-                    self._semantic_chunk(sum(t.numel() for t in targets)),
+                    self.core.cfg.quantizer.search_chunk,
                 )  # eq. 7
                 w = dynamic_weight(l_app, l_sem, lcfg.max_dynamic_weight) if lcfg.dynamic_weight else 1.0
                 total = spae_total(l_app, l_sem, lcfg.alpha, w)  # eq. 9
@@ -456,13 +454,6 @@ class SPAETrainer:
         self.step_count += 1
         metrics["skipped_steps"] = self._skipped
         return StepMetrics(metrics)
-
-    def _semantic_chunk(self, positions: int) -> int:
-        """Codebook rows per eq. 7 chunk: ``quantizer.search_chunk`` at least, more while a chunk's
-        ``[positions, rows]`` logits stay under ``SEMANTIC_CHUNK_VALUES`` (fewer, larger GEMMs and
-        kernel launches for small batches; the same memory bound as before for large ones)."""
-        chunk = self.core.cfg.quantizer.search_chunk
-        return max(chunk, SEMANTIC_CHUNK_VALUES // max(1, positions) // chunk * chunk)
 
     def _match_latent(self, images: Tensor) -> None:
         """Rank 0 fits the encoder's output layer to the codebook on its first batch; every rank copies it."""

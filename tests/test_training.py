@@ -10,7 +10,7 @@ from spae.losses import LossConfig
 from spae.model import SPAE, SPAEConfig
 from spae.networks import Discriminator, NetworkConfig
 from spae.pyramid import PyramidConfig
-from spae.training import SEMANTIC_CHUNK_VALUES, OptimConfig, SPAETrainer, _nonfinite, learning_rate
+from spae.training import OptimConfig, SPAETrainer, _nonfinite, learning_rate
 
 V, C, K = 64, 16, 6  # codebook rows, dim, pool size
 
@@ -125,16 +125,6 @@ def test_nonfinite_flag_over_all_inputs():
     for bad in (float("nan"), float("inf"), -float("inf")):
         assert _nonfinite(ok, torch.tensor([0.0, bad])).item() == 1.0
         assert _nonfinite(torch.tensor(bad), vec).item() == 1.0
-
-
-def test_semantic_chunk_grows_for_few_positions_only():
-    trainer = make_trainer()
-    chunk = trainer.core.cfg.quantizer.search_chunk
-    many = SEMANTIC_CHUNK_VALUES // chunk  # positions whose logits fill SEMANTIC_CHUNK_VALUES at `chunk` rows
-    assert trainer._semantic_chunk(many) == chunk and trainer._semantic_chunk(100 * many) == chunk
-    few = trainer._semantic_chunk(many // 3)  # a third of the positions: three times the rows
-    assert few == 3 * chunk and few * (many // 3) <= SEMANTIC_CHUNK_VALUES
-    assert trainer._semantic_chunk(0) % chunk == 0
 
 
 def test_state_round_trip_gives_identical_next_step(tmp_path):
