@@ -28,7 +28,7 @@ import time
 import torch
 
 from bench.common import device_line, pick_device, time_fn, write_json
-from bench.tokenize_stage import build_tokenizer  # the same paper-preset tokenizer, random codebook
+from bench.tokenize_stage import tokenizer_and_images  # the paper-preset tokenizer, random codebook
 from spae.tokenizer import EncodeOptions, SPAETokenizer
 
 
@@ -90,15 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.batch, args.vocab, args.reps = 4, 256, 2
     device = pick_device(args.smoke)
-    tok = build_tokenizer(args, device)
-    size = tok.model.cfg.image_size
-    print(f"device: {device_line(device)}" + (", cudnn.benchmark on" if args.cudnn_benchmark else ""))
-    print(
-        f"model: {size}px, {sum(tok.pyramid.token_counts)} tokens/image, codebook "
-        f"{tuple(tok.codebook.embeddings.shape)}, batch {args.batch}"
-    )
-    g = torch.Generator(device=device).manual_seed(0)
-    images = torch.rand(args.batch, 3, size, size, device=device, generator=g)
+    tok, images = tokenizer_and_images(args, device, ", cudnn.benchmark on" if args.cudnn_benchmark else "")
     results: dict[str, dict] = {}
 
     def record(name: str, fn) -> None:

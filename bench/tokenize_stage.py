@@ -61,6 +61,20 @@ def build_tokenizer(args, device) -> SPAETokenizer:
     return SPAETokenizer(model).to(device).eval()
 
 
+def tokenizer_and_images(args, device, note: str = "") -> tuple[SPAETokenizer, torch.Tensor]:
+    """``build_tokenizer`` with the device and model lines printed, and one seeded batch of
+    ``args.batch`` random images on ``device``: the set-up of the encode benches."""
+    tok = build_tokenizer(args, device)
+    size = tok.model.cfg.image_size
+    print(f"device: {device_line(device)}{note}")
+    print(
+        f"model: {size}px, {sum(tok.pyramid.token_counts)} tokens/image, codebook "
+        f"{tuple(tok.codebook.embeddings.shape)}, batch {args.batch}"
+    )
+    g = torch.Generator(device=device).manual_seed(0)
+    return tok, torch.rand(args.batch, 3, size, size, device=device, generator=g)
+
+
 @torch.no_grad()
 def encode_bf16(tok: SPAETokenizer, images: torch.Tensor) -> list[torch.Tensor]:
     """The bf16-encoder encode: autocast over the convolutions only, the SAQ walk on fp32 z."""
@@ -131,15 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.batch, args.vocab, args.reps, args.images, args.warmup = 4, 256, 2, 64, 1
     device = pick_device(args.smoke)
-    tok = build_tokenizer(args, device)
+    tok, images = tokenizer_and_images(args, device)
     size = tok.model.cfg.image_size
-    print(f"device: {device_line(device)}")
-    print(
-        f"model: {size}px, {sum(tok.pyramid.token_counts)} tokens/image, codebook "
-        f"{tuple(tok.codebook.embeddings.shape)}, batch {args.batch}"
-    )
-    g = torch.Generator(device=device).manual_seed(0)
-    images = torch.rand(args.batch, 3, size, size, device=device, generator=g)
     results: dict[str, dict] = {}
 
     def record(name: str, fn) -> float:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from metric_helpers import numpy_frechet
+from metric_helpers import numpy_frechet, streamed_distance
 
 from spae.fvd import FVD, I3D_CLASSES, I3D_MIN_FRAMES, I3D_SIZE, I3DFeatures, InceptionI3d, same_padding
 from spae.metrics import (
@@ -52,10 +52,7 @@ def sets(i3d_file):
 
 
 def fvd_of(real: torch.Tensor, fake: torch.Tensor) -> float:
-    fvd = FVD()
-    for i in range(real.shape[0]):  # streamed one row at a time: the accumulation is exact
-        fvd.update_features(real[i : i + 1], fake[i : i + 1])
-    return fvd.compute()
+    return streamed_distance(FVD(), real, fake)
 
 
 def test_state_dict_keys_follow_the_pytorch_port_checkpoint():

@@ -86,6 +86,22 @@ def test_stack_reports_a_service_that_does_not_come_up(stack_root):
         stack.down(cfg)
 
 
+def test_a_started_child_is_alive_by_its_handle(stack_root):
+    # the handle of a child this process started decides, whatever its /proc cmdline reads;
+    # pids from elsewhere (stack.json) still need the service's name in their cmdline
+    (stack_root / "s3").mkdir()
+    pid = stack._spawn("s3", ["sleep", "30"], stack_root / "s3", dict(os.environ))
+    try:
+        assert stack._alive("s3", pid)
+        assert not stack._alive("s3", os.getpid())  # alive, but not a weed process of ours
+    finally:
+        os.kill(pid, 9)
+    deadline = time.monotonic() + 10
+    while stack._alive("s3", pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not stack._alive("s3", pid) and pid not in stack._CHILDREN
+
+
 def test_services_die_with_their_owner(stack_root):
     """A killed test run (owner) takes its services with it, through the watchdog."""
     owner = subprocess.Popen(["sleep", "60"])

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.corpus import ids_from_table, parse_jsonl, read_corpus
-from pipeline.images import decode_batch, to_float
+from pipeline.images import decode_batch, decode_table, to_float
 from pipeline.shards import ShardError, read_errors, read_manifest
 from pipeline.sources import SourceConfig, list_shards, read_shard
 from pipeline.storage import resolve
@@ -46,6 +46,15 @@ def upload(folder: Path, uri: str) -> str:
     for path in folder.iterdir():
         dest.join(path.name).write_bytes(path.read_bytes())
     return uri
+
+
+def library_and_corpus_rows(tokenizer, raw, table):
+    """The library's token pyramid of a read shard's images, and the corpus rows of those images in
+    the shard's order."""
+    pixels = decode_table(raw, tokenizer.config.image_size)["pixels"]
+    ref = tokenizer.encode(torch.from_numpy(to_float(pixels)))
+    rows = {iid: i for i, iid in enumerate(table.column("image_id").to_pylist())}
+    return ref, table.take([rows[i] for i in raw.column("image_id").to_pylist()])
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +123,7 @@ def test_tokenize_mnist_to_s3_exactly_once(ray_cluster, s3_prefix, mlflow_server
     tokenizer = load_tokenizer(str(tokenizer_dir))
     shard = list_shards(SourceConfig(uri="mnist://test?limit=64", shard_size=16))[1]
     raw = read_shard(shard)
-    pixels = decode_batch({"image_bytes": np.array(raw.column("image_bytes").to_pylist(), dtype=object)}, 16)
-    ref = tokenizer.encode(torch.from_numpy(to_float(pixels["pixels"])))
-    rows = {iid: i for i, iid in enumerate(ids)}
-    picked = table.take([rows[i] for i in raw.column("image_id").to_pylist()])
+    ref, picked = library_and_corpus_rows(tokenizer, raw, table)
     got = ids_from_table(picked)
     for l in (1, 2, 3, 4):
         np.testing.assert_array_equal(got[l], ref.layer_ids(l).reshape(16, -1).numpy())
@@ -312,12 +318,10 @@ def test_encode_options_reach_the_stage_and_the_job_identity(tokenizer_dir, tmp_
     # the corpus holds the ids the library gives with the same options
     tokenizer = load_tokenizer(str(tokenizer_dir))
     tokenizer.encode_options = bf16
-    raw = read_shard(list_shards(source)[0])
-    pixels = decode_batch({"image_bytes": np.array(raw.column("image_bytes").to_pylist(), dtype=object)}, 16)
-    ref = tokenizer.encode(torch.from_numpy(to_float(pixels["pixels"])))
-    table = read_corpus(cfg.output)
-    rows = {iid: i for i, iid in enumerate(table.column("image_id").to_pylist())}
-    got = ids_from_table(table.take([rows[i] for i in raw.column("image_id").to_pylist()]))
+    ref, picked = library_and_corpus_rows(
+        tokenizer, read_shard(list_shards(source)[0]), read_corpus(cfg.output)
+    )
+    got = ids_from_table(picked)
     for l in (1, 2, 3, 4):
         np.testing.assert_array_equal(got[l], ref.layer_ids(l).reshape(8, -1).numpy())
     # a re-run into the same corpus with other encode options is refused, naming the cause

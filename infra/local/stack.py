@@ -372,10 +372,18 @@ def _group_alive(pgid: int) -> bool:
 
 
 def _alive(name: str, pid: int | None) -> bool:
-    """The pid is a live (non-zombie) process of this service (guards against pid reuse)."""
+    """The pid is a live (non-zombie) process of this service (guards against pid reuse).
+
+    A child this interpreter started is alive while its handle says so (its pid cannot be reused
+    before it is reaped); only pids read back from ``stack.json`` go through ``/proc``. Under load the
+    ``/proc`` check once called a starting ``weed`` child gone: the start was retried on the same data
+    folder, the second server failed, and the first was left running."""
     if not pid:
         return False
-    _reap(pid)
+    proc = _CHILDREN.get(pid)
+    if proc is not None:
+        _reap(pid)
+        return proc.poll() is None
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
