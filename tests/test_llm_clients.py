@@ -4,6 +4,7 @@ OpenAI-compatible routes), retries/timeouts/budget against a scripted local serv
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from dataclasses import replace
@@ -95,9 +96,12 @@ def test_openai_client_against_transformers_serve(served, tiny_lm, hf, api, monk
     assert all(w in vocab or w.startswith("##") or hf.tokenizer.tokenize(w) for w in words)
     assert client.count_tokens(PROMPT) == hf.count_tokens(PROMPT)
     assert SECRET not in repr(client)
-    # this server cannot map "\n" to WordPiece tokens (HTTP 500): cut client-side instead
-    with pytest.raises(LLMError, match="HTTP 500"):
+    # this server cannot map "\n" to WordPiece tokens and refuses the request (with a 4xx or a 5xx, by
+    # release): the client surfaces the status and the server's own words; send_stop=false cuts client-side
+    with pytest.raises(LLMError) as refused:
         OpenAIClient(replace(cfg, max_retries=0)).complete(PROMPT, 5, stop=["\n"])
+    status, body = re.search(r"HTTP (\d{3}): (.*)", str(refused.value)).groups()
+    assert 400 <= int(status) < 600 and body.strip(), str(refused.value)
     kept = OpenAIClient(replace(cfg, send_stop=False)).complete(PROMPT, 5, stop=["\n"])
     assert kept.text == out.text  # greedy, and no newline in WordPiece output
     # the batch helper drives the same client in process
