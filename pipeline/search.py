@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-GPU_INSTALL_HINT = "install FAISS with GPU support: pip install 'spae[gpu]' (faiss-gpu, CUDA 12, kernels up to sm_90)"
+GPU_INSTALL_HINT = "install FAISS with GPU support: pip install 'spae[gpu]' (faiss-gpu, CUDA 12)"
 
 
 @dataclass(frozen=True)

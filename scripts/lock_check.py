@@ -41,14 +41,20 @@ def installed() -> dict[str, str]:
 
 def differences(pins: dict[str, str], have: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
     missing = sorted(f"{n}=={v}" for n, v in pins.items() if n not in have)
-    wrong = sorted(f"{n}: {have[n]} installed, {v} locked" for n, v in pins.items() if n in have and have[n] != v)
+    wrong = sorted(
+        f"{n}: {have[n]} installed, {v} locked" for n, v in pins.items() if n in have and have[n] != v
+    )
     extra = sorted(n for n in have if n not in pins and n not in UNLOCKED)
     return missing, wrong, extra
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lock", type=Path, default=Path(__file__).resolve().parent.parent / "requirements.lock")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--lock", type=Path, default=Path(__file__).resolve().parent.parent / "requirements.lock"
+    )
     parser.add_argument("--sync", action="store_true", help="uninstall packages the lock does not list")
     args = parser.parse_args()
     pins = locked(args.lock)
