@@ -269,6 +269,7 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"  report:    {s['report']}")
     print(f"  tokenizer: {s['tokenizer']}")
     print(f"  MLflow:    {s['mlflow']}")
+    print(f"  full log:  {s['log']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -285,29 +286,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.exit(2, f"spae demo: config error: {e}\n")
 
-    from pipeline.ray_utils import init_ray
-
-    init_ray(cfg.ray)
     names = [stage.slug.split("-")[0] for stage in plan]
     if cfg.stop_after and cfg.stop_after not in names:
         parser.exit(
             2, f"spae demo: stop_after={cfg.stop_after!r}; choose from {', '.join(dict.fromkeys(names))}\n"
         )
     last = max(i for i, n in enumerate(names) if n == cfg.stop_after) if cfg.stop_after else len(plan) - 1
-    for i, stage in enumerate(plan[: last + 1], 1):
-        if stage.done():
-            print(f"[{i}/{len(plan)}] {stage.name}: finished by an earlier run, reused")
-            continue
-        print(f"[{i}/{len(plan)}] {stage.name} ...", flush=True)
-        timings[stage.name] = run_stage(stage, config_dir)
-        print(f"[{i}/{len(plan)}] {stage.name}: done in {timings[stage.name]:.0f}s", flush=True)
+    log_path = out / "logs" / f"demo-{cfg.name}.log"
+    print(f"spae demo: {last + 1} stages into {out} (the full log: {log_path})", flush=True)
+    failed = run_plan(cfg, plan[: last + 1], len(plan), config_dir, log_path, timings)
+    if failed:
+        print(f"spae demo: {failed}; the full log: {log_path}", file=sys.stderr)
+        return 1
     if last < len(plan) - 1:
         print(f"stopped after {cfg.stop_after} (stop_after); run again without it to go on")
         return 0
     result = summary(cfg, timings)
+    result["log"] = str(log_path)
     (out / f"summary-{cfg.name}.json").write_text(json.dumps(result, indent=2))
     print_summary(result)
     return 0
+
+
+def run_plan(
+    cfg: DemoConfig, plan: Sequence[Stage], total: int, config_dir: Path, log_path: Path, timings: dict
+) -> str:
+    """Run ``plan`` with the process's output in ``log_path`` and a line per stage (plus the stage's
+    progress bar) on the terminal; returns "" or what failed, in one line."""
+    import logging
+
+    import ray
+
+    from jobs.console import log_to_file
+    from pipeline.ray_utils import init_ray
+
+    with log_to_file(log_path) as terminal:
+        try:
+            init_ray(cfg.ray)
+            for i, stage in enumerate(plan, 1):
+                if stage.done():
+                    terminal.write(f"[{i}/{total}] {stage.name}: finished by an earlier run, reused\n")
+                    continue
+                terminal.write(f"[{i}/{total}] {stage.name} ...\n")
+                try:
+                    timings[stage.name] = run_stage(stage, config_dir)
+                except (Exception, SystemExit) as e:  # a job's parser.exit is a SystemExit
+                    logging.getLogger(__name__).exception("demo: stage %s failed", stage.name)
+                    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    return f"stage {stage.name} failed: {reason}"
+                terminal.write(f"[{i}/{total}] {stage.name}: done in {timings[stage.name]:.0f}s\n")
+        finally:
+            ray.shutdown()  # inside: the workers' last lines still go to the log
+    return ""
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
 from pipeline.storage import Location, resolve
 from pipeline.tracking import MlflowConfig
 from pipeline.video import decode_size
+from spae.fonts import add_stand_in_legend, legible, words_font
 from spae.metrics import (
     OptionalMetrics,
     TokenUsage,
@@ -394,25 +395,27 @@ def clip_picture(
     for i in range(clips.shape[0]):
         label = int(data.labels[i])
         head = data.image_ids[i] + (f" (label {label})" if label >= 0 else "")
-        rows.append((frame_strip(clips[i].cpu(), max_frames), f"{head}: source, layer 1 = {words[i]!r}"))
+        caption = f"{head}: source, layer 1 = {legible(words[i])!r}"
+        rows.append((frame_strip(clips[i].cpu(), max_frames), caption))
         for l in prefixes:
             db = float(per_frame(psnr, decodes[l][i : i + 1], clips[i : i + 1]).mean())
             caption = f"layers 1-{l} ({spec.cumulative_counts[l - 1]} tokens), {db:.1f} dB over frames"
             rows.append((frame_strip(decodes[l][i].cpu(), max_frames), caption))
     strip_h, strip_w = rows[0][0].shape[:2]
     width = min(16.0, max(6.0, strip_w / 24))
-    fig = Figure(figsize=(width, len(rows) * (width * strip_h / strip_w + 0.3) + (0.4 if title else 0.0)))
-    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
-    for ax, (strip, caption) in zip(axes, rows, strict=True):
-        ax.imshow(strip, interpolation="nearest")
-        ax.set_title(caption, fontsize=8, loc="left")
-        ax.set_axis_off()
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    with words_font():
+        fig = Figure(figsize=(width, len(rows) * (width * strip_h / strip_w + 0.3) + (0.4 if title else 0.0)))
+        axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+        for ax, (strip, caption) in zip(axes, rows, strict=True):
+            ax.imshow(strip, interpolation="nearest")
+            ax.set_title(caption, fontsize=8, loc="left")
+            ax.set_axis_off()
+        if title:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout(rect=(0, 0.02, 1, 1) if add_stand_in_legend(fig, words) else None)
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
     return out
 
 

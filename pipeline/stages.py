@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.images import decode_table
+from pipeline.progress import bar as progress_bar
 from pipeline.schemas import error_mask
 from pipeline.shards import ShardWriter
 from pipeline.sources import Shard, read_shard
@@ -133,7 +134,7 @@ def run_sharded_job(
             fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "fit": fit},
         )
         ds = model_stages(ds)
-        bar = _progress(sum(s.num_rows for s in todo), progress)
+        bar = progress_bar(sum(s.num_rows for s in todo), "images", "img", progress)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 n = len(batch["shard_id"])
@@ -145,9 +146,3 @@ def run_sharded_job(
     seconds = time.perf_counter() - start
     manifest = writer.finish(extra=manifest_extra)
     return ShardedJobResult(manifest, len(shards), len(todo), rows, seconds)
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc="images", disable=not enabled)

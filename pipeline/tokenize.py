@@ -47,6 +47,7 @@ from pipeline.tracking import MlflowConfig, log_params_flat, start_run, tracking
 from pipeline.video import decode_size
 from spae.config import to_dict
 from spae.encode_options import EncodeOptions
+from spae.fonts import add_stand_in_legend, legible, words_font
 
 TOKENIZE_STAGE = "tokenize"
 HISTOGRAM_TOP = 40
@@ -604,14 +605,17 @@ def histogram_figure(layer: int, counts: np.ndarray, words: Sequence[str]) -> An
 
     top = np.argsort(-counts, kind="stable")[:HISTOGRAM_TOP]
     top = top[counts[top] > 0]
-    fig = Figure(figsize=(8, 3.2), dpi=100)
-    ax = fig.subplots()
-    ax.bar(range(len(top)), counts[top], color="#c06010")
-    ax.set_xticks(range(len(top)), [words[i] for i in top], rotation=70, fontsize=7)
-    used = int((counts > 0).sum())
-    ax.set_title(f"layer {layer}: {used} of {len(counts)} tokens used; top {len(top)}", fontsize=9)
-    ax.set_ylabel("count")
-    fig.tight_layout()
+    with words_font() as stack:
+        fig = Figure(figsize=(8, 3.2), dpi=100)
+        ax = fig.subplots()
+        ax.bar(range(len(top)), counts[top], color="#c06010")
+        labels = [legible(words[i]) for i in top]
+        ax.set_xticks(range(len(top)), labels, rotation=70, fontsize=7, family=list(stack.families))
+        used = int((counts > 0).sum())
+        ax.set_title(f"layer {layer}: {used} of {len(counts)} tokens used; top {len(top)}", fontsize=9)
+        ax.set_ylabel("count")
+        legend = add_stand_in_legend(fig, [words[i] for i in top])
+        fig.tight_layout(rect=(0, 0.04, 1, 1) if legend else None)
     return fig
 
 

@@ -32,6 +32,7 @@ semantic targets of step s are seeded by (seed, rank, s) and do not depend on it
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -57,6 +58,7 @@ from pipeline.evaluate import (
     read_pools_part,
     shard_pixels,
 )
+from pipeline.progress import BoardPoster, follow, start_board
 from pipeline.ray_utils import RayConfig
 from pipeline.sources import Shard, SourceConfig, list_shards
 from pipeline.storage import resolve
@@ -70,6 +72,8 @@ TRAIN_STATE = "train_state"  # checkpoint sub-folder (spae.checkpoint)
 HISTORY = "history.json"  # (step, total loss) per logged step, carried across restarts
 TOKENIZER = "tokenizer"  # final save_pretrained folder under <storage>/<name>/ and the MLflow model name
 FAIL_MARKER = "_fail_at_step_done"
+PROGRESS_FIELDS = {"loss/total": "loss", "images_per_s": "img/s"}  # metric -> its name beside the bar
+RAY_TRAIN_REPORT_LOGGER = "ray.train.v2._internal.execution.context"  # "Reporting training result N: ..."
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class TrainJobConfig:
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 2
     log_every: int = 10  # steps between metric reports
+    progress: bool = True  # a bar on the driver's console: step, loss, images/s, ETA
     log_checkpoints: bool = True  # also log every checkpoint as MLflow artifacts
     seed: int = 0
     num_workers: int = 2
@@ -328,6 +333,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(TrainJobConfig, loop_config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray Train logs every report as a dict at INFO; the metrics go to MLflow and the driver's bar instead
+    logging.getLogger(RAY_TRAIN_REPORT_LOGGER).setLevel(logging.WARNING)
+    post = BoardPoster(loop_config.get("board") if rank == 0 else None)
     device = ray.train.torch.get_device()
     if cfg.torch_threads:  # e.g. one worker on a 2-core laptop: Ray Data decodes between steps
         torch.set_num_threads(cfg.torch_threads)
@@ -391,6 +399,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     cfg.batch_size * world * (step - resumed_at) / (time.perf_counter() - started)
                 )
                 last = step >= cfg.steps
+                post(step, {k: metrics[k] for k in PROGRESS_FIELDS if k in metrics}, last)
                 report = step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last
                 if report:
                     history.append([float(step), metrics["loss/total"]])
@@ -513,9 +522,10 @@ def run_train_job(cfg: TrainJobConfig, log: Any = print) -> TrainJobResult:
         f"{cfg.num_workers} workers x batch {cfg.batch_size}, {cfg.steps} steps -> {storage.uri}/{cfg.name}"
     )
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    board = start_board() if cfg.progress else None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": to_dict(cfg), "mlflow": to_dict(mlflow_cfg)},
+        train_loop_config={"job": to_dict(cfg), "mlflow": to_dict(mlflow_cfg), "board": board},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
@@ -528,7 +538,8 @@ def run_train_job(cfg: TrainJobConfig, log: Any = print) -> TrainJobResult:
         ),
         datasets={"train": build_dataset(cfg, shards)},
     )
-    result = trainer.fit()
+    with follow(board, cfg.steps, "train", "step", PROGRESS_FIELDS):
+        result = trainer.fit()
     run_id = ""
     if mlflow_cfg.enabled:
         import mlflow

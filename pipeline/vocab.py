@@ -32,6 +32,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from pipeline.progress import bar as progress_bar
 from pipeline.ray_utils import RayConfig
 from pipeline.shards import CommittedPart, ShardError, ShardWriter, part_name, read_output
 from pipeline.sources import Shard, SourceConfig
@@ -309,7 +310,7 @@ def run_vocab_job(
             num_gpus=cfg.num_gpus_per_actor,
             num_cpus=cfg.num_cpus_per_actor,
         )
-        bar = _progress(len(rows), cfg.progress)
+        bar = progress_bar(len(rows), "vocab", "tok", cfg.progress)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for shard_id in writer.add(_add_codebook_columns(batch, codebook)):
@@ -351,12 +352,6 @@ def _feature_dim(out: Location, shard: Shard) -> int:
         out.join(part_name(shard.shard_id)).path, columns=["text_feature"], filesystem=out.fs
     )
     return len(table.column("text_feature")[0].as_py())
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="tok", desc="vocab", disable=not enabled)
 
 
 # ----------------------------------------------------------------------------- reading it back

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 UNLOCKED = {"spae", "pip"}  # the project itself (installed editable) and the installer
 
@@ -42,7 +43,9 @@ def installed() -> dict[str, str]:
 def differences(pins: dict[str, str], have: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
     missing = sorted(f"{n}=={v}" for n, v in pins.items() if n not in have)
     wrong = sorted(
-        f"{n}: {have[n]} installed, {v} locked" for n, v in pins.items() if n in have and have[n] != v
+        f"{n}: {have[n]} installed, {v} locked"
+        for n, v in pins.items()
+        if n in have and Version(have[n]) != Version(v)
     )
     extra = sorted(n for n in have if n not in pins and n not in UNLOCKED)
     return missing, wrong, extra

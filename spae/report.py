@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spae.fonts import add_stand_in_legend, legible, words_font
+
 SHADE_SEMANTIC = "semantic score"
 SHADE_FREQUENCY = "frequency"
 MAX_GRID_SIDE = 8  # larger layers are drawn as a histogram of their most frequent tokens
@@ -141,6 +143,7 @@ def layer_grid(
 
 
 def _short(word: str) -> str:
+    word = legible(word)
     return word if len(word) <= MAX_WORD_CHARS else word[: MAX_WORD_CHARS - 1] + "\u2026"
 
 
@@ -159,12 +162,18 @@ def _top_words(grid: LayerGrid, k: int = HISTOGRAM_TOP) -> list[tuple[str, int]]
 
 
 def pyramid_figure(panels: Sequence[PyramidPanel], title: str = ""):  # -> matplotlib.figure.Figure
-    """One row per image: original | layer grids | reconstructions (Fig. 4 of the paper)."""
+    """One row per image: original | layer grids | reconstructions (Fig. 4 of the paper). Words are drawn
+    in ``spae.fonts``' stack; a character no font draws is written as its code point, with a legend."""
+    if not panels:
+        raise ValueError("pyramid_figure needs at least one panel")
+    with words_font() as stack:
+        return _draw_pyramids(panels, title, list(stack.families))
+
+
+def _draw_pyramids(panels: Sequence[PyramidPanel], title: str, family: list[str]):
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    if not panels:
-        raise ValueError("pyramid_figure needs at least one panel")
     n_layers = max(len(p.layers) for p in panels)
     n_recon = max(len(p.reconstructions) for p in panels)
     cols = 1 + n_layers + n_recon
@@ -191,7 +200,7 @@ def pyramid_figure(panels: Sequence[PyramidPanel], title: str = ""):  # -> matpl
             if max(h, w) > MAX_GRID_SIDE:
                 top = _top_words(grid)
                 ax.barh(range(len(top)), [n for _, n in top], color=_shade_rgb(0.6))
-                ax.set_yticks(range(len(top)), [_short(wd) for wd, _ in top], fontsize=6)
+                ax.set_yticks(range(len(top)), [_short(wd) for wd, _ in top], fontsize=6, family=family)
                 ax.invert_yaxis()
                 continue
             ax.set_xlim(0, w)
@@ -211,13 +220,15 @@ def pyramid_figure(panels: Sequence[PyramidPanel], title: str = ""):  # -> matpl
                         fontsize=size,
                         color="white" if s > 0.55 else "black",
                         clip_on=True,
+                        family=family,
                     )
         for c, recon in enumerate(panel.reconstructions, start=1 + n_layers):
             row[c].imshow(recon.image, interpolation="nearest")
             row[c].set_title(recon.caption, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    words = [w for p in panels for g in p.layers for row in g.words for w in row]
+    fig.tight_layout(rect=(0, 0.02, 1, 1) if add_stand_in_legend(fig, words) else None)
     return fig
 
 

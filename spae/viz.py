@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from spae.fonts import add_stand_in_legend, legible, words_font  # noqa: E402
+
 
 def reconstruction_figure(
     originals: Tensor,
@@ -34,6 +36,12 @@ def reconstruction_figure(
             raise ValueError(
                 f"prefix {l}: reconstructions {tuple(r.shape)} != originals {tuple(originals.shape)}"
             )
+    with words_font() as stack:
+        return _draw(originals, reconstructions, top_words, token_counts, title, list(stack.families))
+
+
+def _draw(originals, reconstructions, top_words, token_counts, title, family: list[str]) -> Figure:
+    n = originals.shape[0]
     prefixes = sorted(reconstructions)
     rows = 1 + len(prefixes)
     fig, axes = plt.subplots(
@@ -47,7 +55,7 @@ def reconstruction_figure(
 
     for i in range(n):
         show(axes[0, i], originals[i])
-        axes[0, i].set_xlabel(top_words[i], fontsize=8)
+        axes[0, i].set_xlabel(legible(top_words[i]), fontsize=8, family=family)
         for r, l in enumerate(prefixes, start=1):
             show(axes[r, i], reconstructions[l][i])
     axes[0, 0].set_ylabel("input", fontsize=8)
@@ -56,7 +64,7 @@ def reconstruction_figure(
         axes[r, 0].set_ylabel(f"<= L{l}{count}", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1) if add_stand_in_legend(fig, top_words) else None)
     return fig
 
 
