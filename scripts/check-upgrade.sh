@@ -17,4 +17,4 @@ echo "== versions a fresh resolve picks that differ from requirements.lock:" >&2
 "$venv/bin/python" scripts/lock_check.py || true
 echo "== the suite on the fresh resolve:" >&2
 "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check .
-exec "$venv/bin/pytest" "$@"
+SPAE_FRESH_RESOLVE=1 exec "$venv/bin/pytest" "$@"
