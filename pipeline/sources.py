@@ -12,6 +12,10 @@ A source is one URI:
   decode as clips when the job asks for clips), local or ``s3://``, listed recursively and sorted;
   ImageFolder-style labels: the first folder under the root is the class name, classes map to
   ints in sorted order, files directly under the root have no label;
+- WebDataset tar shards (one ``.tar``, or a folder / ``s3://`` prefix of them), as img2dataset writes them:
+  ``<key>.jpg|png|webp`` with ``<key>.json|txt|cls`` beside it (``pipeline.webdataset``); image ids are
+  ``<tar name>/<key>``, labels come from ``<key>.cls`` or the ``label_column`` key of ``<key>.json``;
+  other files beside the tars (img2dataset's ``.parquet`` and ``_stats.json``) are ignored;
 - Parquet files (one file, or a folder / ``s3://`` prefix of them) with an image column holding
   bytes or a struct with a ``bytes`` field (as Hugging Face datasets write it); for clips the bytes
   may be a video file or ``.npy`` frame tensor, or the column a ``list<binary>`` of per-frame image
@@ -39,6 +43,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline import webdataset
 from pipeline.storage import Location, resolve
 from pipeline.video import VIDEO_EXTENSIONS, clip_npy, pack_frames
 
@@ -82,11 +87,13 @@ class Shard:
     """One unit of work and of output: ``items`` say exactly which rows it holds.
 
     ``items`` by ``kind``: mnist and moving-mnist ``[[split, start, stop]]``; folder
-    ``[[relpath, size, label], ...]`` (label -1 = none); parquet ``[[relpath, row_start, row_stop], ...]``.
+    ``[[relpath, size, label], ...]`` (label -1 = none); parquet ``[[relpath, row_start, row_stop], ...]``;
+    webdataset ``[[relpath, start, stop, offset, first key, broken key, broken reason], ...]`` (the last two
+    "" unless the range ends with a tar's unreadable rest).
     """
 
     shard_id: str
-    kind: str  # "mnist" | "moving-mnist" | "folder" | "parquet"
+    kind: str  # "mnist" | "moving-mnist" | "folder" | "parquet" | "webdataset"
     root: str  # URI the relative paths in items are under
     items: tuple = field(repr=False)
     num_rows: int
@@ -224,6 +231,10 @@ def _list_location(loc: Location, cfg: SourceConfig) -> tuple[str, str, list[tup
         for f in files
         if not any(part.startswith((".", "_")) for part in f.path[len(base) + 1 :].split("/"))
     )
+    root_uri = loc.uri if info.type == pafs.FileType.Directory else loc.uri.rsplit("/", 1)[0]
+    tars = [p for p, _ in rel if p.lower().endswith(".tar")]
+    if tars:  # WebDataset: the tars are the data; img2dataset's .parquet / .json beside them are metadata
+        return "webdataset", root_uri, _list_tars(resolve(root_uri), tars), []
     parquet = [(p, s) for p, s in rel if p.lower().endswith(".parquet")]
     images = [(p, s) for p, s in rel if p.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)]
     if parquet and images:
@@ -231,9 +242,8 @@ def _list_location(loc: Location, cfg: SourceConfig) -> tuple[str, str, list[tup
             f"{cfg.uri}: holds both Parquet files and image files; point the source at one kind "
             f"(e.g. {parquet[0][0]} or {images[0][0]})"
         )
-    root_uri = loc.uri if info.type == pafs.FileType.Directory else loc.uri.rsplit("/", 1)[0]
     if info.type == pafs.FileType.File and not parquet and not images:
-        raise ValueError(f"{cfg.uri}: not an image or Parquet file")
+        raise ValueError(f"{cfg.uri}: not an image, tar or Parquet file")
     if parquet:
         items = []
         for relpath, _ in parquet:
@@ -246,6 +256,21 @@ def _list_location(loc: Location, cfg: SourceConfig) -> tuple[str, str, list[tup
     index = {c: i for i, c in enumerate(classes)}
     items = [(p, size, index[p.split("/", 1)[0]] if "/" in p else -1) for p, size in images]
     return "folder", root_uri, items, classes
+
+
+def _list_tars(root: Location, tars: list[str]) -> list[tuple]:
+    """One item per sample of every tar: (relpath, index, offset, key, reason); tars scanned in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def scan(relpath: str) -> list[tuple]:
+        loc = root.join(relpath)
+        size = loc.fs.get_file_info(loc.path).size
+        with loc.fs.open_input_stream(loc.path, buffer_size=webdataset.READ_BUFFER) as f:
+            samples = webdataset.scan_tar(f, size)
+        return [(relpath, i, s.offset, s.key, s.reason) for i, s in enumerate(samples)]
+
+    with ThreadPoolExecutor(max_workers=min(8, len(tars))) as pool:
+        return [item for items in pool.map(scan, tars) for item in items]
 
 
 def _check_parquet_schema(schema: pa.Schema, cfg: SourceConfig, uri: str) -> None:
@@ -273,6 +298,15 @@ def _pack(kind: str, chunk: list[tuple]) -> tuple:
     """Compact item lists: contiguous row ranges instead of one entry per row."""
     if kind == "folder":
         return tuple(chunk)
+    if kind == "webdataset":  # [relpath, start, stop, offset of start, key of start, broken key, reason]
+        ranges = []
+        for relpath, index, offset, key, reason in chunk:
+            broken = (key, reason) if reason else ("", "")
+            if ranges and ranges[-1][0] == relpath and ranges[-1][2] == index:
+                ranges[-1][2], ranges[-1][5:] = index + 1, broken
+            else:
+                ranges.append([relpath, index, index + 1, offset, key, *broken])
+        return tuple(tuple(r) for r in ranges)
     ranges: list[list] = []  # [name, start, stop]
     for name, row in chunk:
         if ranges and ranges[-1][0] == name and ranges[-1][2] == row:
@@ -302,6 +336,8 @@ def read_shard(shard: Shard) -> pa.Table:
         rows = _read_folder(shard)
     elif shard.kind == "parquet":
         rows = _read_parquet(shard)
+    elif shard.kind == "webdataset":
+        rows = _read_webdataset(shard)
     else:
         raise ValueError(f"shard {shard.shard_id}: unknown kind '{shard.kind}'")
     table = pa.Table.from_pydict({name: rows[name] for name in ROW_SCHEMA.names}, schema=ROW_SCHEMA)
@@ -419,6 +455,34 @@ def _read_parquet(shard: Shard) -> dict[str, list]:
         for j, (image_id, data, label) in enumerate(zip(ids, images, labels, strict=True)):
             error = "missing image bytes (null)" if data is None else None
             _add(rows, image_id, cfg.uri, label, data or b"", f"{loc.uri}#{start + j}", error)
+    return rows
+
+
+def _read_webdataset(shard: Shard) -> dict[str, list]:
+    root = resolve(shard.root)
+    rows = _empty_rows()
+    for relpath, start, stop, offset, key, broken, reason in shard.items:
+        loc = root.join(relpath)
+        stem = relpath[: -len(".tar")]
+        whole = stop - start - (1 if reason else 0)  # samples before the tar's unreadable rest
+        if whole:
+            with loc.fs.open_input_file(loc.path) as raw:
+                raw.seek(offset)
+                stream = pa.input_stream(raw, buffer_size=webdataset.READ_BUFFER)
+                samples = webdataset.read_tar_range(stream, whole, shard.config.label_column, first_key=key)
+            for sample in samples:
+                path = f"{loc.uri}#{sample.member or sample.key}"
+                _add(
+                    rows,
+                    f"{stem}/{sample.key}",
+                    shard.config.uri,
+                    sample.label,
+                    sample.image,
+                    path,
+                    sample.error,
+                )
+        if reason:
+            _add(rows, f"{stem}/{broken}", shard.config.uri, None, b"", loc.uri, reason)
     return rows
 
 

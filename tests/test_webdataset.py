@@ -1,0 +1,162 @@
+"""WebDataset tar shards as img2dataset writes them: listing, labels from sidecars, ranged reads of a
+shard that starts inside a tar, corrupt members and tails as error rows, the same rows from S3, and a
+tokenize job over them (rows in = rows out + errors)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from test_tokenize_job import NO_MLFLOW, make_tokenizer, upload
+
+from pipeline.corpus import read_corpus
+from pipeline.shards import read_errors
+from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
+from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
+
+
+def jpeg(value: int) -> bytes:
+    buf = io.BytesIO()
+    pixels = np.full((20, 20, 3), value, np.uint8)
+    pixels[::3] = 255 - value  # some structure, so tokens differ between images
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def sample(
+    key: str, value: int, *, cls: int | None = None, label: int | None = None
+) -> list[tuple[str, bytes]]:
+    meta = {
+        "key": key,
+        "caption": f"a grey square {value}",
+        **({"label": label} if label is not None else {}),
+    }
+    members = [
+        (f"{key}.jpg", jpeg(value)),
+        (f"{key}.json", json.dumps(meta).encode()),
+        (f"{key}.txt", b"cap"),
+    ]
+    return members + ([(f"{key}.cls", str(cls).encode())] if cls is not None else [])
+
+
+@pytest.fixture
+def img2dataset_folder(tmp_path) -> Path:
+    """Two tars of five samples; tar 1: sidecar labels of every kind and a sample without an image;
+    tar 2 is cut inside its fourth sample (a truncated download); img2dataset's metadata files beside them."""
+    root = tmp_path / "wds"
+    first = []
+    first += sample("000000000", 10, cls=3)
+    first += sample("000000001", 40, label=7)  # no .cls: the JSON's label
+    first += sample("000000002", 70)  # no label sidecar: unlabelled, not an error
+    first += [("000000003.json", b'{"key": "000000003", "status": "failed_to_download"}')]  # no image
+    first += sample("000000004", 100, cls=1)
+    write_tar(root / "00000.tar", first)
+    second = [m for k in range(5, 10) for m in sample(f"00000000{k}", 20 * k, cls=k)]
+    write_tar(root / "00001.tar", second)
+    data = (root / "00001.tar").read_bytes()
+    (root / "00001.tar").write_bytes(data[: len(data) // 2 + 100])  # cut inside the third sample
+    pq.write_table(pa.table({"key": ["000000000"], "status": ["success"]}), root / "00000.parquet")
+    (root / "00000_stats.json").write_text('{"successes": 4}')
+    return root
+
+
+def test_listing_reads_samples_labels_and_errors(img2dataset_folder):
+    shards = list_shards(SourceConfig(uri=str(img2dataset_folder), shard_size=3))
+    assert {s.kind for s in shards} == {"webdataset"}
+    assert sum(s.num_rows for s in shards) == 5 + 4  # tar 2: three whole samples, then the one it broke in
+    assert [s.digest for s in shards] == [
+        s.digest for s in list_shards(SourceConfig(uri=str(img2dataset_folder), shard_size=3))
+    ]
+    table = pa.concat_tables([read_shard(Shard.from_json(s.to_json())) for s in shards])
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    assert list(rows) == [
+        "00000/000000000",
+        "00000/000000001",
+        "00000/000000002",
+        "00000/000000003",
+        "00000/000000004",
+        "00001/000000005",
+        "00001/000000006",
+        "00001/000000007",
+        "00001/000000008",
+    ]
+    assert [rows[f"00000/00000000{k}"]["label"] for k in range(5)] == [3, 7, None, None, 1]
+    assert rows["00000/000000000"]["image_bytes"] == jpeg(10)
+    assert rows["00001/000000006"]["image_bytes"] == jpeg(120) and rows["00001/000000006"]["label"] == 6
+    assert rows["00000/000000003"]["error"] == "no image member for 000000003 (has: json)"
+    broken = rows["00001/000000008"]["error"]
+    assert broken.startswith("corrupt tar after 3 whole samples: the tar is cut short")
+    errors = [i for i, r in rows.items() if r["error"]]
+    assert errors == ["00000/000000003", "00001/000000008"]
+    assert rows["00000/000000004"]["path"].endswith("00000.tar#000000004.jpg")
+
+
+def test_a_shard_that_starts_inside_a_tar_reads_from_its_offset(img2dataset_folder):
+    shards = list_shards(SourceConfig(uri=str(img2dataset_folder / "00000.tar"), shard_size=2))
+    assert [s.num_rows for s in shards] == [2, 2, 1]
+    assert shards[1].items[0][3] > 0  # the byte offset of sample 2's first header
+    ids = read_shard(shards[1]).column("image_id").to_pylist()
+    assert ids == ["00000/000000002", "00000/000000003"]
+    # a tar rewritten after listing (same sizes, other keys) fails loudly rather than mislabelling rows
+    path = img2dataset_folder / "00000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m.name.replace("000000", "999999"), tar.extractfile(m).read()) for m in tar]
+    write_tar(path, members)
+    with pytest.raises(ValueError, match="changed since it was listed"):
+        read_shard(shards[1])
+    path.write_bytes(path.read_bytes()[:3000])  # and one cut short after listing
+    with pytest.raises(ValueError, match="read 0 of 2 samples"):
+        read_shard(shards[1])
+
+
+def test_the_same_rows_from_s3(img2dataset_folder, s3_prefix):
+    uri = upload(img2dataset_folder, f"{s3_prefix}/wds")
+    local = pa.concat_tables(read_shard(s) for s in list_shards(SourceConfig(uri=str(img2dataset_folder))))
+    remote = pa.concat_tables(read_shard(s) for s in list_shards(SourceConfig(uri=uri)))
+    assert remote.column("image_id") == local.column("image_id")
+    assert remote.column("image_bytes") == local.column("image_bytes")
+    assert remote.column("label") == local.column("label")
+
+
+def test_tokenize_a_webdataset_folder(ray_cluster, img2dataset_folder, tmp_path):
+    out = tmp_path / "corpus"
+    cfg = TokenizeJobConfig(
+        source=SourceConfig(uri=str(img2dataset_folder), shard_size=3),
+        tokenizer=str(make_tokenizer(tmp_path / "tok")),
+        output=str(out),
+        layers=(1, 2),
+        mlflow=NO_MLFLOW,
+        progress=False,
+    )
+    m = run_tokenize_job(cfg).manifest
+    assert (m["rows_in"], m["rows_written"], m["errors"]) == (9, 7, 2)
+    corpus = read_corpus(str(out))
+    assert sorted(corpus.column("image_id").to_pylist()) == [
+        "00000/000000000",
+        "00000/000000001",
+        "00000/000000002",
+        "00000/000000004",
+        "00001/000000005",
+        "00001/000000006",
+        "00001/000000007",
+    ]
+    labels = dict(zip(corpus.column("image_id").to_pylist(), corpus.column("label").to_pylist(), strict=True))
+    assert labels["00000/000000001"] == 7 and labels["00001/000000007"] == 7
+    reasons = {r["image_id"]: r["reason"] for r in read_errors(str(out)).to_pylist()}
+    assert set(reasons) == {"00000/000000003", "00001/000000008"}
