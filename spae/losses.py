@@ -319,18 +319,23 @@ class PerceptualLoss(nn.Module):
 
 def appearance_loss(terms: dict[str, Tensor], cfg: LossConfig) -> Tensor:
     """Eq. 8 from its named terms: required ``reconstruction`` and ``commitment`` (the quantizer's
-    sum over prefixes); ``gan``, ``perceptual`` and ``lecam`` are added when present.
+    sum over prefixes); ``gan``, ``perceptual`` and ``lecam`` are added when present, and ``codebook``
+    (``||sg(z) - e||^2``, VQ-VAE's codebook loss, weight 1) for a learned codebook (the ``vq`` baseline).
 
     LeCAM regularises the discriminator; the usual place for it is ``discriminator_total``.
     """
     missing = {"reconstruction", "commitment"} - set(terms)
     if missing:
         raise KeyError(f"appearance_loss needs terms {sorted(missing)}; got {sorted(terms)}")
-    unknown = set(terms) - {"reconstruction", "commitment", "gan", "perceptual", "lecam"}
+    unknown = set(terms) - {"reconstruction", "commitment", "codebook", "gan", "perceptual", "lecam"}
     if unknown:
         raise KeyError(f"unknown appearance terms {sorted(unknown)}")
     # ||I - Î||^2 + beta sum_l ||Z - sg(Z_<=l)||^2 (eq. 8)
     loss = terms["reconstruction"] + cfg.beta * terms["commitment"]
+    if "codebook" in terms:
+        loss = (
+            loss + terms["codebook"]
+        )  # + ||sg(z) - e||^2: moves a learned table (not in eq. 8: frozen there)
     if "gan" in terms:
         loss = loss + cfg.gan_weight * terms["gan"]  # + lambda L_GAN
     if "perceptual" in terms:

@@ -404,6 +404,8 @@ class SPAETrainer:
                 "reconstruction": torch.stack([reconstruction_loss(out.target, r) for r in recons]).mean(),
                 "commitment": out.quant.commitment.float(),
             }
+            if out.quant.codebook_loss.requires_grad:  # a learned table (vq): its only gradient
+                terms["codebook"] = out.quant.codebook_loss.float()
             if self.perceptual is not None:
                 terms["perceptual"] = self.perceptual.mean_distance(out.target, recons)
             if gan_active:
