@@ -57,3 +57,77 @@ def test_local_cluster_workers_silence_the_placement_group_cleaner(ray_cluster):
     cleaner, other = ray.get(levels.remote())
     assert cleaner == logging.ERROR and other != logging.ERROR  # only the cleaner's warnings go
     assert "worker_process_setup_hook" not in local_runtime_env(include_dashboard=True)
+
+
+# a fresh local cluster (its own temp dir) runs a task that writes and reads S3, then a real job on S3
+_JOB_ON_S3 = """
+import sys
+
+import ray
+
+from jobs.cli import main
+from pipeline.ray_utils import RayConfig, init_ray
+
+uri, arch = sys.argv[1], sys.argv[2]
+init_ray(RayConfig(num_cpus=2))
+
+
+@ray.remote
+def worker_io(uri: str) -> str:
+    from pipeline.storage import resolve
+
+    loc = resolve(uri).join("from-worker.txt")
+    loc.write_text("written by a worker")
+    return loc.read_text()
+
+
+assert ray.get(worker_io.remote(uri)) == "written by a worker"
+args = ["vocab", f"output={uri}/vocab", "codebook.top_n=40", "scorer.kind=open_clip", f"scorer.arch={arch}"]
+sys.exit(main([*args, "scorer.device=cpu", "scorer.templates=simple", "shard_size=16", "progress=false"]))
+"""
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def test_no_secret_in_any_ray_file_after_a_job_on_s3(s3_server, s3_prefix, tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.vocab import load_vocab
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]  # the stack's, exported by the s3_server fixture
+    assert len(secret) >= 16
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths live here
+    try:
+        env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(Path(__file__).parents[1]))
+        env.pop("RAY_ADDRESS", None)
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        proc = subprocess.run(
+            [sys.executable, "-c", _JOB_ON_S3, s3_prefix, f"local-dir:{tmp_path}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert resolve(s3_prefix).join("from-worker.txt").read_text() == "written by a worker"
+        assert len(load_vocab(f"{s3_prefix}/vocab")) == 40
+        files = [p for p in ray_tmp.rglob("*") if p.is_file()]
+        (agent_log,) = [p for p in files if p.name == "runtime_env_agent.log"]
+        # the agent logs each runtime_env in plain text (a secret put there would be found below)
+        assert s3_server.endpoint in agent_log.read_text()
+        hits = [str(p) for p in files if secret.encode() in p.read_bytes()]
+        assert hits == [], f"the secret is on disk in {hits}"
+        assert secret not in proc.stdout + proc.stderr
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
