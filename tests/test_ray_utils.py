@@ -131,3 +131,30 @@ def test_no_secret_in_any_ray_file_after_a_job_on_s3(s3_server, s3_prefix, tmp_p
         assert secret not in proc.stdout + proc.stderr
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_worker_without_credential_variables_reads_the_stacks_credentials_file(ray_cluster, s3_prefix):
+    """How a cluster started without the secrets gets them: only a path travels (no secret in Ray's logs)."""
+    import os
+
+    import ray
+
+    assert os.environ["AWS_SHARED_CREDENTIALS_FILE"].endswith("aws-credentials")
+    assert "AWS_SHARED_CREDENTIALS_FILE" in worker_env()
+    resolve(s3_prefix).join("note.txt").write_text("read with the file")
+
+    @ray.remote(max_calls=1)  # a fresh worker process, gone afterwards
+    def read_without_secret_variables(uri: str, credentials_file: str | None = None) -> str:
+        import os
+
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            os.environ.pop(name, None)
+        if credentials_file is not None:
+            os.environ["AWS_SHARED_CREDENTIALS_FILE"] = credentials_file
+        from pipeline.storage import resolve
+
+        return resolve(uri).read_text()
+
+    assert ray.get(read_without_secret_variables.remote(f"{s3_prefix}/note.txt")) == "read with the file"
+    with pytest.raises(Exception, match="bad credentials|access denied|AccessDenied"):  # no file: no access
+        ray.get(read_without_secret_variables.remote(f"{s3_prefix}/note.txt", "/nonexistent/credentials"))

@@ -181,6 +181,7 @@ def test_mlflow_is_restarted_when_s3_had_to_move(stack_root):
     try:
         os.kill(info.pids["s3"], signal.SIGKILL)
         _wait_gone(cfg, "s3")
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the dead server's TIME_WAIT
         blocker.bind(("127.0.0.1", info.ports["s3"]["s3"]))
         blocker.listen()  # someone else serves the old S3 port now
         again = stack.up(cfg)

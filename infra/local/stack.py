@@ -4,6 +4,7 @@ Layout under the stack dir (``$SPAE_STACK_DIR`` or ``~/.spae/stack``)::
 
     stack.json          endpoints, ports, pids (no secrets)
     credentials.env     generated local S3 credentials, mode 0600 (``set -a; . FILE; set +a``)
+    aws-credentials     the same, as an AWS shared-credentials file (``AWS_SHARED_CREDENTIALS_FILE``), 0600
     s3/pid s3/log s3/data/
     mlflow/pid mlflow/log mlflow/mlflow.db
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 SERVICES = ("s3", "mlflow")
+AWS_CREDENTIALS_FILE = "aws-credentials"  # the same credentials as credentials.env, in boto3's INI format
 REGION = "us-east-1"
 # what must appear in /proc/<pid>/cmdline before we signal a pid read from a file
 _CMD_MARKERS = {"s3": "weed", "mlflow": "mlflow"}
@@ -189,6 +191,9 @@ def env(info: StackInfo, include_secrets: bool = True) -> dict[str, str]:
         )
     if info.mlflow_uri:
         out["MLFLOW_TRACKING_URI"] = info.mlflow_uri
+    ini = Path(info.root) / AWS_CREDENTIALS_FILE
+    if ini.exists():  # a path, not a secret: a process (a Ray worker) that gets it reads the file itself
+        out["AWS_SHARED_CREDENTIALS_FILE"] = str(ini)
     if include_secrets and info.credentials_file.exists():
         out.update(read_credentials(info.credentials_file))
     return out
@@ -576,15 +581,29 @@ def _find_executable(name: str, hint: str) -> str:
 
 
 def _ensure_credentials(root: Path) -> dict[str, str]:
+    """``credentials.env`` (shell) and its twin ``aws-credentials`` (the AWS shared-credentials INI that
+    boto3 reads by itself from ``AWS_SHARED_CREDENTIALS_FILE``), both mode 0600."""
     path = root / "credentials.env"
     if not path.exists():
         text = (
             f"AWS_ACCESS_KEY_ID=spae-{secrets.token_hex(6)}\nAWS_SECRET_ACCESS_KEY={secrets.token_hex(20)}\n"
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-    return read_credentials(path)
+        _write_private(path, text)
+    creds = read_credentials(path)
+    ini = root / AWS_CREDENTIALS_FILE
+    if not ini.exists():
+        _write_private(
+            ini,
+            f"[default]\naws_access_key_id = {creds['AWS_ACCESS_KEY_ID']}\n"
+            f"aws_secret_access_key = {creds['AWS_SECRET_ACCESS_KEY']}\n",
+        )
+    return creds
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _load_info(cfg: StackConfig) -> StackInfo:
