@@ -46,7 +46,8 @@ PREFLIGHT: dict[str, JobNeeds] = {
     "report": JobNeeds(outputs=("output",), inputs=("corpus", "tokenizer", "pools"), mlflow=False),
     "decode": JobNeeds(outputs=("output",), inputs=("corpus", "tokenizer", "text_file"), mlflow=False),
     "icl": JobNeeds(outputs=("output",), inputs=("corpus",)),
-    "demo": JobNeeds(outputs=("output",), gpus=_demo_gpus, mlflow=False),  # its own local MLflow store
+    # a local output and its own local MLflow store: nothing to check before its config is validated
+    "demo": JobNeeds(outputs=("output",), gpus=_demo_gpus, mlflow=False, early=False),
 }
 
 
@@ -121,7 +122,7 @@ def preflight_argv(name: str, argv: Sequence[str]) -> str:
     from pipeline.preflight import PreflightError, check
 
     needs = PREFLIGHT.get(name)
-    if needs is None or any(a in ("-h", "--help", "--print-config") for a in argv):
+    if needs is None or not needs.early or any(a in ("-h", "--help", "--print-config") for a in argv):
         return ""
     config_path, overrides = split_job_argv(argv)
     try:

@@ -36,6 +36,8 @@ class JobNeeds:
     inputs: tuple[str, ...] = ()
     gpus: Callable[[Any], float] | None = None  # cfg -> GPUs one worker / actor needs to start (0 = none)
     mlflow: bool = True  # the job logs to MLflow as its ``mlflow`` config (tracking_uri, enabled) says
+    early: bool = True  # also check the raw config file + overrides (False where the config itself
+    # rejects remote URIs, so that its error, not the pre-flight's, is what the user sees)
 
 
 def check(cfg: Any, needs: JobNeeds) -> None:
@@ -56,7 +58,7 @@ def check(cfg: Any, needs: JobNeeds) -> None:
     for key in needs.inputs:
         uri = _value(cfg, key)
         if uri and not uri.startswith(BUILT_IN_SCHEMES):
-            _guard(key, lambda uri=uri: check_input(uri))
+            _guard(key, lambda uri=uri: check_input(uri), uri)
     wanted = needs.gpus(cfg) if needs.gpus and not isinstance(cfg, Mapping) else 0
     if wanted > 0:
         ray_cfg = getattr(cfg, "ray", None)
@@ -125,11 +127,14 @@ def _value(cfg: Any, dotted: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _guard(key: str, fn: Callable[[], None]) -> None:
-    """Run one check; any failure becomes a one-line ``PreflightError`` naming ``key``."""
+def _guard(key: str, fn: Callable[[], None], uri: str = "") -> None:
+    """Run one check; any failure becomes a one-line ``PreflightError`` naming ``key`` (and ``uri``)."""
     try:
         fn()
-    except Exception as e:  # StorageError, FileNotFoundError, ConnectionError, botocore's: one line each
+    except FileNotFoundError as e:
+        log.debug("preflight %s failed", key, exc_info=True)
+        raise PreflightError(f"{key}={uri} does not exist" if uri else f"{key}: {_one_line(e)}") from e
+    except Exception as e:  # StorageError, ConnectionError, botocore's...: one line each
         log.debug("preflight %s failed", key, exc_info=True)
         raise PreflightError(f"{key}: {_one_line(e)}") from e
 

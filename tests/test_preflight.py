@@ -84,7 +84,7 @@ def test_missing_input_on_s3_names_the_key(s3_prefix, tmp_path):
         source = Source()
         output = str(tmp_path / "out")
 
-    with pytest.raises(PreflightError, match=f"^source.uri: {Source.uri} does not exist$"):
+    with pytest.raises(PreflightError, match=f"^source.uri={Source.uri} does not exist$"):
         check(Cfg(), needs)
 
 
