@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from pipeline.ray_utils import RayConfig, init_ray, worker_env
+from pipeline.ray_utils import RayConfig, init_ray, local_runtime_env, worker_env
 from pipeline.storage import resolve
 
 
@@ -24,8 +24,12 @@ def test_unreachable_address_fails_fast_naming_it():
 def test_worker_env_is_an_allowlist(monkeypatch):
     monkeypatch.setenv("SPAE_S3_ENDPOINT", "http://127.0.0.1:1")
     monkeypatch.setenv("SOME_OTHER_SECRET", "x")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "OPENAI_API_KEY"):
+        monkeypatch.setenv(name, "credential")
     env = worker_env()
     assert env["SPAE_S3_ENDPOINT"] == "http://127.0.0.1:1" and "SOME_OTHER_SECRET" not in env
+    assert "credential" not in env.values()  # Ray logs a runtime_env in plain text: no credential in it
+    assert "credential" not in str(local_runtime_env())
 
 
 def test_ray_workers_reach_the_s3_server(ray_cluster, s3_prefix):
