@@ -55,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"spae: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from jobs.common import preflight_argv
+
+    problem = preflight_argv(name, rest)  # before the import: a job module loads torch (seconds)
+    if problem:
+        print(f"spae {name}: cannot start: {problem}", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[name])
     try:
         return int(module.main(rest) or 0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -18,12 +17,16 @@ EPILOG = """\
 examples:
   spae stack up                      # start S3 and MLflow on free loopback ports
   eval "$(spae stack env)"           # export the endpoints and load the credentials file
-  spae stack status
+  spae stack status                  # one line per service: up / down / stopped, checked for real
   spae stack down                    # stop both; no process is left behind
   spae stack up root=/tmp/stack mlflow=false
 
 State lives in $SPAE_STACK_DIR (default ~/.spae/stack): stack.json (endpoints, ports, pids),
 credentials.env (generated S3 credentials, mode 0600), one folder per service with its pid and log.
+After a crash, `up` restarts what is down on the recorded ports (the endpoints stay the same); if a
+port was taken meanwhile, the service gets new ports and MLflow is restarted with the new S3 endpoint.
+`status` sends each service a real request (S3: a signed HEAD of the bucket; MLflow: an experiments
+search) and exits 1 if a started service does not answer.
 """
 
 
@@ -61,8 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if action == "status":
         state = stack.status(cfg)
-        print(json.dumps(state, indent=2))
-        return 0 if all(s["running"] for s in state["services"].values() if s["pid"]) else 1
+        print(f"stack dir: {state['root']}  (bucket s3://{state['bucket']})")
+        print("\n".join(stack.status_lines(state)))
+        return 0 if all(s["state"] == "up" for s in state["services"].values() if s["pid"]) else 1
     # env: shell lines; the secrets are sourced from the 0600 file, never printed
     info = stack.info(cfg)
     for key, value in sorted(stack.env(info, include_secrets=False).items()):

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from jobs.common import run_main
+from jobs.common import run_main, split_job_argv
+from pipeline.ray_utils import is_secret_name
 
 SUMMARY = "submit any spae command as a Ray job to a cluster (Jobs API), optionally following its logs"
 
@@ -34,9 +35,9 @@ FORWARD_ENV = (
     "AWS_DEFAULT_REGION",
     "MLFLOW_TRACKING_URI",
     "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_SHARED_CREDENTIALS_FILE",  # a path: the job's processes read the credentials from it themselves
     "HF_HUB_OFFLINE",
 )
-SECRET_MARKERS = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "CREDENTIAL", "SESSION")
 # never uploaded with the working dir (Ray also skips what .gitignore lists)
 EXCLUDES = [
     ".git/",
@@ -169,6 +170,7 @@ def prepare(args: argparse.Namespace, rest: list[str]) -> SubmitRequest:
         runtime_env["pip"] = pinned_requirements(workdir)
     env_vars = {} if args.no_forward_env else {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
     env_vars.update(parse_env(args.env))
+    check_no_secrets(env_vars)
     if env_vars:
         runtime_env["env_vars"] = env_vars
     return SubmitRequest(
@@ -195,15 +197,7 @@ def validate_command(command: str, rest: list[str], workdir: Path) -> None:
     config_cls = getattr(importlib.import_module(COMMANDS[command]), "CONFIG_CLASS", None)
     if config_cls is None:
         return
-    config_path, overrides = None, []
-    it = iter(rest)
-    for item in it:
-        if item == "--config":
-            config_path = next(it, None)
-        elif item.startswith("--config="):
-            config_path = item.split("=", 1)[1]
-        elif "=" in item and not item.startswith("-"):
-            overrides.append(item)
+    config_path, overrides = split_job_argv(rest)
     path = None
     if config_path is not None:
         given = Path(config_path)
@@ -247,13 +241,24 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
         name, _, value = item.partition("=")
         if not name:
             raise SubmitError(f"--env {item!r}: expected NAME or NAME=VALUE")
-        if any(marker in name.upper() for marker in SECRET_MARKERS):
+        if is_secret_name(name):
             raise SubmitError(
                 f"--env {name}: looks like a secret; secrets are never sent in the job's runtime env "
                 "(give them to the cluster: the head's environment or a Kubernetes Secret)"
             )
         out[name] = value if _ else os.environ.get(name, "")
     return out
+
+
+def check_no_secrets(env_vars: dict[str, str]) -> None:
+    """Ray logs a job's runtime_env in plain text: refuse a credential's value (under any name) and a URL
+    with a user or password in it."""
+    secrets = {v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 8}
+    for name, value in env_vars.items():
+        if value in secrets:
+            raise SubmitError(f"--env {name}: its value is a credential of this shell; never sent to a job")
+        if "://" in value and urlparse(value).password:
+            raise SubmitError(f"{name}: the URL carries a password; give the credential to the cluster")
 
 
 def pinned_requirements(workdir: Path) -> list[str]:

@@ -10,20 +10,26 @@ from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
 
-# environment handed to workers of a cluster we start; values are never logged
+# Settings (never credentials) handed to the workers of a local cluster we start. Ray writes a
+# runtime_env, env_vars included, in plain text into session_*/logs/runtime_env_agent.log: a secret must
+# never go there. Workers of a local cluster inherit the driver's environment (credentials included)
+# through the raylet; workers of a remote cluster get them from the cluster (a Kubernetes Secret, an
+# instance role) or read a credentials file themselves (AWS_SHARED_CREDENTIALS_FILE: a path, no secret).
 ENV_ALLOWLIST = (
     "SPAE_S3_ENDPOINT",
     "AWS_ENDPOINT_URL_S3",
     "AWS_ENDPOINT_URL",
     "MLFLOW_TRACKING_URI",
     "MLFLOW_S3_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
     "HF_HUB_OFFLINE",
 )
+# a variable whose name contains one of these is a credential: never in a runtime_env
+SECRET_MARKERS = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "CREDENTIAL", "SESSION", "API_KEY")
 CONNECT_TIMEOUT_S = 3.0
 
 
@@ -40,9 +46,19 @@ class RayConfig:
 PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+def is_secret_name(name: str) -> bool:
+    """A credential by its name (``AWS_SECRET_ACCESS_KEY``, ``RAY_AUTH_TOKEN``, ``OPENAI_API_KEY``...).
+
+    ``AWS_SHARED_CREDENTIALS_FILE`` names a file, not a secret."""
+    upper = name.upper()
+    return not upper.endswith(("_FILE", "_PATH")) and any(m in upper for m in SECRET_MARKERS)
+
+
 def worker_env() -> dict[str, str]:
-    """The allowlisted variables that are set here, for ``runtime_env={"env_vars": ...}``."""
-    return {name: os.environ[name] for name in ENV_ALLOWLIST if os.environ.get(name)}
+    """The allowlisted variables that are set here, for ``runtime_env={"env_vars": ...}``; no secret."""
+    env = {name: os.environ[name] for name in ENV_ALLOWLIST if os.environ.get(name)}
+    assert not any(is_secret_name(n) for n in env), "a credential in the runtime_env allowlist"
+    return env
 
 
 def local_runtime_env(include_dashboard: bool = False) -> dict:
@@ -73,7 +89,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        log.info("starting a local Ray cluster (workers get %d allowlisted env vars)", len(worker_env()))
+        log.info("starting a local Ray cluster (its workers inherit this environment)")
         ray.init(
             address="local",  # never attach silently to another cluster on this machine
             num_cpus=cfg.num_cpus,

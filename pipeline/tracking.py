@@ -36,14 +36,73 @@ def tracking_dir(output: str) -> str:
     return str(Path(output).expanduser().resolve().parent) if "://" not in output else "outputs"
 
 
+def configured_tracking_uri(cfg: MlflowConfig) -> str:
+    """``cfg.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else "" (the local default store)."""
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
 def resolve_tracking_uri(cfg: MlflowConfig, default_dir: str) -> str:
-    if cfg.tracking_uri:
-        return cfg.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    configured = configured_tracking_uri(cfg)
+    if configured:
+        return configured
     path = Path(default_dir).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def check_tracking_server(uri: str, timeout_s: float = 3.0) -> None:
+    """A remote ``http(s)://`` tracking server answers one REST call within ``timeout_s``, or
+    ``ConnectionError`` naming it (MLflow's own client retries for minutes). Other URIs: nothing to reach.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    shown = _without_userinfo(uri)
+    request = urllib.request.Request(
+        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+        data=json.dumps({"max_results": 1}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    elif user and password:
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise ConnectionError(
+                f"the MLflow server at {shown} refused the credentials (HTTP {e.code}); "
+                "check MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+            ) from e
+        raise ConnectionError(
+            f"the MLflow server at {shown} answered HTTP {e.code} to experiments/search; "
+            "is it an MLflow tracking server?"
+        ) from e
+    except (OSError, ValueError) as e:  # URLError, timeouts, refused connections
+        reason = getattr(e, "reason", None) or e
+        raise ConnectionError(
+            f"cannot reach the MLflow tracking server at {shown} within {timeout_s:.0f} s ({reason}); "
+            "is it running? (mlflow.tracking_uri / $MLFLOW_TRACKING_URI, or mlflow.enabled=false)"
+        ) from e
+
+
+def _without_userinfo(uri: str) -> str:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.username is None and parsed.password is None:
+        return uri
+    return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl()
 
 
 def find_run_id(client: Any, experiment_id: str, run_name: str) -> str | None:

@@ -48,8 +48,9 @@ def test_stack_up_status_env_down_leaves_no_process(stack_root, capsys):
     assert secret not in (root / "stack.json").read_text() and secret not in out
 
     assert spae(["stack", "status", f"root={root}"]) == 0
-    status = json.loads(capsys.readouterr().out)
-    assert all(s["running"] for s in status["services"].values())
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("s3      up") and "head-bucket s3://spae: ok" in line for line in lines)
+    assert any(line.startswith("mlflow  up") and "experiments/search: ok" in line for line in lines)
 
     assert spae(["stack", "env", f"root={root}"]) == 0
     env_out = capsys.readouterr().out
@@ -116,4 +117,77 @@ def test_services_die_with_their_owner(stack_root):
             time.sleep(0.2)
         assert not _pid_alive(pid)
     finally:
+        stack.down(cfg)
+
+
+def _wait_gone(cfg: stack.StackConfig, name: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while stack.status(cfg)["services"][name]["running"]:
+        assert time.monotonic() < deadline, f"{name} still running {timeout_s} s after SIGKILL"
+        time.sleep(0.2)
+
+
+def test_stack_up_after_s3_died_keeps_the_endpoint_and_mlflow_stores_artifacts(stack_root, capsys):
+    import signal
+
+    import boto3
+    import mlflow
+
+    cfg = stack.StackConfig(root=str(stack_root / "stack"), bucket="crash", timeout_s=120)
+    info = stack.up(cfg)
+    try:
+        os.kill(info.pids["s3"], signal.SIGKILL)  # the S3 server dies; MLflow keeps running
+        assert spae(["stack", "status", f"root={cfg.root}"]) == 1  # dying or gone: down either way
+        lines = capsys.readouterr().out.splitlines()
+        (s3_line,) = [line for line in lines if line.startswith("s3 ")]
+        (mlflow_line,) = [line for line in lines if line.startswith("mlflow ")]
+        assert s3_line.startswith("s3      down ") and info.s3_endpoint in s3_line
+        assert mlflow_line.startswith("mlflow  up ")
+        _wait_gone(cfg, "s3")
+
+        again = stack.up(cfg)
+        assert again.s3_endpoint == info.s3_endpoint  # the recorded ports, so MLflow's endpoint holds
+        assert again.pids["mlflow"] == info.pids["mlflow"] and again.pids["s3"] != info.pids["s3"]
+        state = stack.status(cfg)["services"]
+        assert state["s3"]["state"] == "up" and state["mlflow"]["state"] == "up", state
+
+        client = mlflow.MlflowClient(again.mlflow_uri)
+        run = client.create_run(client.create_experiment("after-crash"))
+        client.log_text(run.info.run_id, "stored after the S3 restart", "note.txt")
+        creds = stack.read_credentials(again.credentials_file)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=again.s3_endpoint,
+            region_name=stack.REGION,
+            aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+        )
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="crash", Prefix="mlflow/")["Contents"]]
+        (key,) = [k for k in keys if k.endswith(f"{run.info.run_id}/artifacts/note.txt")]
+        body = s3.get_object(Bucket="crash", Key=key)["Body"].read()
+        assert body == b"stored after the S3 restart"
+    finally:
+        stack.down(cfg)
+
+
+def test_mlflow_is_restarted_when_s3_had_to_move(stack_root):
+    """A recorded S3 port taken by someone else: new ports, and MLflow follows the new endpoint."""
+    import signal
+    import socket
+
+    cfg = stack.StackConfig(root=str(stack_root / "stack"), bucket="moved", timeout_s=120)
+    info = stack.up(cfg)
+    blocker = socket.socket()
+    try:
+        os.kill(info.pids["s3"], signal.SIGKILL)
+        _wait_gone(cfg, "s3")
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the dead server's TIME_WAIT
+        blocker.bind(("127.0.0.1", info.ports["s3"]["s3"]))
+        blocker.listen()  # someone else serves the old S3 port now
+        again = stack.up(cfg)
+        assert again.s3_endpoint != info.s3_endpoint and again.mlflow_s3_endpoint == again.s3_endpoint
+        assert again.pids["mlflow"] != info.pids["mlflow"] and not _pid_alive(info.pids["mlflow"])
+        assert all(s["state"] == "up" for s in stack.status(cfg)["services"].values())
+    finally:
+        blocker.close()
         stack.down(cfg)

