@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 NODE_START_S = 120
 TOKENIZE_IMAGES, SHARD = 2000, 100
-TRAIN_STEPS = 12
+TRAIN_STEPS = 8
 # detect a dead node in ~3 s instead of ~15 s (GCS health checks of the raylets)
 FAST_HEALTH = {
     "RAY_health_check_initial_delay_ms": "1000",
@@ -251,7 +251,7 @@ def test_worker_node_killed_mid_tokenize_and_mid_train(cluster, s3_prefix, tmp_p
         return sum(loc.path.endswith(".parquet") for loc in resolve(output).list())
 
     # an encoder actor is executing a batch (its process title is "ray::MapWorker(...).submit")
-    killed, at = _kill_when(cluster, proc, "TokenizeStage)).submit", lambda: True, timeout=120)
+    killed, at = _kill_when(cluster, proc, "TokenizeStage)).submit", lambda: True, timeout=90)
     committed_at_kill = committed()
     rc = _finish(proc, log, timeout=180)
     runs = [rc]
@@ -268,14 +268,14 @@ def test_worker_node_killed_mid_tokenize_and_mid_train(cluster, s3_prefix, tmp_p
     parts = [loc.path for loc in resolve(output).list() if loc.path.rsplit("/", 1)[-1].startswith("part-")]
     assert sum(p.endswith(".parquet") for p in parts) == sum(p.endswith(".jsonl") for p in parts) == 20
     logs = "".join(f.read_text() for f in sorted(tmp_path.glob("tokenize*.log")))
-    restarts = max((int(n) for n in re.findall(r"restarting=(\d+)", logs)), default=0)
+    retried = logs.count("TokenizeStage)).submit failed. There are infinite retries remaining")
     shards_now = re.findall(r"(\d+)/20 shards computed now", logs)
     tokenize_report = {
         "killed": killed,
         "at_s": round(at, 1),
         "exits": runs,
         "shards_committed_at_kill": committed_at_kill,
-        "actors_restarting_max": restarts,
+        "tasks_retried": retried,
     }
     tokenize_report["shards_computed_per_run"] = shards_now
 
@@ -301,9 +301,19 @@ def test_worker_node_killed_mid_tokenize_and_mid_train(cluster, s3_prefix, tmp_p
     started = time.monotonic()
     log = tmp_path / "train.log"
     proc = _spae(cluster, log, "train", "preset=tiny", *[f"{k}={v}" for k, v in overrides.items()])
-    checkpoints = lambda: glob.glob(str(storage / "tiny-run" / "checkpoint_*" / "history.json"))  # noqa: E731
-    killed, at = _kill_when(cluster, proc, "RayTrainWorker", lambda: bool(checkpoints()), timeout=150)
-    steps_at_kill = max(max(int(s) for s, _ in json.loads(Path(c).read_text())) for c in checkpoints())
+
+    def registered_step() -> int:
+        """The step of the latest checkpoint Ray Train has registered (its manager's snapshot): a
+        checkpoint folder alone may be one whose report never reached the controller."""
+        try:
+            snapshot = json.loads((storage / "tiny-run" / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        latest = snapshot.get("latest_checkpoint_result") or {}
+        return int(latest.get("metrics", {}).get("step", 0))
+
+    killed, at = _kill_when(cluster, proc, "RayTrainWorker", lambda: registered_step() >= 2, timeout=150)
+    steps_at_kill = registered_step()
     rc = _finish(proc, log, timeout=180)
     timings["train_s"] = round(time.monotonic() - started, 1)
     assert rc == 0, log.read_text()[-4000:]
@@ -323,12 +333,13 @@ def test_worker_node_killed_mid_tokenize_and_mid_train(cluster, s3_prefix, tmp_p
     assert steps == list(range(1, TRAIN_STEPS + 1))  # one continuous history across the restart
     assert (storage / "tiny-run" / "tokenizer" / "model.safetensors").is_file()
     text = log.read_text()
+    groups = set(re.findall(r"pid=(\d+)\) world_rank=0", text))  # rank 0 of each worker group started
+    assert len(groups) >= 2, "the worker group was not restarted after its node died"
     train_report = {
         "killed": killed,
         "at_s": round(at, 1),
         "checkpoint_step_at_kill": steps_at_kill,
         "resumed_at_step": resumed,
-        "node_death_lines": text.count("because its node has died"),
-        "worker_group_starts": text.count("Attempting to start training worker group"),
+        "worker_groups_started": len(groups),
     }
     print(f"\nmultinode: {timings} tokenize {tokenize_report} train {train_report}")
