@@ -177,7 +177,8 @@ REPORT_EXAMPLES = 10  # unknown words listed by ParseReport.to_dict (the counts 
 class ParseReport:
     """What ``from_text`` fixed in one image's text.
 
-    unknown_words: (written, mapped to) for every word not in the vocabulary as written, in text order.
+    unknown_words: (written, mapped to) for every word not in the vocabulary as written, in text order
+        (words past a layer's size are cut before they are looked up).
     length_fixes: layer -> (words found, words expected) for layers cut or padded.
     missing_layers: expected layers with no words at all (filled).
     extra_layers: the layers of ignored tags (outside the expected layers, or repeated), each once.
