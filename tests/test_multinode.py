@@ -275,9 +275,9 @@ def test_worker_node_killed_mid_tokenize_and_mid_train(cluster, s3_prefix, tmp_p
         "at_s": round(at, 1),
         "exits": runs,
         "shards_committed_at_kill": committed_at_kill,
-        "tasks_retried": retried,
+        "retry_messages": retried,
+        "shards_computed_per_run": shards_now,
     }
-    tokenize_report["shards_computed_per_run"] = shards_now
 
     # the dead machine is replaced (as an autoscaler would): training needs two worker nodes again
     replaced = time.monotonic()
