@@ -26,8 +26,10 @@ examples:
 
 Text is parsed tolerantly (SPAETokenizer.from_text): unknown words map to the nearest vocabulary
 word, short or long layers are padded or cut, missing layers are filled from coarser ones; every fix
-is printed and written to <output>/decode_report.json. A --text-file holds one image per non-empty
-line (a .jsonl file: the "text" field of each line). The tokenizer defaults to the corpus's own.
+is printed (counts and the first few unknown words) and written to <output>/decode_report.json. Like
+the API, --text "" (an empty answer) decodes: to the image of row 0 everywhere, reported as holding no
+layer. A --text-file holds one image per non-empty line (a .jsonl file: the "text" field of each line).
+The tokenizer defaults to the corpus's own.
 """
 
 
@@ -36,7 +38,7 @@ class DecodeConfig:
     corpus: str = ""  # a corpus folder (spae tokenize output), local or s3://
     image_ids: tuple[str, ...] = ()  # corpus rows by image id
     rows: tuple[int, ...] = ()  # corpus rows by index (in shard order)
-    text: str = ""  # free text of one image: "[L1] w [L2] w w w w ..."
+    text: str | None = None  # free text of one image: "[L1] w [L2] w w w w ..." ("" decodes too)
     text_file: str = ""  # one image per non-empty line; .jsonl: the "text" field of each line
     tokenizer: str = ""  # "" = the tokenizer named in the corpus manifest
     output: str = "decoded"  # folder for <name>.png and decode_report.json (local or s3://)
@@ -69,7 +71,7 @@ def _safe_name(text: str) -> str:
 
 
 def read_texts(cfg: DecodeConfig) -> list[str]:
-    texts = [cfg.text] if cfg.text else []
+    texts = [cfg.text] if cfg.text is not None else []
     if cfg.text_file:
         from pipeline.storage import resolve
 
@@ -160,22 +162,35 @@ def run_decode(cfg: DecodeConfig) -> list[DecodedImage]:
 
 
 def describe(item: DecodedImage) -> str:
+    """One line per image, then one per kind of fix; bounded however long the text (the report is
+    ``ParseReport.to_dict``: counts plus the first few unknown words)."""
     line = f"{item.png}  ({item.origin}, layers 1-{item.prefix})"
     r = item.report
     if not r:
         return line
     notes = []
-    if r.get("unknown_words"):
-        notes.append("unknown words: " + ", ".join(f"{a!r} -> {b!r}" for a, b in r["unknown_words"]))
+    if r.get("unknown_count"):
+        shown = ", ".join(f"{a!r} -> {b!r}" for a, b in r["unknown_words"])
+        more = r["unknown_distinct"] - len(r["unknown_words"])
+        notes.append(
+            f"unknown words: {r['unknown_count']} ({r['unknown_distinct']} distinct): {shown}"
+            + (f", ... and {more} more" if more > 0 else "")
+        )
     if r.get("length_fixes"):
         notes.append(
             "length fixes: "
             + ", ".join(f"L{l} {got}->{want}" for l, (got, want) in r["length_fixes"].items())
         )
-    if r.get("missing_layers"):
-        notes.append("filled layers: " + ", ".join(f"L{l}" for l in r["missing_layers"]))
-    if r.get("extra_layers") or r.get("ignored_words"):
-        notes.append(f"ignored: layers {r.get('extra_layers', [])}, {r.get('ignored_words', 0)} words")
+    missing = r.get("missing_layers", [])
+    if missing and len(missing) == item.prefix:
+        notes.append(f"no layer in the text: layers L1-L{item.prefix} are all row 0 (an empty answer?)")
+    elif missing:
+        notes.append("filled layers: " + ", ".join(f"L{l}" for l in missing))
+    if r.get("extra_tags") or r.get("ignored_words"):
+        notes.append(
+            f"ignored: {r.get('extra_tags', 0)} tags (layers {r.get('extra_layers', [])}), "
+            f"{r.get('ignored_words', 0)} words"
+        )
     return line + ("".join(f"\n    {n}" for n in notes) if notes else "\n    parsed cleanly")
 
 

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from pipeline.images import decode_table
 from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
+from pipeline.sources import class_words as source_class_words
 from pipeline.storage import Location, resolve
 from pipeline.tracking import MlflowConfig
 from pipeline.video import decode_size
@@ -170,6 +171,7 @@ class EvalData:
     image_ids: list[str]
     kind: str  # "mnist" | "folder" | "parquet"
     classes: tuple[str, ...] = ()
+    label_words: str = "names"  # SourceConfig.label_words: which words name a folder's classes
     image_features: Tensor | None = None
     s_min: Tensor | None = None
     s_max: Tensor | None = None
@@ -231,6 +233,7 @@ def load_eval_data(
         image_ids=ids[:take],
         kind=shards[0].kind,
         classes=tuple(shards[0].classes),
+        label_words=source.label_words,
     )
     if pools_loc is not None:
         data.image_features = torch.from_numpy(np.concatenate(feats)[:take])
@@ -240,15 +243,10 @@ def load_eval_data(
 
 
 def class_words(data: EvalData) -> list[list[str]] | None:
-    """The words that name each class: MNIST digits' word and numeral (Moving MNIST: the clip's first
-    digit); folder class names; else None."""
-    if data.kind in ("mnist", "moving-mnist"):
-        from spae.data import MNIST_CLASS_WORDS
-
-        return [[word, str(i)] for i, word in enumerate(MNIST_CLASS_WORDS)]
-    if data.classes:
-        return [[name] for name in data.classes]
-    return None
+    """The words that name each class (``pipeline.sources.class_words``): MNIST digits' word and numeral
+    (Moving MNIST: the clip's first digit); folder class names, or with ``source.label_words=mnist`` a
+    digit folder's word and numeral; else None."""
+    return source_class_words(data.kind, data.classes, data.label_words)
 
 
 def class_token_rows(words_per_class: Sequence[Sequence[str]], vocabulary: Sequence[str]) -> list[set[int]]:
@@ -433,7 +431,7 @@ class EvaluateJobConfig:
     limit: int = 1000  # images (or clips, for a video tokenizer) evaluated (0 = all)
     batch_size: int = 64
     fit: Literal["auto", "crop", "pad"] = "auto"
-    class_words: Literal["auto", "none"] = "auto"  # auto: MNIST word + numeral, folder class names
+    class_words: Literal["auto", "none"] = "auto"  # auto: MNIST word + numeral, folders: source.label_words
     # "fid", "is", "lpips" (clips: per frame), "fvd" (clips): each needs its local weights file
     optional_metrics: tuple[str, ...] = ()
     # local state dicts: fid / is -> torchvision inception_v3, lpips -> vgg16, lpips_linear -> LPIPS

@@ -11,7 +11,10 @@ A source is one URI:
 - a folder of images or videos (``VIDEO_EXTENSIONS``: mp4, webm, ..., npy; GIFs count as images and
   decode as clips when the job asks for clips), local or ``s3://``, listed recursively and sorted;
   ImageFolder-style labels: the first folder under the root is the class name, classes map to
-  ints in sorted order, files directly under the root have no label;
+  ints in sorted order, files directly under the root have no label; ``label_words`` says which words
+  name a class (``class_words``): the folder name (``names``), or for folders of digits (``mnist``) the
+  digit's word and numeral, as for ``mnist://`` (a folder ``7`` or ``seven`` is named by ``seven`` and
+  ``7``);
 - WebDataset tar shards (one ``.tar``, or a folder / ``s3://`` prefix of them), as img2dataset writes them:
   ``<key>.jpg|png|webp`` with ``<key>.json|txt|cls`` beside it (``pipeline.webdataset``); image ids are
   ``<tar name>/<key>``, labels come from ``<key>.cls`` or the ``label_column`` key of ``<key>.json``;
@@ -33,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -64,6 +68,9 @@ ROW_SCHEMA = pa.schema(
 )
 
 
+LABEL_WORDS = ("names", "mnist")
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     uri: str = "mnist://test"
@@ -72,10 +79,15 @@ class SourceConfig:
     id_column: str = ""  # Parquet: image ids from this column instead of "<file>-<row>"
     shard_size: int = 1000
     limit: int = 0  # 0 = all; else the first N items in listing order
+    # folders: the words naming a class (class_words): "names" = the folder name, "mnist" = for folders
+    # named by a digit ("7") or its word ("seven"), the digit's word and numeral, as for mnist://
+    label_words: str = "names"
 
     def __post_init__(self) -> None:
         if not self.uri:
             raise ValueError("uri: empty; give mnist://<split>, a folder, Parquet file(s) or s3://...")
+        if self.label_words not in LABEL_WORDS:
+            raise ValueError(f"label_words: {self.label_words!r} is not one of {', '.join(LABEL_WORDS)}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size: must be >= 1, got {self.shard_size}")
         if self.limit < 0:
@@ -174,6 +186,36 @@ def source_info(shards: list[Shard]) -> dict[str, Any]:
         "rows": sum(s.num_rows for s in shards),
         "classes": list(first.classes),
     }
+
+
+def mnist_class_words() -> list[list[str]]:
+    """``[["zero", "0"], ["one", "1"], ...]``: a digit's word and numeral, per MNIST label."""
+    from spae.data import MNIST_CLASS_WORDS
+
+    return [[word, str(i)] for i, word in enumerate(MNIST_CLASS_WORDS)]
+
+
+def class_words(kind: str, classes: Sequence[str], label_words: str = "names") -> list[list[str]] | None:
+    """The words that name each class (label ``i`` -> ``words[i]``), or None for a source without
+    classes. MNIST and Moving MNIST: the digit's word and numeral. Folders: the class (folder) name; with
+    ``label_words="mnist"`` a folder named by a digit or its word gets that digit's word and numeral."""
+    if kind in ("mnist", "moving-mnist"):
+        return mnist_class_words()
+    if not classes:
+        return None
+    if label_words == "names":
+        return [[name] for name in classes]
+    if label_words != "mnist":
+        raise ValueError(f"label_words: {label_words!r} is not one of {', '.join(LABEL_WORDS)}")
+    digits = mnist_class_words()
+    by_name = {name: words for words in digits for name in words}
+    unknown = [name for name in classes if name.lower() not in by_name]
+    if unknown:
+        raise ValueError(
+            f"label_words=mnist: class folders {unknown[:5]} are neither a digit 0-9 nor a digit's word "
+            "(zero..nine); use label_words=names"
+        )
+    return [list(by_name[name.lower()]) for name in classes]
 
 
 def _parse_mnist_uri(uri: str) -> tuple[str, int]:

@@ -25,7 +25,8 @@ checks the card's hash); a pools table computed against another vocab table is r
 Resume: a job started again with the same ``name`` and ``storage`` continues from the latest
 checkpoint (``ray.train.get_checkpoint()``) at the same step, and continues the MLflow run of the
 same name. A worker failure (``FailureConfig(max_failures)``) restarts the worker group from the
-latest checkpoint the same way. The data stream restarts from the beginning of an epoch; the
+latest checkpoint the same way. Re-running a finished job trains nothing and logs no second tokenizer
+model (one per run and fingerprint). The data stream restarts from the beginning of an epoch; the
 semantic targets of step s are seeded by (seed, rank, s) and do not depend on it.
 """
 
@@ -74,6 +75,7 @@ TOKENIZER = "tokenizer"  # final save_pretrained folder under <storage>/<name>/ 
 FAIL_MARKER = "_fail_at_step_done"
 PROGRESS_FIELDS = {"loss/total": "loss", "images_per_s": "img/s"}  # metric -> its name beside the bar
 RAY_TRAIN_REPORT_LOGGER = "ray.train.v2._internal.execution.context"  # "Reporting training result N: ..."
+FINGERPRINT_TAG = "spae.tokenizer_fingerprint"  # the tokenizer model last logged in the run
 
 
 @dataclass(frozen=True)
@@ -309,12 +311,24 @@ class _Rank0:
             mlflow.log_artifacts(str(directory), artifact_path=f"checkpoints/step-{step:07d}")
 
     def finish(self, tokenizer_dir: Path) -> str:
-        """Copy the tokenizer to <storage>/<name>/tokenizer, log it as an MLflow model; returns the URI."""
+        """Copy the tokenizer to <storage>/<name>/tokenizer, log it as an MLflow model; returns the URI.
+
+        A re-run of a finished job (or one that resumes at its last step) has the same weights: the model
+        is logged (and registered) once per run and fingerprint, never twice (the run's
+        ``spae.tokenizer_fingerprint`` tag says which one was logged last)."""
         dest = resolve(self.cfg.storage).join(self.cfg.name, TOKENIZER)
         for f in sorted(tokenizer_dir.iterdir()):
             dest.join(f.name).write_bytes(f.read_bytes())
         if self.run is not None:
-            log_tokenizer_model(tokenizer_dir, self.cfg.register_model)
+            import mlflow
+
+            from spae.tokenizer import CONFIG_JSON
+
+            fingerprint = json.loads((tokenizer_dir / CONFIG_JSON).read_text())["fingerprint"]
+            logged = mlflow.get_run(self.run.info.run_id).data.tags.get(FINGERPRINT_TAG)
+            if logged != fingerprint:
+                log_tokenizer_model(tokenizer_dir, self.cfg.register_model)
+                mlflow.set_tag(FINGERPRINT_TAG, fingerprint)
         return dest.uri
 
 

@@ -12,12 +12,18 @@ written in row-major order over ``(k, i, j)``, time outermost (``spae.pyramid``)
 ``TokenPyramid.from_text`` reads what an LLM writes back and never raises on free text:
 
 - a word that is not in the vocabulary maps to the nearest word (exact, then case-insensitive,
-  then without surrounding punctuation, then by ``difflib`` string similarity); each is reported;
+  then without surrounding punctuation, then by ``difflib`` string similarity); each is reported.
+  Every tie is broken by an explicit key (``Vocabulary.nearest``), so the same text gives the same ids
+  in every process, whatever ``PYTHONHASHSEED``;
 - a layer with too many words is cut; a layer with too few words, or a missing layer, is padded:
   a missing position takes the token of the nearest coarser layer present at the same place
   (nearest-neighbour upsampling of that layer's grid), which keeps the streaming average close to
   the coarser prefix; layer 1 (or a layer with nothing coarser) takes the most frequent word of the
-  parsed text, or row 0 when the text had no usable word. Every fix goes into a ``ParseReport``;
+  parsed text (a tie: the one written first), or row 0 when the text had no usable word (e.g. empty
+  text). Every fix goes into a ``ParseReport``, whose ``to_dict`` is bounded (counts plus the first
+  few unknown words) however long the text;
+- the layers produced default to 1..the deepest layer written, and at least the shallowest prefix
+  that covers the latent, so ``decode(from_text(text)[0])`` works for any text, e.g. ``"[L1] seven"``;
 - text without any ``[Ln]`` tag is read as the serialized word stream (layer 1 first);
   words before the first tag are ignored (counted), tags outside the pyramid are reported.
 
@@ -32,9 +38,9 @@ Folder written by ``save_pretrained`` (loaded with weights-only semantics, no pi
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
+import heapq
 import json
 import math
 import re
@@ -88,6 +94,7 @@ class Vocabulary:
         self._lower_words = list(self._lower)
         self._nearest_cache: dict[str, tuple[int, str]] = {}
         self._grams: dict[str, list[int]] | None = None
+        self._gram_sizes: list[int] = []
 
     def __len__(self) -> int:
         return len(self.words)
@@ -112,7 +119,10 @@ class Vocabulary:
     def nearest(self, word: str) -> tuple[int, str]:
         """(id, word) of the closest vocabulary word; never raises. Exact, then case-insensitive, then
         without surrounding punctuation; else among the 64 words sharing the most character bigrams
-        the one with the highest ``difflib.SequenceMatcher`` ratio (row 0 if none shares one)."""
+        the one with the highest ``difflib.SequenceMatcher`` ratio (row 0 if none shares one).
+
+        Deterministic: the same word maps to the same row in every process, whatever
+        ``PYTHONHASHSEED``. Ties are broken by bigram overlap (Dice), then by the first row."""
         if word in self._index:
             return self._index[word], word
         if word not in self._nearest_cache:
@@ -130,29 +140,49 @@ class Vocabulary:
         if self._grams is None:  # built on first use: bigram -> positions in _lower_words
             self._grams = {}
             for pos, w in enumerate(self._lower_words):
-                for g in _bigrams(w):
+                for g in sorted(_bigrams(w)):
                     self._grams.setdefault(g, []).append(pos)
+            self._gram_sizes = [len(_bigrams(w)) for w in self._lower_words]
+        grams = _bigrams(key)
         shared = Counter()
-        for g in _bigrams(key):
+        for g in sorted(grams):
             shared.update(self._grams.get(g, ()))
         if not shared:  # nothing in common with any word (e.g. symbols only)
             return 0, self.words[0]
-        candidates = sorted(pos for pos, _ in shared.most_common(_CANDIDATES))
-        best = max(
-            candidates, key=lambda pos: difflib.SequenceMatcher(None, key, self._lower_words[pos]).ratio()
+
+        def dice(pos: int) -> float:  # bigram overlap, normalised by both words' sizes
+            return 2 * shared[pos] / (len(grams) + self._gram_sizes[pos])
+
+        # Every tie is broken by an explicit, total key (never by set or dict order, which can change with
+        # PYTHONHASHSEED): the shortlist by (most shared bigrams, highest overlap, first row), the winner
+        # by (highest difflib ratio, highest overlap, first row). Rows come in codebook order, so among
+        # equally close words the earlier (for a frequency-ranked vocabulary, the more frequent) wins.
+        candidates = heapq.nsmallest(_CANDIDATES, shared, key=lambda pos: (-shared[pos], -dice(pos), pos))
+        best = min(
+            candidates,
+            key=lambda pos: (
+                -difflib.SequenceMatcher(None, key, self._lower_words[pos]).ratio(),
+                -dice(pos),
+                pos,
+            ),
         )
         i = self._lower[self._lower_words[best]]
         return i, self.words[i]
+
+
+REPORT_EXAMPLES = 10  # unknown words listed by ParseReport.to_dict (the counts cover all of them)
 
 
 @dataclass
 class ParseReport:
     """What ``from_text`` fixed in one image's text.
 
-    unknown_words: (written, mapped to) for words not in the vocabulary as written.
+    unknown_words: (written, mapped to) for every word not in the vocabulary as written, in text order
+        (words past a layer's size are cut before they are looked up).
     length_fixes: layer -> (words found, words expected) for layers cut or padded.
-    missing_layers: expected layers with no words at all (padded).
-    extra_layers: tags outside the expected layers, or repeated tags (ignored).
+    missing_layers: expected layers with no words at all (filled).
+    extra_layers: the layers of ignored tags (outside the expected layers, or repeated), each once.
+    extra_tags: how many tags were ignored (a runaway answer repeats one tag thousands of times).
     ignored_words: words outside any expected layer (before the first tag, under ignored tags).
     """
 
@@ -160,6 +190,7 @@ class ParseReport:
     length_fixes: dict[int, tuple[int, int]] = field(default_factory=dict)
     missing_layers: list[int] = field(default_factory=list)
     extra_layers: list[int] = field(default_factory=list)
+    extra_tags: int = 0
     ignored_words: int = 0
 
     @property
@@ -168,17 +199,26 @@ class ParseReport:
             self.unknown_words
             or self.length_fixes
             or self.missing_layers
-            or self.extra_layers
+            or self.extra_tags
             or self.ignored_words
         )
 
-    def to_dict(self) -> dict:
-        """JSON-safe form, ``ok`` included."""
-        out = dataclasses.asdict(self)
-        out["unknown_words"] = [list(p) for p in self.unknown_words]
-        out["length_fixes"] = {str(l): list(v) for l, v in self.length_fixes.items()}
-        out["ok"] = self.ok
-        return out
+    def to_dict(self, examples: int = REPORT_EXAMPLES) -> dict:
+        """JSON-safe summary, bounded whatever the text's length: counts, ``ok``, and the first
+        ``examples`` distinct unknown words with what they became (``unknown_count`` occurrences of
+        ``unknown_distinct`` distinct words in all)."""
+        distinct = list(dict.fromkeys(self.unknown_words))  # first occurrence order
+        return {
+            "ok": self.ok,
+            "unknown_words": [list(p) for p in distinct[:examples]],
+            "unknown_count": len(self.unknown_words),
+            "unknown_distinct": len(distinct),
+            "length_fixes": {str(l): list(v) for l, v in sorted(self.length_fixes.items())},
+            "missing_layers": list(self.missing_layers),
+            "extra_layers": list(self.extra_layers),
+            "extra_tags": self.extra_tags,
+            "ignored_words": self.ignored_words,
+        }
 
 
 @dataclass(eq=False)
@@ -236,14 +276,16 @@ class TokenPyramid:
     ) -> tuple[TokenPyramid, list[ParseReport]]:
         """Tolerant parse of one string per image (see the module docstring); never raises on free text.
 
-        ``layers``: the layers to produce; default 1..the deepest layer found in any of the texts.
+        ``layers``: the layers to produce. Default: 1..the deepest layer found in any of the texts, and
+        at least the shallowest prefix that covers the latent (``pyramid.covering_layers[0]``), so the
+        result always decodes; layers the text lacks are filled and reported as ``missing_layers``.
         """
         texts = [text] if isinstance(text, str) else [str(t) for t in text]
         if not texts:
             raise ValueError("from_text needs at least one text")
         parsed = [_split_layers(t, pyramid) for t in texts]  # per text: ({layer: words}, extra, ignored)
         if layers is None:
-            deepest = max([max(p[0], default=1) for p in parsed])
+            deepest = max([max(p[0], default=1) for p in parsed] + [pyramid.covering_layers[0]])
             layers = tuple(range(1, deepest + 1))
         layers = tuple(sorted(set(int(l) for l in layers)))
         for l in layers:
@@ -251,22 +293,31 @@ class TokenPyramid:
         ids = {l: [] for l in layers}
         reports = []
         for found, extra, ignored in parsed:
-            report = ParseReport(extra_layers=sorted(extra), ignored_words=ignored)
-            report.extra_layers += sorted(l for l in found if l not in layers)
-            report.ignored_words += sum(len(found[l]) for l in found if l not in layers)
-            rows = {l: [_word_id(w, vocabulary, report) for w in found.get(l, [])] for l in layers}
-            counts = Counter(r for l in layers for r in rows[l])
-            fallback = counts.most_common(1)[0][0] if counts else 0
+            unused = [l for l in found if l not in layers]
+            report = ParseReport(
+                extra_layers=sorted(set(extra) | set(unused)),
+                extra_tags=len(extra) + len(unused),
+                ignored_words=ignored + sum(len(found[l]) for l in unused),
+            )
+            # words past a layer's size are cut before they are mapped: a runaway layer costs no search
+            sizes = {l: math.prod(pyramid.layer_size(l)) for l in layers}
+            rows = {
+                l: [_word_id(w, vocabulary, report) for w in found.get(l, [])[: sizes[l]]] for l in layers
+            }
+            counts, first = Counter(), {}
+            for r in (r for l in layers for r in rows[l]):
+                counts[r] += 1
+                first.setdefault(r, len(first))
+            # the most frequent word; a tie goes to the word written first (explicit, not Counter order)
+            fallback = min(counts, key=lambda r: (-counts[r], first[r])) if counts else 0
             grids: dict[int, Tensor] = {}
             for l in layers:
                 size = pyramid.layer_size(l)  # (h_l, w_l) or (t_l, h_l, w_l)
-                n = math.prod(size)
                 got = rows[l]
                 if l not in found:
                     report.missing_layers.append(l)
-                elif len(got) != n:
-                    report.length_fixes[l] = (len(got), n)
-                got = got[:n]
+                elif len(found[l]) != sizes[l]:
+                    report.length_fixes[l] = (len(found[l]), sizes[l])
                 grid = _pad_from_coarser(grids, pyramid, size, fallback).reshape(-1)
                 if got:
                     grid[: len(got)] = torch.tensor(got, dtype=torch.long)

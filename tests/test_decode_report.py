@@ -250,3 +250,46 @@ def test_decode_corpus_without_deep_layers_fills_them(corpus, tmp_path):
     assert (tmp_path / "png" / f"{done.name}.png").is_file()
     saved = json.loads((tmp_path / "png" / "decode_report.json").read_text())
     assert saved["images"][0]["report"]["missing_layers"] == [3, 4]
+
+
+def test_decode_empty_text_like_the_api(corpus, tmp_path, capsys):
+    """``spae decode --text ""`` decodes, as ``from_text("")`` does: row 0 everywhere, reported."""
+    import json
+
+    from jobs.decode import main
+    from pipeline.tokenize import load_tokenizer
+
+    tok = str(corpus / "tokenizer")
+    out = tmp_path / "empty"
+    assert main(["--tokenizer", tok, "--text", "", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "no layer in the text" in printed
+    report = json.loads((out / "decode_report.json").read_text())["images"][0]["report"]
+    assert report["missing_layers"] == [1, 2, 3, 4] and report["ok"] is False
+    tokenizer = load_tokenizer(tok)
+    pyramid, _ = tokenizer.from_text("")
+    assert all(int(t.max()) == 0 for t in pyramid.ids)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(out / "text-000.png")), to_uint8_image(tokenizer.decode(pyramid)[0])
+    )
+    with pytest.raises(SystemExit) as exit_info:  # giving no text at all is still an error
+        main(["--tokenizer", tok, "--output", str(out)])
+    assert exit_info.value.code == 2
+
+
+def test_decode_report_of_a_runaway_answer_is_bounded(corpus, tmp_path, capsys):
+    from jobs.decode import main
+
+    out = tmp_path / "runaway"
+    runaway = "[L1] w1 [L2] " + " ".join(f"w{i}x" for i in range(4)) + " [L4] w7 " * 10_000
+    assert main(["--tokenizer", str(corpus / "tokenizer"), "--text", runaway, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert len(printed) < 800, printed
+    assert "ignored: 9999 tags (layers [4]), 9999 words" in printed
+    assert "unknown words: 4 (4 distinct): 'w0x' -> " in printed and "L4 1->16" in printed
+    assert (out / "decode_report.json").stat().st_size < 2_000
+    typos = " ".join(f"w{i % 40}y" for i in range(16))  # 16 unknown words, more than the report lists
+    tok = str(corpus / "tokenizer")
+    assert main(["--tokenizer", tok, "--text", f"[L3] {typos}", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "unknown words: 16 (16 distinct): " in printed and "... and 6 more" in printed

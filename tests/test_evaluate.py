@@ -10,6 +10,7 @@ from pipeline.evaluate import (
     EvaluateJobConfig,
     check_pools_cover,
     class_token_rows,
+    class_words,
     evaluate_tokenizer,
     load_eval_data,
     run_evaluate,
@@ -229,3 +230,39 @@ def test_label_accuracy_of_a_one_layer_vq_baseline_uses_its_most_frequent_word(t
     top = ids.mode(dim=1).values
     hits = sum(int(t) in rows[int(lab)] for t, lab in zip(top, data.labels, strict=True))
     assert m["label_word_accuracy/l1"] == pytest.approx(hits / len(data))
+
+
+def test_digit_folders_score_the_top_word_against_the_digits_words(tmp_path):
+    """A folder of MNIST digits in class folders 0..9: with label_words=mnist, the top word of an image in
+    folder 7 counts as right when it is "seven" or "7" (as for mnist://), not only "7"."""
+    import io
+
+    from PIL import Image
+
+    from spae.data import load_mnist
+
+    images, labels = load_mnist("test")
+    for i in range(24):
+        buf = io.BytesIO()
+        Image.fromarray(images[i]).save(buf, format="PNG")
+        (tmp_path / "digits" / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "digits" / str(labels[i]) / f"{i:03d}.png").write_bytes(buf.getvalue())
+    tok = tiny_tokenizer()
+    by_name = load_eval_data(SourceConfig(uri=str(tmp_path / "digits")), 16)
+    by_digit = load_eval_data(SourceConfig(uri=str(tmp_path / "digits"), label_words="mnist"), 16)
+    names, digits = class_words(by_name), class_words(by_digit)
+    assert names == [[c] for c in by_name.classes]
+    assert digits == [[MNIST_CLASS_WORDS[int(c)], c] for c in by_digit.classes]
+    top = tok.encode(by_digit.images, layers=[1]).layer_ids(1).reshape(-1)
+    folder = tok.save_pretrained(tmp_path / "tok")
+    for label_words, words, data in (("names", names, by_name), ("mnist", digits, by_digit)):
+        source = SourceConfig(uri=str(tmp_path / "digits"), label_words=label_words)
+        cfg = EvaluateJobConfig(
+            tokenizer=str(folder), source=source, picture_images=0, output=str(tmp_path / label_words)
+        )
+        m = run_evaluate(cfg, log=lambda *_: None).metrics
+        rows = class_token_rows(words, tok.vocabulary.words)
+        hits = sum(int(t) in rows[int(lab)] for t, lab in zip(top, data.labels, strict=True))
+        assert m["label_word_accuracy/l1"] == pytest.approx(hits / len(data))
+    seven = by_digit.classes.index("7")  # folder "7" is scored against the rows of "seven" and "7"
+    assert class_token_rows(digits, tok.vocabulary.words)[seven] == {WORDS.index("seven"), WORDS.index("7")}

@@ -113,3 +113,17 @@ def test_s3_folder_source(s3_prefix):
     assert table.column("image_id").to_pylist() == ["a/1.png", "b/2.png"]
     assert table.column("label").to_pylist() == [0, 1]
     assert table.column("path").to_pylist()[0] == f"{s3_prefix}/a/1.png"
+
+
+def test_class_words_of_folders_by_label_words():
+    from pipeline.sources import class_words
+
+    assert class_words("mnist", ()) == class_words("folder", tuple("0123456789"), "mnist")
+    assert class_words("mnist", ())[7] == ["seven", "7"]
+    assert class_words("folder", ("3", "7")) == [["3"], ["7"]]  # names: the folder name alone
+    assert class_words("folder", ("3", "Seven"), "mnist") == [["three", "3"], ["seven", "7"]]
+    assert class_words("folder", ()) is None and class_words("parquet", (), "mnist") is None
+    with pytest.raises(ValueError, match=r"label_words=mnist: class folders \['cat'\]"):
+        class_words("folder", ("7", "cat"), "mnist")
+    with pytest.raises(ValueError, match="label_words: 'digits' is not one of names, mnist"):
+        SourceConfig(uri="x", label_words="digits")

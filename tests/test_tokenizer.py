@@ -41,9 +41,13 @@ def test_text_round_trip(tok, images):
     back, reports = tok.from_text(text)
     assert back == p and all(r.ok for r in reports)
     sub = tok.encode(images, layers=[1, 2])
-    back2, _ = tok.from_text(sub.to_text())
+    back2, _ = tok.from_text(sub.to_text(), layers=[1, 2])
     assert back2 == sub and back2.layers == (1, 2)
     assert sub.words(2)[0] == text[0].split()[3:7]
+    # by default the missing layer 3 (the shallowest covering prefix) is filled, so the text decodes
+    filled, reports = tok.from_text(sub.to_text())
+    assert filled.layers == (1, 2, 3) and all(r.missing_layers == [3] for r in reports)
+    assert filled.layer_ids(2).equal(sub.layer_ids(2)) and tok.decode(filled).shape == (3, 3, 16, 16)
 
 
 def _pyramid_and_vocab():
@@ -77,7 +81,7 @@ def test_noisy_text_is_repaired_and_reported():
     assert p.layer_ids(3)[0].tolist() == [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]
     # chatter before the first tag, a tag outside the pyramid
     p, (r,) = TokenPyramid.from_text("Sure! Here it is: " + good + " [L9] extra words", vocab, spec)
-    assert p == ref and r.ignored_words == 6 and r.extra_layers == [9]
+    assert p == ref and r.ignored_words == 6 and r.extra_layers == [9] and r.extra_tags == 1
     assert json.loads(json.dumps(r.to_dict()))["ok"] is False
 
 
@@ -96,12 +100,110 @@ def test_junk_text_never_raises():
         assert isinstance(p, TokenPyramid) and len(p.layers) >= 1
         assert all(int(t.max()) < len(vocab) for t in p.ids)
     # no tags: the serialized word stream, layer 1 first
-    p, (r,) = TokenPyramid.from_text("seven one two three four", vocab, spec)
+    p, (r,) = TokenPyramid.from_text("seven one two three four", vocab, spec, layers=[1, 2])
     assert p.layers == (1, 2) and p.words(2) == [["one", "two", "three", "four"]] and r.ok
-    # a batch whose texts reach different depths: one set of layers, the short one padded
+    # a batch whose texts reach different depths: one set of layers, the short ones padded; by default
+    # up to the shallowest covering prefix (layer 3 here), so the pyramid decodes
     p, rs = TokenPyramid.from_text(["[L1] one", "[L1] two [L2] one one one one"], vocab, spec)
-    assert p.layers == (1, 2) and rs[0].missing_layers == [2] and rs[1].ok
-    assert p.words(2)[0] == ["one"] * 4
+    assert p.layers == (1, 2, 3) and rs[0].missing_layers == [2, 3] and rs[1].missing_layers == [3]
+    assert p.words(2)[0] == ["one"] * 4 and p.words(3)[1][:4] == ["one", "one", "one", "one"]
+
+
+def test_fallback_word_ties_go_to_the_word_written_first():
+    spec, vocab = _pyramid_and_vocab()
+    for text, first in (("[L2] two one one two", "two"), ("[L2] one two two one", "one")):
+        p, (r,) = TokenPyramid.from_text(text, vocab, spec)
+        assert r.missing_layers == [1, 3] and p.words(1) == [[first]]
+
+
+def test_from_text_of_layer_1_decodes_without_layers(tok):
+    """docs/CORPUS.md: missing layers are filled by default, so one word decodes to an image."""
+    p, (r,) = tok.from_text("[L1] seven")
+    assert p.layers == (1, 2, 3) and r.missing_layers == [2, 3]
+    assert all(w == ["seven"] * len(w) for l in p.layers for w in p.words(l))  # filled from layer 1
+    out = tok.decode(p)
+    torch.testing.assert_close(out, tok.decode(tok.from_text("[L1] seven", layers=[1, 2, 3])[0]))
+    assert out.shape == (1, 3, 16, 16)
+    empty, (r,) = tok.from_text("")  # the API decodes empty text (row 0 everywhere) and says so
+    assert r.missing_layers == [1, 2, 3] and not r.ok and tok.decode(empty).shape == (1, 3, 16, 16)
+
+
+def test_runaway_text_gives_a_bounded_report():
+    spec, vocab = _pyramid_and_vocab()
+    p, (r,) = TokenPyramid.from_text("[L3] seven " * 10_000, vocab, spec)
+    assert r.extra_layers == [3] and r.extra_tags == 9_999 and r.ignored_words == 9_999
+    assert r.length_fixes == {3: (1, 16)} and r.missing_layers == [1, 2]
+    assert len(json.dumps(r.to_dict())) < 400
+    typos = " ".join(f"sevn{i % 50}" for i in range(10_000))  # 10,000 unknown words, 50 distinct
+    p, (r,) = TokenPyramid.from_text("[L1] one [L2] two [L3] " + typos, vocab, spec)
+    summary = r.to_dict()
+    assert summary["unknown_count"] == 16 and summary["unknown_distinct"] == 16  # the layer is cut at 16
+    p, (r,) = TokenPyramid.from_text(typos, vocab, spec)  # untagged: the stream fills layers, rest ignored
+    assert len(r.unknown_words) == 21 and r.ignored_words == 10_000 - 21
+    p, (r,) = TokenPyramid.from_text("[L3] " + typos, vocab, spec, layers=[3])
+    summary = r.to_dict(examples=3)
+    assert summary["unknown_distinct"] == 16 and [w for w, _ in summary["unknown_words"]] == [
+        "sevn0",
+        "sevn1",
+        "sevn2",
+    ]
+    assert all(to == "seven" for _, to in summary["unknown_words"]) and len(json.dumps(summary)) < 600
+
+
+# The same noisy text must decode to the same ids in every process: no tie broken by set or hash order.
+# A vocabulary of 3,000 pseudo-words makes ties common (many words share one bigram with a typo).
+_SEEDED_PARSE = """
+import json, random
+from spae.pyramid import PyramidConfig, PyramidSpec
+from spae.tokenizer import TokenPyramid, Vocabulary
+
+rng = random.Random(0)
+words = ["i", "him", "a", "the", "seven", "eight", "digit", "number", "handwritten", "am", "me", "my"]
+seen = set(words)
+while len(words) < 3000:
+    w = "".join(rng.choice("etaoinshrdlucmfwyp") for _ in range(rng.randint(2, 8)))
+    if w not in seen:
+        seen.add(w)
+        words.append(w)
+vocab = Vocabulary(words)
+spec = PyramidSpec(PyramidConfig(latent_size=(4, 4), layer_sizes=((1, 1), (2, 2), (4, 4))))
+noisy = []
+for w in words[12:400]:
+    k = rng.randrange(len(w))
+    noisy.append(w[:k] + rng.choice("xqzjkv") + w[k + 1 :])
+head = "[L1] I'm [L2] Seven, eigth HIM? (digit) [L3] "
+texts = [head + " ".join(noisy[i : i + 16]) for i in range(0, 384, 16)]
+p, _ = TokenPyramid.from_text(texts, vocab, spec)
+RESULT = {"ids": [t.tolist() for t in p.ids], "nearest": [vocab.nearest(w)[0] for w in noisy + ["I'm"]]}
+print(json.dumps(RESULT))
+"""
+
+
+def test_same_text_same_ids_under_five_hash_seeds():
+    import contextlib
+    import io
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SEEDED_PARSE],
+            env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": root},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (0, 1, 2, 3, 4)
+    ]
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    with contextlib.redirect_stdout(io.StringIO()):
+        here: dict = {}
+        exec(_SEEDED_PARSE, here)  # this process's hash seed too
+    assert all(r == here["RESULT"] for r in results)
+    assert len(set(here["RESULT"]["nearest"])) > 100  # the typos map to many different words
 
 
 def test_vocabulary():

@@ -16,9 +16,10 @@ TRAIN = SourceConfig(uri="mnist://train?limit=64", shard_size=32)
 EVAL = SourceConfig(uri="mnist://test?limit=16", shard_size=16)
 
 
-def job_config(tmp_path, storage: str, mlflow_uri: str, **extra) -> TrainJobConfig:
+def job_overrides(tmp_path, storage: str, mlflow_uri: str, **extra) -> dict:
+    """The key=value overrides (on the ``tiny`` preset) of a 6-step, 2-worker job on 64 MNIST images."""
     vocab = write_vocab(tmp_path / "vocab", tiny_codebook())
-    overrides = {
+    return {
         "model.network.latent_dim": DIM,
         "data.images.uri": TRAIN.uri,
         "data.images.shard_size": TRAIN.shard_size,
@@ -46,6 +47,10 @@ def job_config(tmp_path, storage: str, mlflow_uri: str, **extra) -> TrainJobConf
         "mlflow.experiment": "spae-train-test",
         **extra,
     }
+
+
+def job_config(tmp_path, storage: str, mlflow_uri: str, **extra) -> TrainJobConfig:
+    overrides = job_overrides(tmp_path, storage, mlflow_uri, **extra)
     return load_config(
         TrainJobConfig, overrides=[f"{k}={v}" for k, v in overrides.items()], base=preset_base("tiny")
     )
@@ -128,6 +133,21 @@ def test_train_job_ddp_failure_resume_s3_mlflow(ray_cluster, s3_prefix, mlflow_s
     assert again.steps == 7 and again.run_id == result.run_id
     assert client.get_run(result.run_id).data.tags["spae.resumed_at_step"] == "6"
     assert 7 in {m.step for m in client.get_metric_history(result.run_id, "loss/total")}
+
+    # the training went on, so the new weights are logged; re-running the finished job logs nothing more
+    def logged_models() -> list:
+        experiment = client.get_run(result.run_id).info.experiment_id
+        models = mlflow.search_logged_models([experiment], output_format="list")
+        return [m.model_id for m in models if m.source_run_id == result.run_id and m.name == "tokenizer"]
+
+    assert len(logged_models()) == 2
+    fingerprint = client.get_run(result.run_id).data.tags["spae.tokenizer_fingerprint"]
+    assert fingerprint == SPAETokenizer.from_pretrained(again.tokenizer).fingerprint()
+    rerun = run_train_job(
+        replace(cfg, steps=7, eval_every=0, register_model="", optim={"total_steps": 0}), log=lambda *_: None
+    )
+    assert rerun.run_id == result.run_id and len(logged_models()) == 2
+    assert client.get_run(result.run_id).data.tags["spae.resumed_at_step"] == "7"
 
     # the logged model loads and encodes, by run and by registry
     images = torch.rand(2, 3, 16, 16)
