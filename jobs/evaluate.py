@@ -19,6 +19,8 @@ examples:
   spae evaluate tokenizer=models:/spae-mnist/1 output=s3://bucket/eval/mnist
   spae evaluate tokenizer=outputs/runs/mm-a1/tokenizer \
       source.uri="moving-mnist://test?limit=256&frames=16"   # a video tokenizer: metrics over frames
+  spae evaluate tokenizer=outputs/runs/mnist-a1/tokenizer source.uri=digits/ \
+      source.label_words=mnist     # folders 0..9 (or zero..nine): the top word is right as "seven" or "7"
 
 Runs on this machine with plain torch (no Ray): meant for held-out sets of up to some thousands
 of images. Writes <output>/metrics.json and <output>/reconstructions.png and logs both to MLflow.
