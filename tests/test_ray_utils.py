@@ -24,12 +24,13 @@ def test_unreachable_address_fails_fast_naming_it():
 def test_worker_env_is_an_allowlist(monkeypatch):
     monkeypatch.setenv("SPAE_S3_ENDPOINT", "http://127.0.0.1:1")
     monkeypatch.setenv("SOME_OTHER_SECRET", "x")
+    secret = "s3cr3t-Value-7f41"  # not a substring of any path or setting the session may hold
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "OPENAI_API_KEY"):
-        monkeypatch.setenv(name, "credential")
+        monkeypatch.setenv(name, secret)
     env = worker_env()
     assert env["SPAE_S3_ENDPOINT"] == "http://127.0.0.1:1" and "SOME_OTHER_SECRET" not in env
-    assert "credential" not in env.values()  # Ray logs a runtime_env in plain text: no credential in it
-    assert "credential" not in str(local_runtime_env())
+    assert secret not in env.values()  # Ray logs a runtime_env in plain text: no credential in it
+    assert secret not in str(local_runtime_env())
 
 
 def test_ray_workers_reach_the_s3_server(ray_cluster, s3_prefix):
