@@ -4,19 +4,42 @@ Stage classes elsewhere are Ray-free callables (``__init__`` loads the model, ``
 batch`` on numpy dicts) and are unit-tested without a cluster; ``map_stage`` puts one on an actor
 pool. ``run_sharded_job`` is the shape every image job shares::
 
-    pending input shards -> ray.data.from_items -> read + decode (tasks, one shard per call)
-        -> model stages (actor pools) -> iter_batches on the driver -> ShardWriter (exactly once)
+    pending input shards -> pieces of <= task_rows rows -> ray.data.from_items (one block a piece)
+        -> read + decode (tasks, one piece per task) -> model stages (actor pools)
+        -> iter_batches on the driver -> ShardWriter (commits each shard once all its rows arrived)
+
+Commit as you go, whatever the shard size: each Ray task maps to bounded work. A shard is split into
+pieces of at most ``task_rows`` rows (``shard_piece``), one input row and block each; the read task
+is kept apart from the model's actor stage (Ray Data would otherwise fuse them, and the fused
+operator bundles ``batch_size`` *input rows*, i.e. that many whole shards, into one task whose output
+reaches the driver only at its end: ``TokenizeStage): 0/1``). An actor call then gets one piece (a
+bundle of >= ``batch_size`` rows), and its output block reaches the driver when that piece is done,
+so a shard commits as soon as its last piece arrives. Pieces are submitted in shard order. Keep
+cheap per-row work after the model on the driver (``driver_stage``), not in a task stage after the
+actors: on a small cluster such tasks starve behind the reads and hold the outputs back (measured:
+0 of 2 finished shards committed at a fault at 83%, 2 of 2 without that stage). A failing stage
+aborts the whole dataset, so what is still in flight is lost: about one piece per actor plus what
+the driver has not read yet.
 
 Rows carry ``KEEP`` columns end to end; rows with an ``error`` pass through the model stages
-untouched (``ok_rows`` tells a stage which rows to compute) and land in ``_errors.parquet``.
+untouched (``ok_rows`` tells a stage which rows to compute) and land in ``_errors.parquet``. Errors
+rows are per-image data errors only (read, decode: ``pipeline.images``). A model stage that raises
+(out of memory, a device or storage fault, a bug) is retried ``model_retries`` times on the same
+batch (``call_with_retries``), then raises ``StageFailure``: the job stops with that reason, the shards
+whose rows were all computed stay committed, that shard is not committed, and a re-run resumes.
+``max_error_fraction`` fails a finished job (``TooManyErrors``, after its commits) whose error rows
+exceed that fraction of its input; ``retry_errors`` recomputes the committed shards that have errors.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +51,83 @@ from pipeline.sources import Shard, read_shard
 from pipeline.storage import Location
 
 KEEP = ("shard_id", "image_id", "source", "label", "path", "error", "error_stage")
+TASK_ROWS = 256  # rows per read task and per piece of a shard at most (run_sharded_job's task_rows)
+MODEL_RETRIES = 2  # tries of a failing model call after the first, before the job fails
+MAX_ERROR_FRACTION = 0.05  # error rows above this fraction of the input fail the job (1.0 = never)
+RETRY_DELAY_S = 1.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StageFailure(RuntimeError):
+    """A model stage kept failing on a batch (not a property of the images): the job stops."""
+
+
+class JobFailure(RuntimeError):
+    """A sharded job stopped; the message names the output, what was committed and the cause."""
+
+
+class TooManyErrors(JobFailure):
+    """More error rows than ``max_error_fraction`` allows (the rows are committed)."""
+
+
+def check_reliability(model_retries: int, max_error_fraction: float) -> None:
+    """ValueError naming the field, for the job configs' ``__post_init__``."""
+    if model_retries < 0:
+        raise ValueError(f"model_retries: must be >= 0, got {model_retries}")
+    if not 0.0 <= max_error_fraction <= 1.0:
+        raise ValueError(f"max_error_fraction: must lie in [0, 1] (1 = never fail), got {max_error_fraction}")
+
+
+def call_with_retries(fn: Callable[[], T], what: str, retries: int, delay_s: float = RETRY_DELAY_S) -> T:
+    """``fn()``; on any exception retry up to ``retries`` times (``delay_s`` doubling), then raise
+    ``StageFailure`` naming ``what`` and the last error. For model calls, whose failures are faults of
+    the machine or the code, never of an image (those are error rows before the model runs)."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - retried, then re-raised as StageFailure
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if attempt == retries:
+                raise StageFailure(f"{what} failed {retries + 1} times; last error: {reason}") from e
+            log.warning("%s failed (%s); retry %d of %d", what, reason, attempt + 1, retries)
+            time.sleep(delay_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def batch_shards(batch: Mapping[str, np.ndarray]) -> str:
+    """The shard ids of a batch's rows, for messages (``00003`` or ``00003, 00004``)."""
+    ids = batch.get("shard_id")
+    return ", ".join(sorted({str(s) for s in ids})) if ids is not None and len(ids) else "?"
+
+
+def shard_piece(shard: Shard, start: int, stop: int) -> Shard:
+    """Rows ``[start, stop)`` of ``shard`` as a shard of its own (same id and digest): ``read_shard``
+    of it reads only those rows."""
+    assert 0 <= start < stop <= shard.num_rows, (shard.shard_id, start, stop, shard.num_rows)
+    if start == 0 and stop == shard.num_rows:
+        return shard
+    if shard.kind == "folder":  # one item per row
+        items = shard.items[start:stop]
+    else:  # [name, row_start, row_stop] ranges
+        items, offset = [], 0
+        for name, a, b in shard.items:
+            lo, hi = max(start - offset, 0), min(stop - offset, b - a)
+            if lo < hi:
+                items.append((name, a + lo, a + hi))
+            offset += b - a
+        items = tuple(items)
+    return dataclasses.replace(shard, items=tuple(items), num_rows=stop - start)
+
+
+def shard_pieces(shards: list[Shard], task_rows: int) -> list[Shard]:
+    """Every shard cut into pieces of at most ``task_rows`` rows, in shard order."""
+    return [
+        shard_piece(s, a, min(a + task_rows, s.num_rows))
+        for s in shards
+        for a in range(0, s.num_rows, task_rows)
+    ]
 
 
 def ok_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -108,43 +208,131 @@ def run_sharded_job(
     on_commit: Callable[[str], None] | None = None,
     manifest_extra: Mapping[str, Any] | None = None,
     sidecars: Callable[[str, pa.Table], Mapping[str, bytes]] | None = None,
+    task_rows: int = TASK_ROWS,
+    max_error_fraction: float = MAX_ERROR_FRACTION,
+    retry_errors: bool = False,
+    driver_stage: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
 ) -> ShardedJobResult:
     """Compute the pending shards of ``output`` and commit each exactly once; see the module docstring.
 
     ``model_stages(ds) -> ds`` adds the job's stages (usually ``map_stage`` calls) after decoding;
     their output must hold ``KEEP`` and the ``schema`` columns. ``on_commit(shard_id)`` is called
-    right after each commit (progress hooks, tests that interrupt a run).
+    right after each commit (progress hooks, tests that interrupt a run). ``task_rows``: rows per read
+    task at most (give at least the model's batch size). Raises ``JobFailure`` when a stage fails (the
+    shards committed before stay), ``TooManyErrors`` when the finished output has more error rows than
+    ``max_error_fraction`` of its input; ``retry_errors`` recomputes committed shards with error rows.
+    ``driver_stage(batch) -> batch`` runs on the driver on each batch before the writer (cheap CPU
+    work, e.g. the corpus's words: no Ray stage between the actors and the commits, see below).
     """
     import ray
 
+    if task_rows < 1:
+        raise ValueError(f"task_rows: must be >= 1, got {task_rows}")
     writer = ShardWriter(
         output, shards, schema, identity=identity, config=config, sidecars=sidecars, on_commit=on_commit
     )
-    todo = writer.pending()
+    todo = writer.pending(retry_errors=retry_errors)
     start = time.perf_counter()
     rows = 0
     if todo:
-        ds = ray.data.from_items([{"shard": s.to_json()} for s in todo], override_num_blocks=len(todo))
+        pieces = shard_pieces(todo, task_rows)
+        ds = ray.data.from_items([{"shard": p.to_json()} for p in pieces], override_num_blocks=len(pieces))
         ds = ds.map_batches(
             read_and_decode,
-            batch_size=1,
+            batch_size=1,  # one piece per task
             batch_format="numpy",
             num_cpus=read_cpus,
             fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "fit": fit},
+            # a remote-args function keeps Ray Data from fusing the reads into the actor stage, whose
+            # bundles would then hold batch_size pieces (see the module docstring)
+            ray_remote_args_fn=lambda: {"num_cpus": read_cpus},
         )
         ds = model_stages(ds)
         bar = _progress(sum(s.num_rows for s in todo), progress)
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        failure: BaseException | None = None
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except Exception as e:  # a stage failed (Ray wraps it): one line naming the cause
+                    failure = JobFailure(
+                        f"{writer.out.uri}: job stopped after committing {len(writer.committed)} of "
+                        f"{len(todo)} pending shards: {_cause(e)}. Committed shards are kept; "
+                        "run the job again to compute the rest."
+                    )
+                    break
                 n = len(batch["shard_id"])
-                writer.add(batch)
+                writer.add(driver_stage(batch) if driver_stage is not None else batch)
                 rows += n
                 bar.update(n)
+        except BaseException as e:  # the writer failed (storage, a test hook): same clean-up below
+            failure = e
         finally:
             bar.close()
+        if failure is not None:
+            # drop every reference to the stopped dataset before raising, so its actors exit now: a
+            # traceback holding them keeps their CPUs/GPUs, and a re-run in this process would wait
+            # forever for a CPU (seen on the 2-CPU test cluster)
+            del batches, ds
+            gc.collect()
+            raise failure
     seconds = time.perf_counter() - start
     manifest = writer.finish(extra=manifest_extra)
+    check_error_fraction(writer.out.uri, manifest, max_error_fraction)  # after the commits: they are real
     return ShardedJobResult(manifest, len(shards), len(todo), rows, seconds)
+
+
+def check_error_fraction(uri: str, manifest: Mapping[str, Any], max_error_fraction: float) -> None:
+    """``TooManyErrors`` naming the counts when a finished output has too many error rows."""
+    errors, rows_in = manifest["errors"], manifest["rows_in"]
+    if rows_in and errors / rows_in > max_error_fraction:
+        raise TooManyErrors(
+            f"{uri}: {errors} of {rows_in} images ({errors / rows_in:.1%}) are error rows, more than "
+            f"max_error_fraction={max_error_fraction:g}; the reasons are in "
+            f"{uri.rstrip('/')}/_errors.parquet. "
+            "Fix the input and re-run with retry_errors=true, or raise max_error_fraction."
+        )
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost message of a Ray-wrapped error: a ``StageFailure``'s text (as an object in the
+    chain, or as the ``...StageFailure: <text>`` line Ray keeps of a remote one), else the root
+    cause's type and its last line that names an error."""
+    seen, stack, chain = set(), [e], []
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        chain.append(cur)
+        if isinstance(cur, StageFailure) and not isinstance(cur, ray_task_error_types()):
+            return str(cur).splitlines()[0]
+        for nxt in (getattr(cur, "cause", None), cur.__cause__, cur.__context__):
+            if isinstance(nxt, BaseException):
+                stack.append(nxt)
+    marker = f"{StageFailure.__module__}.{StageFailure.__name__}: "
+    for cur in chain:
+        for line in str(cur).splitlines():
+            if marker in line:
+                return line.split(marker, 1)[1].strip()
+    root = chain[-1]
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    errs = [line for line in lines if "error" in line.lower()]
+    text = errs[-1] if errs else (lines[-1] if lines else "")
+    return f"{type(root).__name__}: {text[:300]}"
+
+
+def ray_task_error_types() -> tuple[type, ...]:
+    """Ray's wrapper of remote errors (whose ``str`` is the remote traceback, not the message)."""
+    try:
+        from ray.exceptions import RayTaskError
+
+        return (RayTaskError,)
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return ()
 
 
 def _progress(total: int, enabled: bool) -> Any:
