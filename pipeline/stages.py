@@ -80,10 +80,11 @@ def check_reliability(model_retries: int, max_error_fraction: float) -> None:
         raise ValueError(f"max_error_fraction: must lie in [0, 1] (1 = never fail), got {max_error_fraction}")
 
 
-def call_with_retries(fn: Callable[[], T], what: str, retries: int, delay_s: float = RETRY_DELAY_S) -> T:
+def call_with_retries(fn: Callable[[], T], what: str, retries: int, delay_s: float | None = None) -> T:
     """``fn()``; on any exception retry up to ``retries`` times (``delay_s`` doubling), then raise
     ``StageFailure`` naming ``what`` and the last error. For model calls, whose failures are faults of
     the machine or the code, never of an image (those are error rows before the model runs)."""
+    delay_s = RETRY_DELAY_S if delay_s is None else delay_s
     for attempt in range(retries + 1):
         try:
             return fn()

@@ -81,9 +81,10 @@ def test_a_device_fault_fails_the_cli_with_one_line_and_commits_nothing_of_that_
         "progress=false",
         "model_retries=1",
     ]
-    assert tokenize_cli.main([*args, "fail_encode_at=00001"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and INJECTED_DEVICE_ERROR in err and "failed 2 times" in err
+    assert tokenize_cli.main([*args, "fail_encode_at=mnist-test-000040"]) == 1  # in shard 00001
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # above it: Ray Data's own log of the fault
+    assert last.startswith("spae tokenize: ") and "job stopped after committing" in last
+    assert INJECTED_DEVICE_ERROR in last and "tokenize (shard 00001) failed 2 times" in last
     assert "part-00001" not in _parts(out, ".parquet") and "part-00001" not in _parts(out, ".jsonl")
     assert not (out / "_errors").exists()  # a device fault is never an image's error
     assert tokenize_cli.main(args) == 0  # without the fault the re-run completes the corpus

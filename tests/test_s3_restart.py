@@ -3,6 +3,7 @@ with backoff and the job (after at most one re-run) ends with a complete corpus 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -27,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_s3_restart_mid_commit_ends_in_a_complete_corpus(ray_cluster, tmp_path, monkeypatch):
+def test_s3_restart_mid_commit_ends_in_a_complete_corpus(ray_cluster, tmp_path, monkeypatch, caplog):
     cfg = stack.StackConfig(
         root=str(tmp_path / "stack"), bucket="restart", mlflow=False, s3_port=_free_port(), timeout_s=120
     )
@@ -65,6 +66,7 @@ def test_s3_restart_mid_commit_ends_in_a_complete_corpus(ray_cluster, tmp_path, 
             return sidecar(shard_id, table)
 
         monkeypatch.setattr(tokenize_mod, "jsonl_sidecar", stop_during_second_commit)
+        caplog.set_level(logging.WARNING, logger="pipeline.storage")
         start = time.monotonic()
         runs = 1
         try:
@@ -76,6 +78,9 @@ def test_s3_restart_mid_commit_ends_in_a_complete_corpus(ray_cluster, tmp_path, 
         took = time.monotonic() - start
         print(f"\nS3 restart: {events}; {runs} run(s), {took:.1f}s; last run computed {result.shards_run}")
         assert events[0].startswith("down") and events[1].startswith("up")
+        retries = [r.getMessage() for r in caplog.records if r.name == "pipeline.storage"]
+        print(f"storage retries: {len(retries)}; first: {retries[:1]}")
+        assert retries and all("retry" in m for m in retries)  # the commit met the outage and retried
         ids = read_corpus(out_uri, columns=["image_id"]).column("image_id").to_pylist()
         assert sorted(ids) == [f"mnist-test-{i:06d}" for i in range(96)]  # every image exactly once
         assert read_manifest(out_uri)["rows_written"] == 96
