@@ -37,6 +37,7 @@ import dataclasses
 import gc
 import logging
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -238,16 +239,18 @@ def run_sharded_job(
     if todo:
         pieces = shard_pieces(todo, task_rows)
         ds = ray.data.from_items([{"shard": p.to_json()} for p in pieces], override_num_blocks=len(pieces))
-        ds = ds.map_batches(
-            read_and_decode,
-            batch_size=1,  # one piece per task
-            batch_format="numpy",
-            num_cpus=read_cpus,
-            fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "fit": fit},
-            # a remote-args function keeps Ray Data from fusing the reads into the actor stage, whose
-            # bundles would then hold batch_size pieces (see the module docstring)
-            ray_remote_args_fn=lambda: {"num_cpus": read_cpus},
-        )
+        with warnings.catch_warnings():  # ray_remote_args_fn is deprecated from Ray 2.61 (works in 2.60)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map_batches(
+                read_and_decode,
+                batch_size=1,  # one piece per task
+                batch_format="numpy",
+                num_cpus=read_cpus,
+                fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "fit": fit},
+                # a remote-args function keeps Ray Data from fusing the reads into the actor stage,
+                # whose bundles would then hold batch_size pieces (see the module docstring)
+                ray_remote_args_fn=lambda: {"num_cpus": read_cpus},
+            )
         ds = model_stages(ds)
         bar = _progress(sum(s.num_rows for s in todo), progress)
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
