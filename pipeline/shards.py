@@ -26,8 +26,8 @@ different job configuration. ``pending(retry_errors=True)`` also returns the com
 have error rows; their commit first removes the old Parquet (the shard is then uncommitted, so a crash
 leaves it pending), then the old sidecars and errors, then commits the new files as above.
 
-Every storage call goes through ``pipeline.storage.retrying`` (transient S3 faults are retried with
-backoff, also while committing).
+Every storage call goes through ``Location.call`` (transient S3 faults are retried with backoff, also
+while committing; the rest raise ``StorageError`` naming the URI).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from pipeline.schemas import ERRORS_SCHEMA, error_mask, to_table
 from pipeline.sources import Shard, source_info
-from pipeline.storage import Location, resolve, retrying
+from pipeline.storage import Location, resolve
 
 MANIFEST = "_manifest.json"
 ERRORS = "_errors.parquet"
@@ -90,7 +90,7 @@ def read_part_meta(out: Location, shard_id: str) -> CommittedPart | None:
             return pq.read_metadata(f)
 
     try:
-        meta = retrying(read, out, "read footer")
+        meta = out.join(part_name(shard_id)).call("read footer", read)
     except FileNotFoundError:
         return None
     kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if k.startswith(META_PREFIX)}
@@ -231,7 +231,7 @@ class ShardWriter:
             with contextlib.suppress(FileNotFoundError):
                 self.out.fs.delete_file(loc.path)
 
-        retrying(delete, loc, "delete")
+        loc.call("delete", delete)
 
     def add(self, batch: Mapping[str, np.ndarray]) -> list[str]:
         """Buffer a batch; commit every shard it completes. Returns the shard ids committed now."""
@@ -339,7 +339,7 @@ class ShardWriter:
             with self.out.fs.open_output_stream(tmp.path) as f:
                 f.write(blob)
 
-        retrying(upload, tmp, "upload")
+        tmp.call("upload", upload)
         return tmp
 
     def _move(self, tmp: Location, name: str) -> None:
@@ -359,7 +359,7 @@ class ShardWriter:
                     return
                 raise
 
-        retrying(move, final, "commit")
+        final.call("commit", move)
 
     def finish(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Check every shard is committed and counts add up; merge errors; write the manifest.
@@ -469,10 +469,10 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 def _read_table(out: Location, name: str, columns: list[str] | None = None) -> pa.Table:
     loc = out.join(name)
-    return retrying(lambda: pq.read_table(loc.path, columns=columns, filesystem=out.fs), loc, "read")
+    return loc.call("read", lambda: pq.read_table(loc.path, columns=columns, filesystem=out.fs))
 
 
 def _names(out: Location) -> set[str]:
     selector = pafs.FileSelector(out.path.rstrip("/"), recursive=False, allow_not_found=True)
-    infos = retrying(lambda: out.fs.get_file_info(selector), out, "list")
+    infos = out.call("list", lambda: out.fs.get_file_info(selector))
     return {info.base_name for info in infos if info.type == pafs.FileType.File}

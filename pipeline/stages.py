@@ -22,7 +22,7 @@ aborts the whole dataset, so what is still in flight is lost: about one piece pe
 the driver has not read yet.
 
 Rows carry ``KEEP`` columns end to end; rows with an ``error`` pass through the model stages
-untouched (``ok_rows`` tells a stage which rows to compute) and land in ``_errors.parquet``. Errors
+untouched (``ok_rows`` tells a stage which rows to compute) and land in ``_errors.parquet``. Error
 rows are per-image data errors only (read, decode: ``pipeline.images``). A model stage that raises
 (out of memory, a device or storage fault, a bug) is retried ``model_retries`` times on the same
 batch (``call_with_retries``), then raises ``StageFailure``: the job stops with that reason, the shards
@@ -49,7 +49,7 @@ from pipeline.images import decode_table
 from pipeline.schemas import error_mask
 from pipeline.shards import ShardWriter
 from pipeline.sources import Shard, read_shard
-from pipeline.storage import Location
+from pipeline.storage import Location, StorageError
 
 KEEP = ("shard_id", "image_id", "source", "label", "path", "error", "error_stage")
 TASK_ROWS = 256  # rows per read task and per piece of a shard at most (run_sharded_job's task_rows)
@@ -272,7 +272,12 @@ def run_sharded_job(
                 writer.add(driver_stage(batch) if driver_stage is not None else batch)
                 rows += n
                 bar.update(n)
-        except BaseException as e:  # the writer failed (storage, a test hook): same clean-up below
+        except StorageError as e:  # the output's storage failed past its retries: one line, re-run
+            failure = JobFailure(
+                f"{writer.out.uri}: job stopped after committing {len(writer.committed)} of {len(todo)} "
+                f"pending shards: {e}. Committed shards are kept; run the job again to compute the rest."
+            )
+        except BaseException as e:  # the writer failed otherwise (a test hook, a bug): same clean-up
             failure = e
         finally:
             bar.close()

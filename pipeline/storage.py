@@ -267,6 +267,11 @@ class Location:
     def mkdir(self) -> None:
         self._call("create", lambda: self.fs.create_dir(self.path, recursive=True))
 
+    def call(self, verb: str, fn: Callable[[], T]) -> T:
+        """``fn()`` on this location: transient faults retried (``retrying``), the rest raised as
+        ``StorageError`` naming the URI (``FileNotFoundError`` stays one)."""
+        return self._call(verb, fn)
+
     def _call(self, verb: str, fn: Any) -> Any:
         try:
             return retrying(fn, self, verb)

@@ -18,7 +18,8 @@ from pipeline import storage
 from pipeline.corpus import read_corpus
 from pipeline.shards import read_manifest
 from pipeline.sources import SourceConfig
-from pipeline.storage import StorageError, is_transient, resolve
+from pipeline.stages import JobFailure
+from pipeline.storage import is_transient, resolve
 from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
 
 
@@ -28,7 +29,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_s3_restart_mid_commit_ends_in_a_complete_corpus(ray_cluster, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("attempts", [storage.RETRY_ATTEMPTS, 1])
+def test_s3_restart_mid_commit_ends_in_a_complete_corpus(
+    ray_cluster, tmp_path, monkeypatch, caplog, attempts
+):
+    """With the default retries the job rides the outage out; with none it stops (one line) and one
+    re-run completes the corpus."""
     cfg = stack.StackConfig(
         root=str(tmp_path / "stack"), bucket="restart", mlflow=False, s3_port=_free_port(), timeout_s=120
     )
@@ -67,11 +73,13 @@ def test_s3_restart_mid_commit_ends_in_a_complete_corpus(ray_cluster, tmp_path, 
 
         monkeypatch.setattr(tokenize_mod, "jsonl_sidecar", stop_during_second_commit)
         caplog.set_level(logging.WARNING, logger="pipeline.storage")
+        monkeypatch.setattr(storage, "RETRY_ATTEMPTS", attempts)
         start = time.monotonic()
         runs = 1
         try:
             result = run_tokenize_job(job)
-        except StorageError:  # the outage outlasted the retries: one re-run finishes it
+        except JobFailure as e:  # the outage outlasted the retries: one re-run finishes it
+            assert attempts == 1 and "cannot reach the S3 endpoint" in str(e) and "\n" not in str(e)
             restarter.join()
             runs = 2
             result = run_tokenize_job(job)
@@ -80,7 +88,8 @@ def test_s3_restart_mid_commit_ends_in_a_complete_corpus(ray_cluster, tmp_path, 
         assert events[0].startswith("down") and events[1].startswith("up")
         retries = [r.getMessage() for r in caplog.records if r.name == "pipeline.storage"]
         print(f"storage retries: {len(retries)}; first: {retries[:1]}")
-        assert retries and all("retry" in m for m in retries)  # the commit met the outage and retried
+        assert all("retry" in m for m in retries)
+        assert (runs, bool(retries)) == ((1, True) if attempts > 1 else (2, False))  # rode it out, or not
         ids = read_corpus(out_uri, columns=["image_id"]).column("image_id").to_pylist()
         assert sorted(ids) == [f"mnist-test-{i:06d}" for i in range(96)]  # every image exactly once
         assert read_manifest(out_uri)["rows_written"] == 96
