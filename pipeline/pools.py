@@ -46,11 +46,13 @@ from pipeline.stages import (
     MODEL_RETRIES,
     TASK_ROWS,
     ShardedJobResult,
+    StageFailure,
     batch_shards,
     call_with_retries,
     carry,
     check_reliability,
     map_stage,
+    mark_fatal,
     ok_rows,
     run_sharded_job,
 )
@@ -159,6 +161,10 @@ class PoolStage:
         s_max = np.zeros(n, np.float32)
         ids = np.zeros((n, k), np.int32)
         scores = np.zeros((n, k), np.float32)
+        error = np.array([e if isinstance(e, str) else None for e in batch["error"]], dtype=object)
+        stage = np.array(
+            [e if isinstance(e, str) else None for e in batch.get("error_stage", [None] * n)], dtype=object
+        )
         if ok.any():
             pixels = np.asarray(batch["pixels"])
             pixels = pixels if ok.all() else pixels[ok]  # no host copy if all ok
@@ -167,14 +173,20 @@ class PoolStage:
                 f = self.embed(pixels)  # [b, d]  f_I(I)
                 return f, self.search.search(f, k)  # eq. 4's s'(I, k) for the top-K, min and max
 
-            f, result = call_with_retries(score, f"pools (shard {batch_shards(batch)})", self.retries)
-            feats[ok] = f.astype(np.float16)
-            s_min[ok], s_max[ok] = result.s_min, result.s_max
-            ids[ok] = result.topk_ids.astype(np.int32)
-            scores[ok] = normalize_scores(result)  # eq. 6
+            try:
+                f, result = call_with_retries(score, f"pools (shard {batch_shards(batch)})", self.retries)
+            except StageFailure as e:  # never an error row of the images: the job stops (stages.py)
+                mark_fatal(error, stage, np.flatnonzero(ok), e)
+            else:
+                feats[ok] = f.astype(np.float16)
+                s_min[ok], s_max[ok] = result.s_min, result.s_max
+                ids[ok] = result.topk_ids.astype(np.int32)
+                scores[ok] = normalize_scores(result)  # eq. 6
         above = (scores >= self.min_threshold).sum(axis=1).astype(np.int32)  # [n]
         return {
             **carry(batch),
+            "error": error,
+            "error_stage": stage,
             "image_feature": feats,
             "s_min": s_min,
             "s_max": s_max,

@@ -25,8 +25,10 @@ Rows carry ``KEEP`` columns end to end; rows with an ``error`` pass through the 
 untouched (``ok_rows`` tells a stage which rows to compute) and land in ``_errors.parquet``. Error
 rows are per-image data errors only (read, decode: ``pipeline.images``). A model stage that raises
 (out of memory, a device or storage fault, a bug) is retried ``model_retries`` times on the same
-batch (``call_with_retries``), then raises ``StageFailure``: the job stops with that reason, the shards
-whose rows were all computed stay committed, that shard is not committed, and a re-run resumes.
+batch (``call_with_retries``), then gives up: it marks the batch's rows ``FATAL_STAGE`` (``mark_fatal``;
+raising would make Ray Data abort and drop the outputs in flight), the driver commits the shards
+that completed before and stops with that reason (``JobFailure``); that shard is not committed, and
+a re-run resumes.
 ``max_error_fraction`` fails a finished job (``TooManyErrors``, after its commits) whose error rows
 exceed that fraction of its input; ``retry_errors`` recomputes the committed shards that have errors.
 """
@@ -98,10 +100,33 @@ def call_with_retries(fn: Callable[[], T], what: str, retries: int, delay_s: flo
     raise AssertionError("unreachable")
 
 
+FATAL_STAGE = "stage-failure"  # error_stage of rows whose model call gave up: never committed
+
+
+def fatal_reason(batch: Mapping[str, np.ndarray]) -> str | None:
+    """The reason of the first row a stage gave up on (``mark_fatal``), None if there is none."""
+    stages = batch.get("error_stage")
+    if stages is None:
+        return None
+    hits = np.flatnonzero(np.asarray(stages, dtype=object) == FATAL_STAGE)
+    return str(batch["error"][hits[0]]) if len(hits) else None
+
+
+def mark_fatal(error: np.ndarray, stage: np.ndarray, rows: np.ndarray, e: StageFailure) -> None:
+    """Mark ``rows`` as given up on (in place). A stage returns them in its normal schema instead of
+    raising: Ray Data would abort the dataset and drop every output still in flight, finished shards
+    included; the driver commits what came before and stops at the first such row."""
+    error[rows] = str(e).splitlines()[0]
+    stage[rows] = FATAL_STAGE
+
+
 def batch_shards(batch: Mapping[str, np.ndarray]) -> str:
     """The shard ids of a batch's rows, for messages (``00003`` or ``00003, 00004``)."""
     ids = batch.get("shard_id")
     return ", ".join(sorted({str(s) for s in ids})) if ids is not None and len(ids) else "?"
+
+
+SLICEABLE_KINDS = ("mnist", "moving-mnist", "folder", "parquet")  # item layouts shard_piece knows
 
 
 def shard_piece(shard: Shard, start: int, stop: int) -> Shard:
@@ -110,6 +135,8 @@ def shard_piece(shard: Shard, start: int, stop: int) -> Shard:
     assert 0 <= start < stop <= shard.num_rows, (shard.shard_id, start, stop, shard.num_rows)
     if start == 0 and stop == shard.num_rows:
         return shard
+    if shard.kind not in SLICEABLE_KINDS:
+        raise ValueError(f"shard {shard.shard_id}: cannot cut a '{shard.kind}' shard into row ranges")
     if shard.kind == "folder":  # one item per row
         items = shard.items[start:stop]
     else:  # [name, row_start, row_stop] ranges
@@ -124,11 +151,12 @@ def shard_piece(shard: Shard, start: int, stop: int) -> Shard:
 
 
 def shard_pieces(shards: list[Shard], task_rows: int) -> list[Shard]:
-    """Every shard cut into pieces of at most ``task_rows`` rows, in shard order."""
+    """Every shard cut into pieces of at most ``task_rows`` rows, in shard order (a shard of a kind
+    whose items ``shard_piece`` cannot cut stays whole: one task)."""
     return [
-        shard_piece(s, a, min(a + task_rows, s.num_rows))
+        shard_piece(s, a, min(a + task_rows, s.num_rows)) if s.kind in SLICEABLE_KINDS else s
         for s in shards
-        for a in range(0, s.num_rows, task_rows)
+        for a in (range(0, s.num_rows, task_rows) if s.kind in SLICEABLE_KINDS else (0,))
     ]
 
 
@@ -262,21 +290,18 @@ def run_sharded_job(
                 except StopIteration:
                     break
                 except Exception as e:  # a stage failed (Ray wraps it): one line naming the cause
-                    failure = JobFailure(
-                        f"{writer.out.uri}: job stopped after committing {len(writer.committed)} of "
-                        f"{len(todo)} pending shards: {_cause(e)}. Committed shards are kept; "
-                        "run the job again to compute the rest."
-                    )
+                    failure = stopped(writer, len(todo), _cause(e))
+                    break
+                reason = fatal_reason(batch)
+                if reason is not None:  # a stage gave up: what came before is committed, stop here
+                    failure = stopped(writer, len(todo), reason)
                     break
                 n = len(batch["shard_id"])
                 writer.add(driver_stage(batch) if driver_stage is not None else batch)
                 rows += n
                 bar.update(n)
         except StorageError as e:  # the output's storage failed past its retries: one line, re-run
-            failure = JobFailure(
-                f"{writer.out.uri}: job stopped after committing {len(writer.committed)} of {len(todo)} "
-                f"pending shards: {e}. Committed shards are kept; run the job again to compute the rest."
-            )
+            failure = stopped(writer, len(todo), str(e))
         except BaseException as e:  # the writer failed otherwise (a test hook, a bug): same clean-up
             failure = e
         finally:
@@ -292,6 +317,14 @@ def run_sharded_job(
     manifest = writer.finish(extra=manifest_extra)
     check_error_fraction(writer.out.uri, manifest, max_error_fraction)  # after the commits: they are real
     return ShardedJobResult(manifest, len(shards), len(todo), rows, seconds)
+
+
+def stopped(writer: ShardWriter, pending: int, cause: str) -> JobFailure:
+    """The one-line ``JobFailure`` of a job that stops with some shards committed."""
+    return JobFailure(
+        f"{writer.out.uri}: job stopped after committing {len(writer.committed)} of {pending} pending "
+        f"shards: {cause}. Committed shards are kept; run the job again to compute the rest."
+    )
 
 
 def check_error_fraction(uri: str, manifest: Mapping[str, Any], max_error_fraction: float) -> None:

@@ -53,14 +53,18 @@ from pipeline.stages import (
     MODEL_RETRIES,
     TASK_ROWS,
     ShardedJobResult,
+    StageFailure,
     batch_shards,
     call_with_retries,
     carry,
     check_error_fraction,
     check_reliability,
+    fatal_reason,
     map_stage,
+    mark_fatal,
     read_and_decode,
     run_sharded_job,
+    stopped,
 )
 from pipeline.storage import resolve
 from pipeline.tracking import MlflowConfig, log_params_flat, start_run, tracking_dir
@@ -177,9 +181,10 @@ class TokenizeStage:
     ``[n, T, H, W, 3]``) -> ``KEEP`` + corpus columns.
 
     Rows with an error pass through (empty tokens). An encode failure is not a property of the
-    images: it is retried ``retries`` times, then raises ``StageFailure`` (the job stops, the shard
-    is not committed). ``fail_at`` (a test hook: a shard id or an image id) makes encode raise a
-    CUDA-like ``RuntimeError`` on every batch holding a row of that shard or that image. The uint8
+    images: it is retried ``retries`` times, then its rows are marked ``FATAL_STAGE`` (the driver
+    stops the job with that reason; the shard is not committed). ``fail_at`` (a test hook: a shard
+    id or an image id) makes encode raise a CUDA-like ``RuntimeError`` on every batch holding a row
+    of that shard or that image. The uint8
     pixels go to the device as they are and become floats there (``pixels_to_device``).
     ``words=False`` emits the token ids only (``tokens_l<l>``, no ``words_l<l>`` / ``text``): the Ray
     job then builds words and text with ``WordsStage`` on the driver, off the GPU actor.
@@ -213,11 +218,14 @@ class TokenizeStage:
         if len(rows):
             pixels = np.asarray(batch["pixels"])
             pixels = pixels if len(rows) == n else pixels[rows]  # no host copy when every row is ok
-            pyramid = call_with_retries(
-                lambda: self._encode(pixels, batch), f"tokenize (shard {batch_shards(batch)})", self.retries
-            )
-            for l in self.layers:
-                tokens[l][rows] = pyramid.layer_ids(l).reshape(len(rows), -1).numpy()  # [k, n_l]
+            try:
+                what = f"tokenize (shard {batch_shards(batch)})"
+                pyramid = call_with_retries(lambda: self._encode(pixels, batch), what, self.retries)
+            except StageFailure as e:  # never an error row of the images: the job stops (stages.py)
+                mark_fatal(error, stage, rows, e)
+            else:
+                for l in self.layers:
+                    tokens[l][rows] = pyramid.layer_ids(l).reshape(len(rows), -1).numpy()  # [k, n_l]
         out.update(error=error, error_stage=stage)
         for l in self.layers:
             out[tokens_column(l)] = tokens[l]
@@ -539,7 +547,11 @@ def run_in_process(
         batch = read_and_decode(
             {"shard": np.array([shard.to_json()], dtype=object)}, image_size, max_pixels=max_pixels, fit=fit
         )
-        writer.add(stage(batch))
+        out = stage(batch)
+        reason = fatal_reason(out)
+        if reason is not None:
+            raise stopped(writer, len(todo), reason)
+        writer.add(out)
         rows += shard.num_rows
     seconds = time.perf_counter() - start
     manifest = writer.finish(extra=manifest_extra)

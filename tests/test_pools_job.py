@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -158,9 +159,10 @@ def test_backends_agree_in_process(probe_cfg, tmp_path):
 
 
 def test_a_failing_scorer_is_retried_then_stops_never_error_rows(probe_cfg, tmp_path, monkeypatch):
-    """A device fault of the scorer is not a property of the images: retried, then ``StageFailure``."""
+    """A device fault of the scorer is not a property of the images: retried, then the batch is marked
+    as given up on (the driver stops the job there)."""
     from pipeline import stages
-    from pipeline.stages import StageFailure
+    from pipeline.stages import FATAL_STAGE, fatal_reason
 
     monkeypatch.setattr(stages, "RETRY_DELAY_S", 0.0)
     write_vocab(str(tmp_path / "vocab"), probe_cfg)
@@ -183,8 +185,9 @@ def test_a_failing_scorer_is_retried_then_stops_never_error_rows(probe_cfg, tmp_
     assert len(calls) == 3
     calls.clear()
     stage.retries = 1
-    with pytest.raises(StageFailure, match=r"pools \(shard 00007\) failed 2 times.*CUDA error"):
-        stage(batch)
+    out = stage(batch)  # given up: every row marked so, for the driver to stop (never an image error)
+    assert list(out["error_stage"]) == [FATAL_STAGE] * 4
+    assert re.search(r"pools \(shard 00007\) failed 2 times.*CUDA error", fatal_reason(out))
 
 
 def test_mnist_pools_on_s3_match_brute_force_and_resume(ray_cluster, probe_cfg, s3_prefix):
