@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from jobs.common import job_parser, parse_job_config, require_inputs, run_main
 from pipeline.pools import PoolsJobConfig, run_pools_job
+from pipeline.stages import JobFailure
 from pipeline.tracking import tracking_dir
 
 SUMMARY = "per-image top-K candidate tokens (eq. 4-6) from images and a vocab table -> pools (Parquet)"
@@ -24,7 +25,9 @@ examples:
 Sources: mnist://train|valid|test[?limit=N], a folder of images (labels from class subfolders),
 Parquet files with an image-bytes column (source.image_column), or an s3:// prefix of either.
 Re-running a finished job is a no-op; an interrupted one computes only the missing shards.
-Failed images go to <output>/_errors.parquet; counts to <output>/_manifest.json.
+Failed images go to <output>/_errors.parquet; counts to <output>/_manifest.json. More error rows than
+max_error_fraction (default 0.05) exit 1 after committing; retry_errors=true recomputes those shards.
+A failing scorer (device, memory) is retried model_retries times, then the job exits 1 naming the cause.
 """
 
 
@@ -40,7 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with start_run(cfg.mlflow, run_name=f"pools:{cfg.output}", default_dir=tracking_dir(cfg.output)) as run:
         if run is not None:
             log_params_flat(cfg)
-        result = run_pools_job(cfg)
+        try:
+            result = run_pools_job(cfg)
+        except JobFailure as e:  # a stage kept failing, or too many error rows: one line, exit 1
+            print(f"{parser.prog}: {e}", file=sys.stderr)
+            return 1
         if run is not None:
             import mlflow
 

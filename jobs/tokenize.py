@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from jobs.common import job_parser, parse_job_config, require_inputs, run_main
+from pipeline.stages import JobFailure
 from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
 
 SUMMARY = "images -> token pyramids as words (Parquet + JSONL corpus), by a Ray actor pool, exactly once"
@@ -22,6 +23,9 @@ The tokenizer is a save_pretrained folder (local or s3://) or an MLflow model UR
 The corpus (docs/CORPUS.md): part-<shard>.parquet (image_id, source, label, tokens_l<l>, words_l<l>,
 text "[L1] w [L2] w w w w ..."), part-<shard>.jsonl, _manifest.json, _errors.parquet.
 Re-running a finished job writes nothing; an interrupted one computes only the missing shards.
+A failing encode (device, memory, storage) is retried model_retries times, then the job exits 1 naming
+the cause (that shard is not committed; re-run to resume). More error rows than max_error_fraction
+(default 0.05) exit 1 after committing; retry_errors=true recomputes the shards with error rows.
 """
 
 
@@ -32,7 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in ("tokenizer", "output"):
         if not getattr(cfg, key):
             parser.exit(2, f"{parser.prog}: config error: {key}: required (see --help)\n")
-    result = run_tokenize_job(cfg)
+    try:
+        result = run_tokenize_job(cfg)
+    except JobFailure as e:  # a stage kept failing, or too many error rows: one line, exit 1
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 1
     m = result.manifest
     rt = result.metrics
     print(

@@ -16,6 +16,11 @@ Clips (video SPAE, ``frames > 0``): rows decode to ``[T, S, S, 3]`` clips; the s
 ``sample_frames`` frames spread evenly over each clip and the clip's feature is the mean of their
 image features, L2-normalised again; s', top-K and eq. 6 then run as for an image.
 
+Failures: unreadable or undecodable images are error rows; an exception of the scorer or the search
+is retried ``model_retries`` times and then stops the job (``pipeline.stages``: that shard is not
+committed, a re-run resumes). ``max_error_fraction`` fails a job with too many error rows;
+``retry_errors=true`` recomputes the committed shards that have error rows.
+
 Label-probe scorer: when ``scorer.probe_path`` does not exist, the probe is trained first on
 ``probe_train_uri`` (a labelled source: MNIST, or an ImageFolder-style folder) and saved there.
 """
@@ -36,7 +41,21 @@ from pipeline.ray_utils import RayConfig
 from pipeline.schemas import POOLS_SCHEMA
 from pipeline.search import SearchConfig, TokenSearch, normalize_scores
 from pipeline.sources import SourceConfig, list_shards
-from pipeline.stages import ShardedJobResult, carry, map_stage, ok_rows, run_sharded_job
+from pipeline.stages import (
+    MAX_ERROR_FRACTION,
+    MODEL_RETRIES,
+    TASK_ROWS,
+    ShardedJobResult,
+    StageFailure,
+    batch_shards,
+    call_with_retries,
+    carry,
+    check_reliability,
+    map_stage,
+    mark_fatal,
+    ok_rows,
+    run_sharded_job,
+)
 from pipeline.tracking import MlflowConfig
 from spae.config import from_dict, to_dict
 from spae.scorers import ScorerConfig, build_scorer, describe_scorer
@@ -68,10 +87,14 @@ class PoolsJobConfig:
     probe_train_uri: str = "mnist://train?limit=5000"  # label probe: trained here when probe_path is missing
     probe_steps: int = 300
     progress: bool = True
+    model_retries: int = MODEL_RETRIES  # retries of a failing scorer/search call before the job fails
+    max_error_fraction: float = MAX_ERROR_FRACTION  # error rows above this fraction fail the job
+    retry_errors: bool = False  # recompute the committed shards that have error rows
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
+        check_reliability(self.model_retries, self.max_error_fraction)
         if not self.output:
             raise ValueError("output: empty; give a local path or s3://bucket/prefix")
         if not self.vocab:
@@ -104,9 +127,11 @@ class PoolStage:
         top_k: int,
         min_threshold: float,
         sample_frames: int = 4,
+        retries: int = MODEL_RETRIES,
     ):
         from pipeline.vocab import load_text_features
 
+        self.retries = retries
         self.scorer = build_scorer(from_dict(ScorerConfig, dict(scorer)))
         text_features, _ = load_text_features(vocab)  # [v, d]
         self.search = TokenSearch(text_features, from_dict(SearchConfig, dict(search)))
@@ -136,17 +161,32 @@ class PoolStage:
         s_max = np.zeros(n, np.float32)
         ids = np.zeros((n, k), np.int32)
         scores = np.zeros((n, k), np.float32)
+        error = np.array([e if isinstance(e, str) else None for e in batch["error"]], dtype=object)
+        stage = np.array(
+            [e if isinstance(e, str) else None for e in batch.get("error_stage", [None] * n)], dtype=object
+        )
         if ok.any():
             pixels = np.asarray(batch["pixels"])
-            f = self.embed(pixels if ok.all() else pixels[ok])  # [b, d]  f_I(I); no host copy if all ok
-            result = self.search.search(f, k)  # eq. 4's s'(I, k) for the top-K, min and max
-            feats[ok] = f.astype(np.float16)
-            s_min[ok], s_max[ok] = result.s_min, result.s_max
-            ids[ok] = result.topk_ids.astype(np.int32)
-            scores[ok] = normalize_scores(result)  # eq. 6
+            pixels = pixels if ok.all() else pixels[ok]  # no host copy if all ok
+
+            def score() -> tuple[np.ndarray, Any]:
+                f = self.embed(pixels)  # [b, d]  f_I(I)
+                return f, self.search.search(f, k)  # eq. 4's s'(I, k) for the top-K, min and max
+
+            try:
+                f, result = call_with_retries(score, f"pools (shard {batch_shards(batch)})", self.retries)
+            except StageFailure as e:  # never an error row of the images: the job stops (stages.py)
+                mark_fatal(error, stage, np.flatnonzero(ok), e)
+            else:
+                feats[ok] = f.astype(np.float16)
+                s_min[ok], s_max[ok] = result.s_min, result.s_max
+                ids[ok] = result.topk_ids.astype(np.int32)
+                scores[ok] = normalize_scores(result)  # eq. 6
         above = (scores >= self.min_threshold).sum(axis=1).astype(np.int32)  # [n]
         return {
             **carry(batch),
+            "error": error,
+            "error_stage": stage,
             "image_feature": feats,
             "s_min": s_min,
             "s_max": s_max,
@@ -316,6 +356,7 @@ def run_pools_job(
         "top_k": k,
         "min_threshold": cfg.min_threshold,
         "sample_frames": cfg.sample_frames,
+        "retries": cfg.model_retries,
     }
     decode_size = (cfg.frames, size) if cfg.frames else size
 
@@ -343,6 +384,9 @@ def run_pools_job(
         fit=cfg.fit,
         progress=cfg.progress,
         on_commit=on_commit,
+        task_rows=max(TASK_ROWS, cfg.batch_size),
+        max_error_fraction=cfg.max_error_fraction,
+        retry_errors=cfg.retry_errors,
         manifest_extra={"stage": STAGE, "vocab": cfg.vocab, "vocab_card": card.get("job_digest", "")},
     )
     log(

@@ -2,7 +2,8 @@
 
 Layout under an output URI (local or ``s3://``)::
 
-    part-00000.parquet ...     one file per input shard, visible only complete
+    part-00000.parquet ...     one file per input shard, visible only complete: the commit point
+    part-00000.<ext> ...       sidecars of that shard (e.g. the corpus's JSONL twin), committed before it
     _errors/part-00000.parquet failed rows of that shard (only when it has any)
     _errors.parquet            all failed rows (image_id, path, stage, reason), merged at the end
     _manifest.json             input, counts, shard list, config, job identity
@@ -11,14 +12,27 @@ Layout under an output URI (local or ``s3://``)::
 ``ShardWriter`` runs on the driver. It receives output batches (numpy dicts carrying ``shard_id``,
 ``image_id``, ``path``, ``error``, ``error_stage`` and the output columns) in any order, buffers rows
 per shard and commits a shard once it holds exactly the shard's row count (rows written +
-errors): first the shard's errors file, then the data file, each written to ``_tmp/`` and moved
-into place. The data file's footer records the input digest, the job digest and the counts, so a
-re-run skips committed shards, recomputes missing ones, and refuses to mix outputs of a changed
-input or a different job configuration.
+errors). The commit protocol: every file of the shard (errors, sidecars, data) is first uploaded
+complete under ``_tmp/``; then they are moved into place in that order, the data Parquet last. So a
+``part-<id>.parquet`` is the shard's commit marker: its sidecars and errors are complete and in place
+whenever it is visible, and a reader of sidecars (JSONL) takes only those whose Parquet twin exists
+(``committed_sidecars``), or reads after ``_manifest.json`` is written. A commit that fails half way
+deletes the files it moved (best effort), and the next run's ``pending`` deletes whatever such a
+failure left (any ``part-<id>.*`` or ``_errors/part-<id>.parquet`` of a shard without its Parquet).
+
+The data file's footer records the input digest, the job digest and the counts, so a re-run skips
+committed shards, recomputes missing ones, and refuses to mix outputs of a changed input or a
+different job configuration. ``pending(retry_errors=True)`` also returns the committed shards that
+have error rows; their commit first removes the old Parquet (the shard is then uncommitted, so a crash
+leaves it pending), then the old sidecars and errors, then commits the new files as above.
+
+Every storage call goes through ``Location.call`` (transient S3 faults are retried with backoff, also
+while committing; the rest raise ``StorageError`` naming the URI).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -70,9 +84,13 @@ class CommittedPart:
 def read_part_meta(out: Location, shard_id: str) -> CommittedPart | None:
     """The footer record of a committed part, or None if the part does not exist."""
     path = out.join(part_name(shard_id)).path
-    try:
+
+    def read() -> Any:
         with out.fs.open_input_file(path) as f:
-            meta = pq.read_metadata(f)
+            return pq.read_metadata(f)
+
+    try:
+        meta = out.join(part_name(shard_id)).call("read footer", read)
     except FileNotFoundError:
         return None
     kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if k.startswith(META_PREFIX)}
@@ -86,15 +104,35 @@ def read_part_meta(out: Location, shard_id: str) -> CommittedPart | None:
     )
 
 
-def pending(out: Location | str, shards: list[Shard], identity: Mapping[str, Any]) -> list[Shard]:
-    """The shards whose part is not committed yet; raises ``ShardError`` on a stale or foreign part."""
-    return _scan(out, shards, identity)[0]
+def pending(
+    out: Location | str, shards: list[Shard], identity: Mapping[str, Any], retry_errors: bool = False
+) -> list[Shard]:
+    """The shards whose part is not committed yet (``retry_errors``: and the committed ones with error
+    rows), in shard order; raises ``ShardError`` on a stale or foreign part."""
+    todo, found = _scan(out, shards, identity, retry_errors)
+    if not retry_errors:
+        return todo
+    redo = {s.shard_id for s in todo} | {sid for sid, p in found.items() if p.errors > 0}
+    return [s for s in shards if s.shard_id in redo]
+
+
+def committed_sidecars(output: Location | str, suffix: str) -> list[Location]:
+    """Sidecar files ``part-<id><suffix>`` whose shard is committed (its Parquet exists), sorted:
+    what a reader of sidecars (e.g. the JSONL twins of a corpus) should read while a job may run."""
+    out = resolve(output) if isinstance(output, str) else output
+    names = _names(out)
+    return [
+        out.join(n)
+        for n in sorted(names)
+        if n.startswith("part-") and n.endswith(suffix) and n[: -len(suffix)] + ".parquet" in names
+    ]
 
 
 def _scan(
-    out: Location | str, shards: list[Shard], identity: Mapping[str, Any]
+    out: Location | str, shards: list[Shard], identity: Mapping[str, Any], retry_errors: bool = False
 ) -> tuple[list[Shard], dict[str, CommittedPart]]:
-    """``pending``'s shards and the committed parts it read (by shard id): each footer is read once."""
+    """``pending``'s shards and the committed parts it read (by shard id): each footer is read once.
+    ``retry_errors``: a part with error rows whose input changed (images fixed) is pending, not stale."""
     out = resolve(out) if isinstance(out, str) else out
     existing = _names(out)
     digest = job_digest(identity)
@@ -108,7 +146,9 @@ def _scan(
             todo.append(shard)
             continue
         found[shard.shard_id] = part
-        if part.input_digest != shard.digest:
+        if part.input_digest != shard.digest and retry_errors and part.errors > 0:
+            todo.append(shard)
+        elif part.input_digest != shard.digest:
             raise ShardError(
                 f"{out.uri}/{part_name(shard.shard_id)}: written from different input items "
                 f"(digest {part.input_digest} != {shard.digest}); the input changed since. "
@@ -155,9 +195,43 @@ class ShardWriter:
         self.committed: list[str] = []  # committed by this writer, in order
         self._buffers: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
         self._counts: dict[str, int] = defaultdict(int)
+        self._replacing: set[str] = set()  # committed shards recomputed now (pending(retry_errors=True))
 
-    def pending(self) -> list[Shard]:
-        return pending(self.out, list(self.shards.values()), self.identity)
+    def pending(self, retry_errors: bool = False) -> list[Shard]:
+        """``pending`` for this output; deletes what failed commits of the pending shards left
+        (orphan sidecars and errors files of shards without a Parquet part)."""
+        todo = pending(self.out, list(self.shards.values()), self.identity, retry_errors)
+        names = _names(self.out)
+        self._replacing = {s.shard_id for s in todo if part_name(s.shard_id) in names}
+        self._clean_orphans({s.shard_id for s in todo} - self._replacing)
+        return todo
+
+    def _clean_orphans(self, shard_ids: set[str]) -> list[str]:
+        """Delete ``part-<id>.*`` and ``_errors/part-<id>.parquet`` of shards without a Parquet part."""
+        if not shard_ids:
+            return []
+        names = _names(self.out)
+        errors = _names(self.out.join(ERRORS_DIR))
+        orphans = []
+        for shard_id in sorted(shard_ids):
+            if part_name(shard_id) in names:
+                continue
+            stem = f"part-{shard_id}."
+            orphans += sorted(n for n in names if n.startswith(stem))
+            if part_name(shard_id) in errors:
+                orphans.append(f"{ERRORS_DIR}/{part_name(shard_id)}")
+        for name in orphans:
+            self._delete(name)
+        return orphans
+
+    def _delete(self, name: str) -> None:
+        loc = self.out.join(name)
+
+        def delete() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.out.fs.delete_file(loc.path)
+
+        loc.call("delete", delete)
 
     def add(self, batch: Mapping[str, np.ndarray]) -> list[str]:
         """Buffer a batch; commit every shard it completes. Returns the shard ids committed now."""
@@ -197,6 +271,7 @@ class ShardWriter:
         data = to_table({k: v[ok] for k, v in batch.items()}, self.schema)
         shard = self.shards[shard_id]
         assert data.num_rows + len(bad) == shard.num_rows
+        err = None
         if len(bad):
             stage = batch.get("error_stage")
             err = pa.table(
@@ -211,37 +286,80 @@ class ShardWriter:
                 },
                 schema=ERRORS_SCHEMA,
             )
-            self._put(f"{ERRORS_DIR}/{part_name(shard_id)}", err)
         meta = {
             "spae.input_digest": shard.digest,
             "spae.job_digest": self.digest,
             "spae.rows_in": str(shard.num_rows),
             "spae.errors": str(len(bad)),
         }
-        for name, blob in (self.sidecars(shard_id, data) if self.sidecars else {}).items():
-            self._put_bytes(name, blob)
+        files = [(f"{ERRORS_DIR}/{part_name(shard_id)}", _parquet_bytes(err))] if len(bad) else []
+        files += list((self.sidecars(shard_id, data) if self.sidecars else {}).items())
         data = data.replace_schema_metadata({**(data.schema.metadata or {}), **meta})
-        self._put(part_name(shard_id), data)  # the commit point of the shard
+        files.append((part_name(shard_id), _parquet_bytes(data)))  # the commit point of the shard: last
+        self._commit_files(shard_id, files)
         self.committed.append(shard_id)
         self._counts.pop(shard_id, None)
         if self.on_commit is not None:
             self.on_commit(shard_id)
 
+    def _commit_files(self, shard_id: str, files: list[tuple[str, bytes]]) -> None:
+        """Upload every file under ``_tmp/``, then move them into place in order (the Parquet part
+        last); see the module docstring. A failure before the Parquet is in place deletes the files
+        already moved (best effort: the next ``pending`` deletes what is left)."""
+        staged = [(self._upload(name, blob), name) for name, blob in files]
+        if shard_id in self._replacing:  # uncommit the old version first: a crash now leaves it pending
+            self._delete(part_name(shard_id))
+            self._clean_orphans({shard_id})
+        moved: list[str] = []
+        try:
+            for tmp, name in staged:
+                self._move(tmp, name)
+                moved.append(name)
+        except BaseException:
+            if part_name(shard_id) not in moved:
+                for name in moved:
+                    with contextlib.suppress(Exception):  # else the next run's pending() cleans it
+                        self._delete(name)
+            raise
+
     def _put(self, name: str, table: pa.Table) -> None:
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        self._put_bytes(name, buf.getvalue())
+        self._put_bytes(name, _parquet_bytes(table))
 
     def _put_bytes(self, name: str, blob: bytes) -> None:
         """Write ``blob`` under ``_tmp/`` and move it to ``name`` (atomic on local disks and S3)."""
+        self._move(self._upload(name, blob), name)
+
+    def _upload(self, name: str, blob: bytes) -> Location:
+        """``blob`` complete under ``_tmp/`` (retried on transient faults); returns its location."""
         tmp = self.out.join(TMP_DIR, f"{name.replace('/', '__')}.{uuid.uuid4().hex[:12]}")
+
+        def upload() -> None:
+            if not self.out.is_s3:
+                self.out.fs.create_dir(tmp.path.rsplit("/", 1)[0], recursive=True)
+            with self.out.fs.open_output_stream(tmp.path) as f:
+                f.write(blob)
+
+        tmp.call("upload", upload)
+        return tmp
+
+    def _move(self, tmp: Location, name: str) -> None:
+        """Move a staged file to ``name``; a retry after a move that did land (its answer lost) is done."""
         final = self.out.join(name)
-        if not self.out.is_s3:
-            self.out.fs.create_dir(tmp.path.rsplit("/", 1)[0], recursive=True)
-            self.out.fs.create_dir(final.path.rsplit("/", 1)[0], recursive=True)
-        with self.out.fs.open_output_stream(tmp.path) as f:
-            f.write(blob)
-        self.out.fs.move(tmp.path, final.path)
+        tries = 0
+
+        def move() -> None:
+            nonlocal tries
+            tries += 1
+            if not self.out.is_s3:
+                self.out.fs.create_dir(final.path.rsplit("/", 1)[0], recursive=True)
+            try:
+                self.out.fs.move(tmp.path, final.path)
+            except FileNotFoundError:
+                if tries > 1 and self.out.fs.get_file_info(final.path).type == pafs.FileType.File:
+                    return
+                raise
+
+        final.call("commit", move)
 
     def finish(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Check every shard is committed and counts add up; merge errors; write the manifest.
@@ -293,11 +411,7 @@ class ShardWriter:
         if not self.committed and manifest_loc.exists() and json.loads(manifest_loc.read_text()) == manifest:
             return manifest  # a re-run of a finished job: nothing to write
         self._check_unique(parts)
-        errors = [
-            pq.read_table(self.out.join(ERRORS_DIR, part_name(p.shard_id)).path, filesystem=self.out.fs)
-            for p in parts
-            if p.errors
-        ]
+        errors = [_read_table(self.out, f"{ERRORS_DIR}/{part_name(p.shard_id)}") for p in parts if p.errors]
         merged = pa.concat_tables(errors) if errors else ERRORS_SCHEMA.empty_table()
         self._put(ERRORS, merged.cast(ERRORS_SCHEMA))
         manifest_loc.write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -308,17 +422,11 @@ class ShardWriter:
         """image_id unique across the whole output (data parts and errors)."""
         seen: dict[str, str] = {}
         for p in parts:
-            ids = pq.read_table(
-                self.out.join(part_name(p.shard_id)).path, columns=["image_id"], filesystem=self.out.fs
-            )
+            ids = _read_table(self.out, part_name(p.shard_id), columns=["image_id"])
             names = ids.column("image_id").to_pylist()
             if p.errors:
-                err = self.out.join(ERRORS_DIR, part_name(p.shard_id)).path
-                names += (
-                    pq.read_table(err, columns=["image_id"], filesystem=self.out.fs)
-                    .column("image_id")
-                    .to_pylist()
-                )
+                err = _read_table(self.out, f"{ERRORS_DIR}/{part_name(p.shard_id)}", columns=["image_id"])
+                names += err.column("image_id").to_pylist()
             for name in names:
                 if name in seen:
                     raise ShardError(
@@ -344,15 +452,27 @@ def read_output(output: Location | str, columns: list[str] | None = None) -> pa.
     """All committed parts of an output, in shard order (for tests and small outputs)."""
     out = resolve(output) if isinstance(output, str) else output
     names = sorted(n for n in _names(out) if n.startswith("part-") and n.endswith(".parquet"))
-    tables = [pq.read_table(out.join(n).path, columns=columns, filesystem=out.fs) for n in names]
+    tables = [_read_table(out, n, columns) for n in names]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
 def read_errors(output: Location | str) -> pa.Table:
     out = resolve(output) if isinstance(output, str) else output
-    return pq.read_table(out.join(ERRORS).path, filesystem=out.fs)
+    return _read_table(out, ERRORS)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def _read_table(out: Location, name: str, columns: list[str] | None = None) -> pa.Table:
+    loc = out.join(name)
+    return loc.call("read", lambda: pq.read_table(loc.path, columns=columns, filesystem=out.fs))
 
 
 def _names(out: Location) -> set[str]:
     selector = pafs.FileSelector(out.path.rstrip("/"), recursive=False, allow_not_found=True)
-    return {info.base_name for info in out.fs.get_file_info(selector) if info.type == pafs.FileType.File}
+    infos = out.call("list", lambda: out.fs.get_file_info(selector))
+    return {info.base_name for info in infos if info.type == pafs.FileType.File}

@@ -5,16 +5,28 @@ that order); credentials and region from the standard AWS variables and profiles
 boto3 and handed to pyarrow explicitly (pyarrow ignores ``AWS_ENDPOINT_URL``). Failures raise
 ``StorageError`` naming the URI: missing bucket, bad credentials, unreachable endpoint, unwritable
 local parent. Credentials are never put into messages.
+
+Transient faults are retried (``retrying``; every ``Location`` call and the shard writer's commits go
+through it): connection refused or reset, timeouts, HTTP 5xx, ``SlowDown`` / ``ServiceUnavailable``,
+with exponential backoff (``RETRY_ATTEMPTS`` tries, ``RETRY_BASE_S`` doubling up to ``RETRY_MAX_S``,
+about 30 s in all: a restarting S3 server is back within that). Credential, permission, missing-bucket
+and not-found errors are never retried. A connection error from an endpoint this process has never
+reached is not retried either (a wrong or stopped endpoint at start fails in seconds); once the
+endpoint has answered, losing it is a transient fault.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -22,7 +34,13 @@ import pyarrow.fs as pafs
 ENDPOINT_ENV = ("SPAE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 CONNECT_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 30.0
-MAX_ATTEMPTS = 2
+MAX_ATTEMPTS = 2  # per request, inside boto3 / pyarrow (their own quick retry)
+RETRY_ATTEMPTS = 8  # tries of one storage operation on a transient fault (``retrying``)
+RETRY_BASE_S = 0.5  # first backoff; doubles each try
+RETRY_MAX_S = 8.0  # backoff cap: 0.5 + 1 + 2 + 4 + 8 + 8 + 8 = 31.5 s of waiting at most
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _CREDENTIAL_CODES = {
     "InvalidAccessKeyId": "the access key is not known to the server",
@@ -33,6 +51,39 @@ _CREDENTIAL_CODES = {
     "ExpiredToken": "the session token has expired",
 }
 _BUCKET_CODES = {"NoSuchBucket", "404"}
+_TRANSIENT_MARKERS = (
+    "connection refused",
+    "couldn't connect",
+    "network_connection",
+    "curlcode: 7,",
+    "curlcode: 28",
+    "curlcode: 52",
+    "curlcode: 55",
+    "curlcode: 56",
+    "timed out",
+    "timeout",
+    "connection reset",
+    "connection aborted",
+    "broken pipe",
+    "slowdown",
+    "slow down",
+    "serviceunavailable",
+    "service unavailable",
+    "internalerror",
+    "internal error",
+    "requesttimeout",
+    "http status 500",
+    "http status 502",
+    "http status 503",
+    "http status 504",
+    "status code: 500",
+    "status code: 502",
+    "status code: 503",
+    "status code: 504",
+)
+_CONNECTION_MARKERS = ("connection refused", "couldn't connect", "curlcode: 7,", "network_connection")
+_REACHED: set[str] = set()  # endpoints ("" = local disk / AWS) that answered once in this process
+_REACHED_LOCK = threading.Lock()
 
 
 class StorageError(RuntimeError):
@@ -216,9 +267,14 @@ class Location:
     def mkdir(self) -> None:
         self._call("create", lambda: self.fs.create_dir(self.path, recursive=True))
 
+    def call(self, verb: str, fn: Callable[[], T]) -> T:
+        """``fn()`` on this location: transient faults retried (``retrying``), the rest raised as
+        ``StorageError`` naming the URI (``FileNotFoundError`` stays one)."""
+        return self._call(verb, fn)
+
     def _call(self, verb: str, fn: Any) -> Any:
         try:
-            return fn()
+            return retrying(fn, self, verb)
         except StorageError:
             raise
         except FileNotFoundError as e:
@@ -311,6 +367,65 @@ def _translate(loc: Location, verb: str, e: BaseException) -> StorageError:
     if isinstance(e, PermissionError) or "Permission denied" in text:
         return StorageError(f"{loc.uri}: cannot {verb}: permission denied")
     return StorageError(f"{loc.uri}: {verb} failed: {text}")
+
+
+def is_transient(e: BaseException, endpoint: str | None = None) -> bool:
+    """A storage fault worth retrying: connection lost, timeout, 5xx, throttling (see the module
+    docstring). Never: not found, permission, credentials, missing bucket, or a connection error from
+    an ``endpoint`` that never answered in this process."""
+    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False
+    if not isinstance(e, OSError) and not type(e).__module__.startswith(("botocore", "urllib3")):
+        return False
+    text = str(e).lower()
+    code = ""
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
+            return True
+    if code in _BUCKET_CODES or code in _CREDENTIAL_CODES or "no_such_bucket" in text:
+        return False
+    if any(key.lower() in text for key in _CREDENTIAL_CODES if not key.isdigit()) or "access_denied" in text:
+        return False
+    connection = _is_connection_error(e, str(e)) or any(m in text for m in _CONNECTION_MARKERS)
+    if connection and endpoint is not None and endpoint not in _REACHED:
+        return False  # never reached: a wrong or stopped endpoint, not a blip
+    return connection or any(m in text for m in _TRANSIENT_MARKERS)
+
+
+def retrying(fn: Callable[[], T], where: Location | str, verb: str = "call") -> T:
+    """``fn()``, retried with exponential backoff while it raises a transient storage fault
+    (``is_transient``); the last error is raised as it is. ``where``: the location (for the endpoint
+    and the log line)."""
+    is_s3 = where.is_s3 if isinstance(where, Location) else str(where).startswith("s3://")
+    endpoint = (s3_endpoint() or "aws") if is_s3 else "local"
+    delay = RETRY_BASE_S
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            result = fn()
+        except Exception as e:
+            if attempt == RETRY_ATTEMPTS or not is_transient(e, endpoint):
+                raise
+            log.warning(
+                "%s: %s failed (%s: %s); retry %d of %d in %.1f s",
+                where,
+                verb,
+                type(e).__name__,
+                str(e).splitlines()[0][:200] if str(e) else "",
+                attempt,
+                RETRY_ATTEMPTS - 1,
+                delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+            continue
+        if endpoint not in _REACHED:
+            with _REACHED_LOCK:
+                _REACHED.add(endpoint)
+        return result
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def _is_connection_error(e: BaseException, text: str) -> bool:

@@ -3,6 +3,13 @@
     input shards -> read + decode (tasks) -> TokenizeStage, ids only (actor pool, CPU or GPU)
         -> add_words: words and text (tasks, on the other CPUs)
         -> ShardWriter on the driver: per shard, errors, then part-<id>.jsonl, then part-<id>.parquet
+           (all uploaded to _tmp/ first; the Parquet part is the commit marker: pipeline.shards)
+
+Read and decode failures of an image are error rows (``_errors.parquet``); an exception of
+``encode`` is not a property of the images (out of memory, a device or storage fault, a bug): the
+batch is retried ``model_retries`` times, then the job fails with the reason and that shard is not
+committed (``pipeline.stages``). ``max_error_fraction`` fails a job with too many error rows;
+``retry_errors=true`` recomputes the shards of an existing corpus that have error rows.
 
 ``TokenizeStage`` is Ray-free: it loads the tokenizer once and maps a numpy batch (``KEEP`` columns
 + ``pixels``) to corpus columns (``words=False``: the token ids only; ``WordsStage`` adds the rest).
@@ -41,7 +48,24 @@ from pipeline.images import FIT_MODES, decode_table, pixels_to_device, to_float
 from pipeline.ray_utils import RayConfig, init_ray
 from pipeline.shards import ShardWriter
 from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
-from pipeline.stages import ShardedJobResult, carry, map_stage, read_and_decode, run_sharded_job
+from pipeline.stages import (
+    MAX_ERROR_FRACTION,
+    MODEL_RETRIES,
+    TASK_ROWS,
+    ShardedJobResult,
+    StageFailure,
+    batch_shards,
+    call_with_retries,
+    carry,
+    check_error_fraction,
+    check_reliability,
+    fatal_reason,
+    map_stage,
+    mark_fatal,
+    read_and_decode,
+    run_sharded_job,
+    stopped,
+)
 from pipeline.storage import resolve
 from pipeline.tracking import MlflowConfig, log_params_flat, start_run, tracking_dir
 from pipeline.video import decode_size
@@ -72,6 +96,10 @@ class TokenizeJobConfig:
     run_name: str = ""  # MLflow run name; "" = derived from the output URI (a re-run resumes it)
     progress: bool = True
     fail_after_shards: int = 0  # test hook: die while committing shard N+1 (0 = never)
+    fail_encode_at: str = ""  # test hook: a batch holding a row of this shard id or image id fails encode
+    model_retries: int = MODEL_RETRIES  # retries of a failing encode call before the job fails
+    max_error_fraction: float = MAX_ERROR_FRACTION  # error rows above this fraction fail the job
+    retry_errors: bool = False  # recompute the shards of an existing corpus that have error rows
     in_process: bool = False  # no Ray: read, decode, tokenize and commit here (small inputs, debugging)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -81,6 +109,7 @@ class TokenizeJobConfig:
             raise ValueError(f"batch_size ({self.batch_size}) and actors ({self.actors}) must be >= 1")
         if self.num_gpus_per_actor < 0 or self.roundtrip_sample < 0 or self.fail_after_shards < 0:
             raise ValueError("num_gpus_per_actor, roundtrip_sample and fail_after_shards must be >= 0")
+        check_reliability(self.model_retries, self.max_error_fraction)
         if self.fit not in FIT_MODES:
             raise ValueError(f"fit: {self.fit!r} is not one of {', '.join(FIT_MODES)}")
         if any(l < 1 for l in self.layers) or len(set(self.layers)) != len(self.layers):
@@ -91,6 +120,9 @@ class TokenizeJobConfig:
 
 class InjectedFailure(RuntimeError):
     """Raised by the ``fail_after_shards`` test hook."""
+
+
+INJECTED_DEVICE_ERROR = "CUDA error: an illegal memory access was encountered (injected: fail_encode_at)"
 
 
 # ----------------------------------------------------------------------------- the tokenizer
@@ -149,11 +181,14 @@ class TokenizeStage:
     """Ray-free: ``KEEP`` columns + ``pixels`` uint8 ``[n, H, W, 3]`` (clips of a video tokenizer:
     ``[n, T, H, W, 3]``) -> ``KEEP`` + corpus columns.
 
-    Rows with an error pass through (empty tokens); an encode failure turns the batch's rows into
-    errors of stage ``tokenize`` instead of killing the job. The uint8 pixels go to the device as
-    they are and become floats there (``pixels_to_device``). ``words=False`` emits the token ids
-    only (``tokens_l<l>``, no ``words_l<l>`` / ``text``): the Ray job then builds words and text in
-    ``WordsStage`` on the CPUs, off the GPU actor.
+    Rows with an error pass through (empty tokens). An encode failure is not a property of the
+    images: it is retried ``retries`` times, then its rows are marked ``FATAL_STAGE`` (the driver
+    stops the job with that reason; the shard is not committed). ``fail_at`` (a test hook: a shard
+    id or an image id) makes encode raise a CUDA-like ``RuntimeError`` on every batch holding a row
+    of that shard or that image. The uint8
+    pixels go to the device as they are and become floats there (``pixels_to_device``).
+    ``words=False`` emits the token ids only (``tokens_l<l>``, no ``words_l<l>`` / ``text``): the Ray
+    job then builds words and text with ``WordsStage`` on the driver, off the GPU actor.
     """
 
     def __init__(
@@ -163,7 +198,11 @@ class TokenizeStage:
         device: str = "auto",
         words: bool = True,
         encode: EncodeOptions | None = None,
+        retries: int = MODEL_RETRIES,
+        fail_at: str = "",
     ):
+        self.retries = retries
+        self.fail_at = fail_at
         self.tokenizer = load_tokenizer(tokenizer, device)
         self.tokenizer.encode_options = encode or EncodeOptions()
         self.layers = resolve_layers(layers, self.tokenizer.pyramid)
@@ -178,22 +217,28 @@ class TokenizeStage:
         tokens = {l: np.zeros((n, self.tokenizer.pyramid.token_counts[l - 1]), np.int32) for l in self.layers}
         rows = np.flatnonzero(ok)
         if len(rows):
+            pixels = np.asarray(batch["pixels"])
+            pixels = pixels if len(rows) == n else pixels[rows]  # no host copy when every row is ok
             try:
-                pixels = np.asarray(batch["pixels"])
-                pixels = pixels if len(rows) == n else pixels[rows]  # no host copy when every row is ok
-                images = pixels_to_device(pixels, self.tokenizer.device)  # [k, 3, (T,) H, W] in [0, 1]
-                pyramid = self.tokenizer.encode(images, layers=self.layers)
+                what = f"tokenize (shard {batch_shards(batch)})"
+                pyramid = call_with_retries(lambda: self._encode(pixels, batch), what, self.retries)
+            except StageFailure as e:  # never an error row of the images: the job stops (stages.py)
+                mark_fatal(error, stage, rows, e)
+            else:
                 for l in self.layers:
                     tokens[l][rows] = pyramid.layer_ids(l).reshape(len(rows), -1).numpy()  # [k, n_l]
-            except Exception as e:  # noqa: BLE001 - a failing batch becomes error rows, not a dead job
-                error[rows] = f"tokenize failed: {type(e).__name__}: {e}"
-                stage[rows] = TOKENIZE_STAGE
-                for l in self.layers:
-                    tokens[l][rows] = 0
         out.update(error=error, error_stage=stage)
         for l in self.layers:
             out[tokens_column(l)] = tokens[l]
         return self.words(out) if self.words is not None else out
+
+    def _encode(self, pixels: np.ndarray, batch: dict[str, np.ndarray]) -> Any:
+        if self.fail_at and any(
+            self.fail_at in {str(v) for v in batch.get(key, ())} for key in ("shard_id", "image_id")
+        ):
+            raise RuntimeError(INJECTED_DEVICE_ERROR)
+        images = pixels_to_device(pixels, self.tokenizer.device)  # [k, 3, (T,) H, W] in [0, 1]
+        return self.tokenizer.encode(images, layers=self.layers)
 
 
 class WordsStage:
@@ -250,10 +295,19 @@ def tokenize_stages(
     batch_size: int = 64,
     num_gpus: float = 0,
     encode: EncodeOptions | None = None,
+    retries: int = MODEL_RETRIES,
+    fail_at: str = "",
+    words_in_tasks: bool = True,
 ) -> Any:
-    """The job's model stages on a Ray dataset of decoded rows: ``TokenizeStage`` (token ids only) on
-    an actor pool, then ``add_words`` as tasks, so words and text are built on the other CPUs while
-    the actor encodes the next batch. ``words``: the tokenizer's vocabulary words."""
+    """Model stages on a Ray dataset of decoded rows: ``TokenizeStage`` (token ids only) on an actor
+    pool, then (``words_in_tasks``) ``add_words`` as tasks, so words and text are built on the other
+    CPUs while the actor encodes the next batch. ``words``: the tokenizer's vocabulary words.
+
+    The job passes ``words_in_tasks=False`` and builds words and text on the driver
+    (``run_sharded_job``'s ``driver_stage``): measured on the 2-CPU test cluster, the ``add_words``
+    tasks were starved by the read tasks (``backpressured: ResourceBudget``) and held every actor
+    output until the end, so a fault at 83% of a 3-shard job had committed 0 shards; without them,
+    2."""
     ds = map_stage(
         ds,
         TokenizeStage,
@@ -263,11 +317,15 @@ def tokenize_stages(
             "device": device,
             "words": False,
             "encode": encode,
+            "retries": retries,
+            "fail_at": fail_at,
         },
         actors=actors,
         batch_size=batch_size,
         num_gpus=num_gpus,
     )
+    if not words_in_tasks:
+        return ds
     return ds.map_batches(
         add_words,
         fn_kwargs={"stage": WordsStage(list(words), tuple(layers))},
@@ -376,6 +434,9 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
             batch_size=cfg.batch_size,
             num_gpus=cfg.num_gpus_per_actor,
             encode=cfg.encode,
+            retries=cfg.model_retries,
+            fail_at=cfg.fail_encode_at,
+            words_in_tasks=False,  # WordsStage runs on the driver (driver_stage below)
         )
 
     run_name = run_name_for(cfg, out.uri)
@@ -405,6 +466,10 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
             progress=cfg.progress,
             manifest_extra=manifest_extra,
             sidecars=sidecars,
+            task_rows=max(TASK_ROWS, cfg.batch_size),
+            max_error_fraction=1.0,  # checked below, once the corpus is logged
+            retry_errors=cfg.retry_errors,
+            driver_stage=WordsStage(tokenizer.vocabulary.words, layers),
         )
         manifest = result.manifest
         metrics: dict[str, float] = {
@@ -425,6 +490,7 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
             metrics.update(check.metrics)
         if run is not None:
             _log_run(metrics, counts, tokenizer.vocabulary.words, check, out.uri, manifest)
+        check_error_fraction(out.uri, manifest, cfg.max_error_fraction)
         return TokenizeResult(
             manifest=manifest,
             shards_total=result.shards_total,
@@ -450,18 +516,30 @@ def run_in_process(
     progress: bool,
     manifest_extra: dict[str, Any],
     sidecars: Any,
+    task_rows: int = TASK_ROWS,
+    max_error_fraction: float = MAX_ERROR_FRACTION,
+    retry_errors: bool = False,
+    driver_stage: Any = None,
 ) -> ShardedJobResult:
     """``run_sharded_job`` without Ray: the same stages and the same exactly-once commits, in this process.
 
-    ``model_stages`` is ignored; the stage is built from the constructor kwargs of ``TokenizeStage``
-    that the caller bound into ``config``.
+    ``model_stages`` and ``driver_stage`` are ignored; the stage (words included) is built from the
+    constructor kwargs of ``TokenizeStage`` that the caller bound into ``config``. Shards are computed
+    one at a time (``task_rows`` unused).
     """
-    del model_stages, progress
+    del model_stages, progress, task_rows, driver_stage
     writer = ShardWriter(output, shards, schema, identity=identity, config=config, sidecars=sidecars)
-    todo = writer.pending()
+    todo = writer.pending(retry_errors=retry_errors)
     encode = EncodeOptions(**config["encode"])
     stage = (
-        TokenizeStage(config["tokenizer"], tuple(identity["layers"]), config["device"], encode=encode)
+        TokenizeStage(
+            config["tokenizer"],
+            tuple(identity["layers"]),
+            config["device"],
+            encode=encode,
+            retries=config["model_retries"],
+            fail_at=config["fail_encode_at"],
+        )
         if todo
         else None
     )
@@ -470,10 +548,15 @@ def run_in_process(
         batch = read_and_decode(
             {"shard": np.array([shard.to_json()], dtype=object)}, image_size, max_pixels=max_pixels, fit=fit
         )
-        writer.add(stage(batch))
+        out = stage(batch)
+        reason = fatal_reason(out)
+        if reason is not None:
+            raise stopped(writer, len(todo), reason)
+        writer.add(out)
         rows += shard.num_rows
     seconds = time.perf_counter() - start
     manifest = writer.finish(extra=manifest_extra)
+    check_error_fraction(writer.out.uri, manifest, max_error_fraction)
     return ShardedJobResult(manifest, len(shards), len(todo), rows, seconds)
 
 
@@ -576,7 +659,15 @@ def roundtrip_check(
 # ----------------------------------------------------------------------------- MLflow
 
 
-VOLATILE_PARAMS = ("fail_after_shards", "progress")  # do not change the corpus: not params
+# do not change the corpus: not params (a resumed run re-logs its params)
+VOLATILE_PARAMS = (
+    "fail_after_shards",
+    "fail_encode_at",
+    "progress",
+    "retry_errors",
+    "max_error_fraction",
+    "model_retries",
+)
 
 
 def _log_params(cfg: TokenizeJobConfig, run: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -157,6 +158,38 @@ def test_backends_agree_in_process(probe_cfg, tmp_path):
     np.testing.assert_array_equal(a["n_above_min_threshold"], b["n_above_min_threshold"])
 
 
+def test_a_failing_scorer_is_retried_then_stops_never_error_rows(probe_cfg, tmp_path, monkeypatch):
+    """A device fault of the scorer is not a property of the images: retried, then the batch is marked
+    as given up on (the driver stops the job there)."""
+    from pipeline import stages
+    from pipeline.stages import FATAL_STAGE, fatal_reason
+
+    monkeypatch.setattr(stages, "RETRY_DELAY_S", 0.0)
+    write_vocab(str(tmp_path / "vocab"), probe_cfg)
+    images, _ = load_mnist("test")
+    batch = decode_batch({"image_bytes": np.array([_png(x) for x in images[:4]], dtype=object)}, 32)
+    batch = {**batch, "shard_id": np.array(["00007"] * 4), "image_id": np.arange(4).astype(str)}
+    stage = PoolStage(to_dict(probe_cfg), str(tmp_path / "vocab"), {"backend": "torch"}, K, RHO, retries=2)
+    good = stage(batch)
+    embed, calls = stage.scorer.embed_images, []
+
+    def flaky(images):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return embed(images)
+
+    monkeypatch.setattr(stage.scorer, "embed_images", flaky)
+    again = stage(batch)  # two failures, then the third try succeeds: the same pools
+    np.testing.assert_array_equal(again["topk_ids"], good["topk_ids"])
+    assert len(calls) == 3
+    calls.clear()
+    stage.retries = 1
+    out = stage(batch)  # given up: every row marked so, for the driver to stop (never an image error)
+    assert list(out["error_stage"]) == [FATAL_STAGE] * 4
+    assert re.search(r"pools \(shard 00007\) failed 2 times.*CUDA error", fatal_reason(out))
+
+
 def test_mnist_pools_on_s3_match_brute_force_and_resume(ray_cluster, probe_cfg, s3_prefix):
     vocab_uri, output = f"{s3_prefix}/vocab", f"{s3_prefix}/pools"
     write_vocab(vocab_uri, probe_cfg)
@@ -219,6 +252,7 @@ def test_folder_with_bad_images_via_cli(ray_cluster, probe_cfg, tmp_path):
         "scorer.kind=label_probe", f"scorer.probe_path={probe_cfg.probe_path}", "scorer.templates=simple",
         f"top_k={K}", f"min_threshold={RHO}", "search.backend=faiss", "progress=false",
         f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        "max_error_fraction=0.2",  # 3 of 27 images are bad on purpose (the default 0.05 would fail)
     ]  # fmt: skip
     assert main(argv) == 0
 

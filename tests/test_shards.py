@@ -139,3 +139,49 @@ def test_output_on_s3(folder, s3_prefix):
     assert read_output(s3_prefix).num_rows == 23
     names = [loc.name for loc in resolve(s3_prefix).list()]
     assert "_tmp" not in names and "_errors.parquet" in names
+
+
+def test_a_failed_commit_leaves_no_sidecar_without_its_parquet(folder, tmp_path, monkeypatch):
+    """The commit point is the Parquet part: a commit dying before it rolls back the moved sidecar and
+    errors files; what a harder death leaves (no rollback) is deleted by the next run's ``pending``."""
+    cfg = SourceConfig(uri=str(folder), shard_size=10)
+    shards = list_shards(cfg)
+    out = tmp_path / "out"
+
+    def writer() -> ShardWriter:
+        return ShardWriter(
+            str(out),
+            shards,
+            SCHEMA,
+            identity=IDENTITY,
+            sidecars=lambda sid, table: {f"part-{sid}.jsonl": f"{table.num_rows}\n".encode()},
+        )
+
+    rows = [mean_stage(read_and_decode({"shard": np.array([s.to_json()])}, image_size=8)) for s in shards]
+    real_move = ShardWriter._move
+
+    def move_then_die(self, tmp, name):
+        if name.endswith(".parquet") and not name.startswith("_errors"):
+            raise OSError("S3 went away for good")
+        real_move(self, tmp, name)
+
+    monkeypatch.setattr(ShardWriter, "_move", move_then_die)
+    with pytest.raises(OSError, match="went away"):
+        writer().add(rows[0])  # shard 00000 holds a bad image: errors file, JSONL, then Parquet
+    assert not list(out.glob("part-*")) and not list(out.glob("_errors/*"))  # rolled back
+
+    monkeypatch.setattr(ShardWriter, "_delete", lambda self, name: None)  # a death with no rollback
+    with pytest.raises(OSError):
+        writer().add(rows[0])
+    assert [p.name for p in out.glob("part-*")] == ["part-00000.jsonl"] and list(out.glob("_errors/*"))
+    monkeypatch.undo()
+    w = writer()
+    assert [s.shard_id for s in w.pending()] == ["00000", "00001", "00002"]
+    assert not list(out.glob("part-*")) and not list(out.glob("_errors/*"))  # orphans deleted
+    for r in rows:
+        w.add(r)
+    manifest = w.finish()
+    assert sorted(p.name for p in out.glob("part-*")) == sorted(
+        f"part-{s.shard_id}.{ext}" for s in shards for ext in ("jsonl", "parquet")
+    )
+    assert manifest["rows_written"] + manifest["errors"] == 25

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from pipeline.corpus import ids_from_table, parse_jsonl, read_corpus
 from pipeline.images import decode_batch, decode_table, to_float
 from pipeline.shards import ShardError, read_errors, read_manifest
 from pipeline.sources import SourceConfig, list_shards, read_shard
+from pipeline.stages import TooManyErrors
 from pipeline.storage import resolve
 from pipeline.tokenize import (
     InjectedFailure,
@@ -176,7 +178,15 @@ def test_bad_images_go_to_errors(ray_cluster, tokenizer_dir, tmp_path):
         mlflow=NO_MLFLOW,
         progress=False,
     )
+    # 4 of 9 images are bad: above the default max_error_fraction, the job fails after committing them
+    with pytest.raises(
+        TooManyErrors, match=r"4 of 9 images \(44.4%\) are error rows.*max_error_fraction=0.05"
+    ):
+        run_tokenize_job(cfg)
+    assert read_manifest(str(out))["errors"] == 4  # committed: the error rows are real data errors
+    cfg = replace(cfg, max_error_fraction=0.5)
     result = run_tokenize_job(cfg)
+    assert result.shards_run == 0
     errors = {r["image_id"]: r for r in read_errors(str(out)).to_pylist()}
     assert set(errors) == {"cls/zero.png", "cls/corrupt.png", "cls/truncated.png", "cls/huge.png"}
     assert errors["cls/zero.png"]["reason"] == "zero-byte file"
@@ -211,6 +221,81 @@ def test_bad_images_go_to_errors(ray_cluster, tokenizer_dir, tmp_path):
     ref = tokenizer.encode(torch.from_numpy(to_float(pixels["pixels"])), layers=(1, 2)).to_text()[0]
     texts = dict(zip(table.column("image_id").to_pylist(), table.column("text").to_pylist(), strict=True))
     assert texts["cls/good0.png"] == texts["cls/good2.png"] == ref and "[L3]" not in ref
+
+    # the user fixes two images; retry_errors recomputes the shards with error rows, replacing them
+    (src / "cls" / "zero.png").write_bytes((src / "cls" / "good0.png").read_bytes())
+    (src / "cls" / "corrupt.png").write_bytes((src / "cls" / "good1.png").read_bytes())
+    with pytest.raises(ShardError, match="different input items"):  # a changed input is refused ...
+        run_tokenize_job(cfg)
+    retried = run_tokenize_job(replace(cfg, retry_errors=True))  # ... unless its shard is retried
+    assert retried.shards_run == 3  # every shard had an error row
+    errors = {r["image_id"] for r in read_errors(str(out)).to_pylist()}
+    assert errors == {"cls/truncated.png", "cls/huge.png"}
+    assert sorted(p.name for p in (out / "_errors").iterdir()) == ["part-00001.parquet"]
+    ids = read_corpus(str(out)).column("image_id").to_pylist()
+    assert len(ids) == 7 and {"cls/zero.png", "cls/corrupt.png"} <= set(ids)
+
+
+def test_retry_errors_recomputes_the_shards_with_error_rows(ray_cluster, tokenizer_dir, tmp_path):
+    """Errors that came from elsewhere than the images (here: an older bug, simulated by rewriting a
+    committed shard's errors) are recomputed by ``retry_errors=true``; the other shards are kept."""
+    out = tmp_path / "corpus"
+    cfg = TokenizeJobConfig(
+        source=SourceConfig(uri="mnist://test?limit=24", shard_size=8),
+        tokenizer=str(tokenizer_dir),
+        output=str(out),
+        layers=(1, 2),
+        roundtrip_sample=0,
+        mlflow=NO_MLFLOW,
+        progress=False,
+    )
+    run_tokenize_job(cfg)
+    good = pq.read_table(out / "part-00001.parquet")
+    _fake_old_bug(out, "00001", good, bad_ids=["mnist-test-000009", "mnist-test-000012"])
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-0000[02].*")}
+    with pytest.raises(TooManyErrors, match=r"2 of 24 images"):
+        run_tokenize_job(replace(cfg, max_error_fraction=0.01))  # finish rewrites the manifest: 2 errors
+    result = run_tokenize_job(replace(cfg, retry_errors=True))
+    assert (result.shards_run, result.rows_run) == (1, 8)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-0000[02].*")} == before  # kept
+    again = pq.read_table(out / "part-00001.parquet")
+    assert again.drop_columns([]).equals(good.replace_schema_metadata(again.schema.metadata))
+    assert not (out / "_errors" / "part-00001.parquet").exists() and read_errors(str(out)).num_rows == 0
+    assert [r["image_id"] for r in parse_jsonl((out / "part-00001.jsonl").read_bytes())] == again.column(
+        "image_id"
+    ).to_pylist()
+    ids = read_corpus(str(out)).column("image_id").to_pylist()
+    assert sorted(ids) == [f"mnist-test-{i:06d}" for i in range(24)]
+    assert read_manifest(str(out))["errors"] == 0
+    assert run_tokenize_job(replace(cfg, retry_errors=True)).shards_run == 0  # nothing left to retry
+
+
+def _fake_old_bug(out: Path, shard_id: str, table, bad_ids: list[str]) -> None:
+    """Rewrite a committed shard as an older bug would have: ``bad_ids`` as error rows."""
+    import pyarrow as pa
+
+    from pipeline.corpus import jsonl_bytes
+    from pipeline.schemas import ERRORS_SCHEMA
+
+    keep = pa.array([i not in bad_ids for i in table.column("image_id").to_pylist()])
+    meta = dict(table.schema.metadata)
+    meta[b"spae.errors"] = str(len(bad_ids)).encode()
+    (out / "_errors").mkdir(exist_ok=True)
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": bad_ids,
+                "path": bad_ids,
+                "stage": ["tokenize"] * 2,
+                "reason": ["tokenize failed: OOM"] * 2,
+            },
+            schema=ERRORS_SCHEMA,
+        ),
+        out / "_errors" / f"part-{shard_id}.parquet",
+    )
+    kept = table.filter(keep)
+    (out / f"part-{shard_id}.jsonl").write_bytes(jsonl_bytes(kept))
+    pq.write_table(kept.replace_schema_metadata(meta), out / f"part-{shard_id}.parquet")
 
 
 def _check_mlflow_run(tracking_uri: str, run_id: str, tok_uri: str, out_uri: str) -> None:
