@@ -40,7 +40,7 @@ from pipeline.images import decode_source, pixels_to_device, to_float
 from pipeline.ray_utils import RayConfig
 from pipeline.schemas import POOLS_SCHEMA
 from pipeline.search import SearchConfig, TokenSearch, normalize_scores
-from pipeline.sources import SourceConfig, list_shards
+from pipeline.sources import SourceConfig, class_words, list_shards
 from pipeline.stages import (
     MAX_ERROR_FRACTION,
     MODEL_RETRIES,
@@ -200,13 +200,6 @@ class PoolStage:
 # ----------------------------------------------------------------------------- label probe
 
 
-def mnist_class_words() -> list[list[str]]:
-    """``[["zero", "0"], ["one", "1"], ...]``: a digit's word and numeral."""
-    from spae.data import MNIST_CLASS_WORDS
-
-    return [[word, str(i)] for i, word in enumerate(MNIST_CLASS_WORDS)]
-
-
 def ensure_probe(cfg: PoolsJobConfig, log: Callable[[str], None] = print) -> bool:
     """Train and save the label probe at ``scorer.probe_path`` if it is missing; True if trained now."""
     scorer = cfg.scorer
@@ -220,16 +213,13 @@ def ensure_probe(cfg: PoolsJobConfig, log: Callable[[str], None] = print) -> boo
     from spae.scorers import train_label_probe
 
     source = SourceConfig(uri=cfg.probe_train_uri, shard_size=10_000)
-    if source.uri.startswith(("mnist://", "moving-mnist://")):
-        class_words = mnist_class_words()
-    else:
-        classes = list_shards(source)[0].classes
-        if not classes:
-            raise ValueError(
-                f"probe_train_uri: {cfg.probe_train_uri} has no labels; the label probe needs mnist://... or "
-                "an ImageFolder-style folder (one subfolder per class)"
-            )
-        class_words = [[name] for name in classes]
+    first = list_shards(source)[0]
+    words = class_words(first.kind, first.classes)
+    if not words:
+        raise ValueError(
+            f"probe_train_uri: {cfg.probe_train_uri} has no labels; the label probe needs mnist://... or "
+            "an ImageFolder-style folder (one subfolder per class)"
+        )
     size = cfg.image_size or 32
     frames = _probe_frames(source.uri)
     data = decode_source(source, (frames, size) if frames else size, max_pixels=cfg.max_pixels, fit=cfg.fit)
@@ -248,7 +238,7 @@ def ensure_probe(cfg: PoolsJobConfig, log: Callable[[str], None] = print) -> boo
         f"({len(y)} images, {cfg.probe_steps} steps)"
     )
     probe = train_label_probe(
-        x, y, class_words, steps=cfg.probe_steps, image_size=size, renormalize_text=scorer.renormalize_text
+        x, y, words, steps=cfg.probe_steps, image_size=size, renormalize_text=scorer.renormalize_text
     )
     probe.save(path)
     log(f"label probe: saved to {path} (held-out accuracy {probe.meta.get('accuracy')})")

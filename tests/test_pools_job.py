@@ -14,10 +14,10 @@ from PIL import Image
 from vocab_helpers import write_hand_vocab
 
 from pipeline.images import decode_batch, to_float
-from pipeline.pools import PoolsJobConfig, PoolStage, ensure_probe, mnist_class_words, run_pools_job
+from pipeline.pools import PoolsJobConfig, PoolStage, ensure_probe, run_pools_job
 from pipeline.search import SearchConfig
 from pipeline.shards import read_errors, read_manifest, read_output
-from pipeline.sources import SourceConfig, list_shards, read_shard
+from pipeline.sources import SourceConfig, list_shards, mnist_class_words, read_shard
 from pipeline.storage import resolve
 from pipeline.vocab import load_vocab
 from spae.config import to_dict
