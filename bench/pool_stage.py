@@ -39,6 +39,7 @@ from bench.common import (
     write_json,
 )
 from pipeline.pools import PoolStage
+from pipeline.stages import MODEL_RETRIES
 
 
 class RandomVocabPoolStage(PoolStage):
@@ -57,6 +58,7 @@ class RandomVocabPoolStage(PoolStage):
         self.search = TokenSearch(feats, from_dict(SearchConfig, dict(search)))  # [v, d]
         self.k = min(top_k, vocab_size)
         self.min_threshold = min_threshold
+        self.retries = MODEL_RETRIES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -198,12 +198,15 @@ def map_stage(
     num_gpus: float = 0,
     num_cpus: float = 1,
 ) -> Any:
-    """Run a Ray-free stage class on an actor pool of ``actors`` (each loads the model once)."""
+    """Run a Ray-free stage class on an actor pool of up to ``actors`` (each loads the model once).
+
+    The pool may shrink to one actor: a cluster that loses a node, or never had room for every actor
+    beside the read tasks, goes on with fewer instead of waiting for resources it lacks."""
     import ray
 
     return ds.map_batches(
         stage_cls,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         fn_constructor_kwargs=dict(constructor_kwargs or {}),
         num_gpus=num_gpus,
         num_cpus=num_cpus,

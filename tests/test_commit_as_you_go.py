@@ -143,3 +143,66 @@ def test_a_shard_of_an_unknown_item_layout_stays_whole():
     other = replace(shard, kind="webdataset")  # items this module cannot cut (byte offsets)
     assert shard_pieces([other], task_rows=8) == [other]
     assert [p.num_rows for p in shard_pieces([shard], task_rows=8)] == [8, 8, 4]
+
+
+@pytest.mark.slow
+def test_a_driver_killed_at_85_percent_leaves_its_commits_and_the_rerun_computes_the_rest(
+    tokenizer_dir, tmp_path
+):
+    """``spae tokenize`` on its own local Ray cluster, SIGKILLed (driver and cluster) once 8 of its 10
+    default-size shards are committed and before the last: those stay, the re-run computes the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out, ray_tmp = tmp_path / "corpus", tmp_path / "ray"
+    ray_tmp.mkdir()
+    args = [
+        sys.executable, "-m", "jobs.cli", "tokenize", "source.uri=mnist://test", f"tokenizer={tokenizer_dir}",
+        f"output={out}", "roundtrip_sample=0", "mlflow.enabled=false", "progress=false", "ray.num_cpus=2",
+    ]  # fmt: skip
+    env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(Path(__file__).parents[1]))
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = []  # committed shard counts, polled
+    try:
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen.append(len(_parts(out, ".parquet")))
+            if 8 <= seen[-1] < 10:
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started: no clean-up runs
+        proc.wait()
+        _kill_leftovers(ray_tmp)
+    committed = _parts(out, ".parquet")
+    assert proc.returncode == -signal.SIGKILL and 8 <= len(committed) < 10, (seen[-20:], committed)
+    assert any(0 < n < 8 for n in seen), "shards were committed together, not as they finished"
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    _kill_leftovers(ray_tmp)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    ids = read_corpus(str(out), columns=["image_id"]).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 10_000
+    m = read_manifest(str(out))
+    assert m["rows_in"] == m["rows_written"] == 10_000 and m["errors"] == 0
+    assert _parts(out, ".jsonl") == _parts(out, ".parquet")  # no JSONL without its Parquet, and back
+    computed = 10 - len(committed)
+    assert computed <= 0.25 * 10
+    print(f"\nkilled with {len(committed)}/10 shards committed; the re-run computed {computed}")
+
+
+def _kill_leftovers(ray_tmp) -> None:
+    """Ray processes of a session under ``ray_tmp`` that outlived their driver (they may leave its group)."""
+    import contextlib
+    import os
+    import signal
+    from pathlib import Path
+
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if str(ray_tmp) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)

@@ -112,7 +112,7 @@ def test_pools_on_a_video_folder_with_corrupt_files_via_ray_on_s3(
     cfg = PoolsJobConfig(
         source=SourceConfig(uri=str(root), shard_size=3), vocab=vocab, scorer=probe_cfg, top_k=K,
         min_threshold=0.5, output=output, frames=8, image_size=32, batch_size=4,
-        search=SearchConfig(backend="torch"), progress=False,
+        search=SearchConfig(backend="torch"), progress=False, max_error_fraction=0.5,  # 2 of 6 bad on purpose
         mlflow=MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"),
     )  # fmt: skip
     result = run_pools_job(cfg, log=lambda _: None)
