@@ -151,14 +151,17 @@ def test_a_driver_killed_at_85_percent_leaves_its_commits_and_the_rerun_computes
 ):
     """``spae tokenize`` on its own local Ray cluster, SIGKILLed (driver and cluster) once 8 of its 10
     default-size shards are committed and before the last: those stay, the re-run computes the rest."""
+    import contextlib
     import os
+    import shutil
     import signal
     import subprocess
     import sys
+    import tempfile
     from pathlib import Path
 
-    out, ray_tmp = tmp_path / "corpus", tmp_path / "ray"
-    ray_tmp.mkdir()
+    out = tmp_path / "corpus"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="spae-k-", dir="/tmp"))  # short: Ray's socket paths are limited
     args = [
         sys.executable, "-m", "jobs.cli", "tokenize", "source.uri=mnist://test", f"tokenizer={tokenizer_dir}",
         f"output={out}", "roundtrip_sample=0", "mlflow.enabled=false", "progress=false", "ray.num_cpus=2",
@@ -176,14 +179,18 @@ def test_a_driver_killed_at_85_percent_leaves_its_commits_and_the_rerun_computes
                 break
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started: no clean-up runs
+        with contextlib.suppress(ProcessLookupError):  # the driver and the Ray cluster it started
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         _kill_leftovers(ray_tmp)
     committed = _parts(out, ".parquet")
     assert proc.returncode == -signal.SIGKILL and 8 <= len(committed) < 10, (seen[-20:], committed)
     assert any(0 < n < 8 for n in seen), "shards were committed together, not as they finished"
-    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    _kill_leftovers(ray_tmp)
+    try:
+        rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        _kill_leftovers(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     ids = read_corpus(str(out), columns=["image_id"]).column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 10_000
