@@ -74,7 +74,6 @@ HISTORY = "history.json"  # (step, total loss) per logged step, carried across r
 TOKENIZER = "tokenizer"  # final save_pretrained folder under <storage>/<name>/ and the MLflow model name
 FAIL_MARKER = "_fail_at_step_done"
 PROGRESS_FIELDS = {"loss/total": "loss", "images_per_s": "img/s"}  # metric -> its name beside the bar
-RAY_TRAIN_REPORT_LOGGER = "ray.train.v2._internal.execution.context"  # "Reporting training result N: ..."
 FINGERPRINT_TAG = "spae.tokenizer_fingerprint"  # the tokenizer model last logged in the run
 
 
@@ -347,8 +346,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(TrainJobConfig, loop_config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Ray Train logs every report as a dict at INFO; the metrics go to MLflow and the driver's bar instead
-    logging.getLogger(RAY_TRAIN_REPORT_LOGGER).setLevel(logging.WARNING)
+    quiet_report_logs()
     post = BoardPoster(loop_config.get("board") if rank == 0 else None)
     device = ray.train.torch.get_device()
     if cfg.torch_threads:  # e.g. one worker on a 2-core laptop: Ray Data decodes between steps
@@ -440,6 +438,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     import mlflow
 
                     mlflow.set_tag("spae.tokenizer", uri)
+
+
+def quiet_report_logs() -> None:
+    """Ray Train (2.60) logs every ``ray.train.report`` as a ``TrainingReport(...)`` dict at INFO, on a logger
+    named by its file path; the metrics go to MLflow and the driver's bar instead, warnings still show."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its logging is left as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _report(cfg, trainer, history, metrics, step, last, chief, save_train_state) -> None:

@@ -76,3 +76,18 @@ def test_log_to_file_keeps_the_terminal_for_its_own_lines(tmp_path):
     for line in ("a print", "a C-level write to fd 2", "a child process", "a log record", "a warning"):
         assert line in text
     assert "stage 1" not in text
+
+
+def test_ray_trains_report_dicts_are_quieted_on_the_logger_ray_uses(caplog):
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from pipeline.train import quiet_report_logs
+
+    caplog.set_level(logging.DEBUG)  # a worker that logs everything
+    context.logger.setLevel(logging.NOTSET)
+    assert context.logger.isEnabledFor(logging.INFO)
+    quiet_report_logs()
+    assert not context.logger.isEnabledFor(logging.INFO)  # "Reporting training result N: TrainingReport(...)"
+    assert context.logger.isEnabledFor(logging.WARNING)
