@@ -222,10 +222,6 @@ def pixels_to_device(pixels: np.ndarray, device: Any) -> Any:
     return unit_floats(host.to(device, non_blocking=True))
 
 
-_UNIT = np.arange(256, dtype=np.float32) / 255.0  # [256]: exactly the value to_float gives each byte
-_LOOKUP: dict[str, Any] = {}  # device -> _UNIT as a tensor there
-
-
 def unit_floats(x: Any) -> Any:
     """uint8 tensor ``[n, H, W, 3]`` (clips ``[n, T, H, W, 3]``) -> float32 ``[n, 3, (T,) H, W]`` in
     ``[0, 1]`` on its device, contiguous. A lookup of the 256 values ``to_float`` computes, so the
