@@ -139,26 +139,3 @@ def preflight_argv(name: str, argv: Sequence[str]) -> str:
 def run_main(fn: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """``if __name__ == "__main__": run_main(main)``"""
     sys.exit(fn(argv) or 0)
-
-
-BUILT_IN_SCHEMES = ("mnist://", "moving-mnist://", "runs:/", "models:/")
-
-
-def require_inputs(parser: argparse.ArgumentParser, **inputs: str) -> None:
-    """Exit with status 2 and a message naming the key when an input URI does not exist.
-
-    ``require_inputs(parser, **{"source.uri": cfg.source.uri, "vocab": cfg.vocab})``: runs before any
-    work starts (no Ray, no model), so a typo costs a second, not a cluster start. Built-in datasets and
-    MLflow URIs are checked by the stage that reads them.
-    """
-    from pipeline.storage import StorageError, resolve
-
-    for key, uri in inputs.items():
-        if not uri or uri.startswith(BUILT_IN_SCHEMES):
-            continue
-        try:
-            found = resolve(uri).exists()
-        except (StorageError, ValueError) as e:
-            parser.exit(2, f"{parser.prog}: input error: {key}={uri}: {e}\n")
-        if not found:
-            parser.exit(2, f"{parser.prog}: input error: {key}={uri} does not exist\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from jobs.common import job_parser, parse_job_config, require_inputs, run_main
+from jobs.common import job_parser, parse_job_config, run_main
 from pipeline.evaluate import EvaluateJobConfig, format_metrics, run_evaluate
 
 SUMMARY = "evaluate a tokenizer: PSNR/SSIM per prefix, utilization/perplexity/relevance per layer -> MLflow"
@@ -38,10 +38,6 @@ layer 1 on Moving MNIST uses each clip's first digit.
 def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("spae evaluate", SUMMARY, EPILOG)
     cfg, _ = parse_job_config(EvaluateJobConfig, parser, argv)
-    require_inputs(
-        parser,
-        **{"tokenizer": cfg.tokenizer, "source.uri": cfg.source.uri, "pools": cfg.pools, "vocab": cfg.vocab},
-    )
 
     from pipeline.evaluate import METRICS_JSON, PICTURE
     from pipeline.storage import resolve

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from jobs.common import job_parser, parse_job_config, require_inputs, run_main
+from jobs.common import job_parser, parse_job_config, run_main
 from pipeline.pools import PoolsJobConfig, run_pools_job
 from pipeline.stages import JobFailure
 from pipeline.tracking import tracking_dir
@@ -34,7 +34,6 @@ A failing scorer (device, memory) is retried model_retries times, then the job e
 def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("spae pools", __doc__.splitlines()[0].split(": ", 1)[-1], EPILOG)
     cfg, _ = parse_job_config(PoolsJobConfig, parser, argv)
-    require_inputs(parser, **{"source.uri": cfg.source.uri, "vocab": cfg.vocab})
 
     from pipeline.ray_utils import init_ray
     from pipeline.tracking import log_params_flat, start_run

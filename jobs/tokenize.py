@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from jobs.common import job_parser, parse_job_config, require_inputs, run_main
+from jobs.common import job_parser, parse_job_config, run_main
 from pipeline.stages import JobFailure
 from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
 
@@ -32,7 +32,6 @@ the cause (that shard is not committed; re-run to resume). More error rows than 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("spae tokenize", __doc__.splitlines()[0].split(": ", 1)[-1], EPILOG)
     cfg, _ = parse_job_config(TokenizeJobConfig, parser, argv)
-    require_inputs(parser, **{"source.uri": cfg.source.uri, "tokenizer": cfg.tokenizer})
     for key in ("tokenizer", "output"):
         if not getattr(cfg, key):
             parser.exit(2, f"{parser.prog}: config error: {key}: required (see --help)\n")

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.common import job_parser, parse_job_config, require_inputs, run_main
+from jobs.common import job_parser, parse_job_config, run_main
 from pipeline.train import TrainJobConfig, preset_base, run_train_job
 from spae.config import ConfigError, parse_overrides, read_yaml
 
@@ -57,8 +57,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         parser.exit(2, f"spae train: config error: {e}\n")
     cfg, _ = parse_job_config(TrainJobConfig, parser, argv, base=base)
-    d = cfg.data
-    require_inputs(parser, **{"data.images.uri": d.images.uri, "data.pools": d.pools, "data.vocab": d.vocab})
 
     from pipeline.ray_utils import init_ray
 
