@@ -10,8 +10,8 @@ Model: the paper preset with ``network.latent_dim=768`` and a random frozen 65,5
 
 Then, when Ray is importable: ``TokenizeStage`` called in a plain loop on uint8 batches (uint8 to the
 GPU, floats made there; with words and text, and ids only), and the job's Ray Data stages
-(``pipeline.tokenize.tokenize_stages``: the stage on one GPU actor emitting ids, words and text built
-by tasks on the other CPUs) fed by in-memory uint8 blocks. The Ray rate is settled: the first
+(``pipeline.tokenize.tokenize_stages``: the stage on one GPU actor emitting ids; words and text built
+on the driver, as the job does) fed by in-memory uint8 blocks. The Ray rate is settled: the first
 ``--warmup`` batches (start-up, compilation) are not timed (``bench.ray_timing``); the timed batches
 are printed. Ratios: Ray / bare encode (the goal, >= 0.85), Ray / stage loops.
 
@@ -85,13 +85,14 @@ def encode_bf16(tok: SPAETokenizer, images: torch.Tensor) -> list[torch.Tensor]:
 
 
 def ray_run(args, folder: str, size: int, n_images: int, device, words: list[str], layers, report) -> dict:
-    """The job's stages (``tokenize_stages``: the GPU actor emits ids, tasks build words and text) fed by
-    in-memory uint8 blocks; rate from ``settled_throughput`` (start-up and warm-up batches excluded).
+    """The job's stages (``tokenize_stages``: the GPU actor emits ids; ``WordsStage`` builds words and text
+    on the driver, as the job's ``driver_stage``) fed by in-memory uint8 blocks; rate from
+    ``settled_throughput`` (start-up and warm-up batches excluded).
     ``report(result)`` runs before Ray shuts down (which takes seconds)."""
     import ray
 
     from bench.ray_timing import settled_throughput
-    from pipeline.tokenize import tokenize_stages
+    from pipeline.tokenize import WordsStage, tokenize_stages
 
     ray_init(device)
     try:
@@ -104,16 +105,17 @@ def ray_run(args, folder: str, size: int, n_images: int, device, words: list[str
             ds,
             folder,
             layers,
-            words,
             device=str(device),
             actors=1,
             batch_size=args.batch,
             num_gpus=1 if device.type == "cuda" else 0,
         )
         errors = 0
+        add_words = WordsStage(words, layers)
 
         def count(b: dict) -> int:
             nonlocal errors
+            b = add_words(b)  # on the driver, as the job does before its writer
             errors += sum(1 for e in b["error"] if e)
             return len(b["image_id"])
 

@@ -1,8 +1,8 @@
 """The tokenize job: a dataset of images -> a lexical corpus (see docs/CORPUS.md), exactly once.
 
     input shards -> read + decode (tasks) -> TokenizeStage, ids only (actor pool, CPU or GPU)
-        -> add_words: words and text (tasks, on the other CPUs)
-        -> ShardWriter on the driver: per shard, errors, then part-<id>.jsonl, then part-<id>.parquet
+        -> on the driver: WordsStage (words and text), then ShardWriter: per shard, errors, then
+           part-<id>.jsonl, then part-<id>.parquet
            (all uploaded to _tmp/ first; the Parquet part is the commit marker: pipeline.shards)
 
 Read and decode failures of an image are error rows (``_errors.parquet``); an exception of
@@ -288,7 +288,6 @@ def tokenize_stages(
     ds: Any,
     tokenizer: str,
     layers: Sequence[int],
-    words: Sequence[str],
     *,
     device: str = "auto",
     actors: int = 1,
@@ -297,18 +296,13 @@ def tokenize_stages(
     encode: EncodeOptions | None = None,
     retries: int = MODEL_RETRIES,
     fail_at: str = "",
-    words_in_tasks: bool = True,
 ) -> Any:
-    """Model stages on a Ray dataset of decoded rows: ``TokenizeStage`` (token ids only) on an actor
-    pool, then (``words_in_tasks``) ``add_words`` as tasks, so words and text are built on the other
-    CPUs while the actor encodes the next batch. ``words``: the tokenizer's vocabulary words.
-
-    The job passes ``words_in_tasks=False`` and builds words and text on the driver
-    (``run_sharded_job``'s ``driver_stage``): measured on the 2-CPU test cluster, the ``add_words``
-    tasks were starved by the read tasks (``backpressured: ResourceBudget``) and held every actor
-    output until the end, so a fault at 83% of a 3-shard job had committed 0 shards; without them,
-    2."""
-    ds = map_stage(
+    """The model stage on a Ray dataset of decoded rows: ``TokenizeStage`` (token ids only) on an actor
+    pool. Words and text are built on the driver by ``WordsStage`` (``run_sharded_job``'s
+    ``driver_stage``): as Ray Data tasks they were starved by the read tasks on the 2-CPU test cluster
+    (``backpressured: ResourceBudget``) and held every actor output until the end, so a fault at 83% of
+    a 3-shard job had committed 0 shards; on the driver, 2."""
+    return map_stage(
         ds,
         TokenizeStage,
         constructor_kwargs={
@@ -324,26 +318,6 @@ def tokenize_stages(
         batch_size=batch_size,
         num_gpus=num_gpus,
     )
-    if not words_in_tasks:
-        return ds
-    return ds.map_batches(
-        add_words,
-        fn_kwargs={"stage": WordsStage(list(words), tuple(layers))},
-        batch_size=batch_size,  # one call per actor output
-        batch_format="numpy",
-    )
-
-
-def add_words(
-    batch: dict[str, np.ndarray],
-    words: Sequence[str] = (),
-    layers: Sequence[int] = (),
-    *,
-    stage: WordsStage | None = None,
-) -> dict[str, np.ndarray]:
-    """``WordsStage(words, layers)(batch)`` as a plain function (a Ray Data task stage); the job passes
-    ``stage``, built once on the driver, so no task rebuilds the vocabulary's lookup table."""
-    return (stage or WordsStage(words, layers))(batch)
 
 
 def _reason(value: Any) -> str:
@@ -428,7 +402,6 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
             ds,
             cfg.tokenizer,
             layers,
-            tokenizer.vocabulary.words,
             device=cfg.device,
             actors=cfg.actors,
             batch_size=cfg.batch_size,
@@ -436,7 +409,6 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
             encode=cfg.encode,
             retries=cfg.model_retries,
             fail_at=cfg.fail_encode_at,
-            words_in_tasks=False,  # WordsStage runs on the driver (driver_stage below)
         )
 
     run_name = run_name_for(cfg, out.uri)
@@ -746,7 +718,6 @@ __all__ = [
     "TokenizeResult",
     "TokenizeStage",
     "WordsStage",
-    "add_words",
     "tokenize_stages",
     "load_tokenizer",
     "run_tokenize_job",

@@ -359,7 +359,7 @@ def test_words_stage_equals_the_token_pyramid_on_a_hand_made_pyramid():
 
 
 def test_ids_only_stage_then_words_equals_the_whole_stage(tokenizer_dir):
-    from pipeline.tokenize import add_words
+    from pipeline.tokenize import WordsStage
 
     pixels = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     batch = {
@@ -373,7 +373,7 @@ def test_ids_only_stage_then_words_equals_the_whole_stage(tokenizer_dir):
     ids_only = TokenizeStage(str(tokenizer_dir), words=False)
     part = ids_only(batch)
     assert "text" not in part and "words_l1" not in part
-    split = add_words(part, ids_only.tokenizer.vocabulary.words, ids_only.layers)  # the Ray job's two stages
+    split = WordsStage(ids_only.tokenizer.vocabulary.words, ids_only.layers)(part)  # the job's two stages
     assert sorted(split) == sorted(whole)
     for key, value in whole.items():
         if value.dtype == object:
