@@ -24,6 +24,8 @@ A source is one URI:
   may be a video file or ``.npy`` frame tensor, or the column a ``list<binary>`` of per-frame image
   files (packed with ``pipeline.video.pack_frames``).
 
+Each kind is one ``SourceKind`` entry of ``SOURCE_KINDS`` (how it lists, packs a shard's items, cuts a
+shard into row ranges and reads them); a new source is one entry plus its functions.
 ``list_shards`` groups the sorted items into shards of ``shard_size``: shard ids come from the
 shard index (``00000``) and every shard carries a digest of its item list, so a changed input is
 detected instead of silently mixed into an old output. ``read_shard`` turns one shard into a table
@@ -33,10 +35,11 @@ that cannot be read gives a row with empty bytes and the reason, never an except
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -66,9 +69,11 @@ ROW_SCHEMA = pa.schema(
         ("error_stage", pa.string()),
     ]
 )
+CAPTION_FIELD = pa.field("caption", pa.string())  # a row's caption, when SourceConfig.caption_column asks
 
 
 LABEL_WORDS = ("names", "mnist")
+LATER_FIELDS = ("caption_column",)  # SourceConfig fields Shard JSON holds only when set (_config_json)
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,9 @@ class SourceConfig:
     uri: str = "mnist://test"
     image_column: str = "image"  # Parquet: bytes, or a struct with a "bytes" field
     label_column: str = "label"  # Parquet: an integer column; absent -> no labels
+    # "" = no captions; else a "caption" column: Parquet: this string column; WebDataset: <key>.txt, else
+    # this key of <key>.json (a missing sidecar or key: a null caption)
+    caption_column: str = ""
     id_column: str = ""  # Parquet: image ids from this column instead of "<file>-<row>"
     shard_size: int = 1000
     limit: int = 0  # 0 = all; else the first N items in listing order
@@ -102,16 +110,20 @@ class Shard:
     ``[[relpath, size, label], ...]`` (label -1 = none); parquet ``[[relpath, row_start, row_stop], ...]``;
     webdataset ``[[relpath, start, stop, offset, first key, broken key, broken reason], ...]`` (the last two
     "" unless the range ends with a tar's unreadable rest).
+
+    ``rows``: the listing's rows, kept (on the driver only: neither in the JSON nor in the digest) for
+    kinds whose pieces need each row's position (``SourceKind.keeps_rows``: a tar sample's byte offset).
     """
 
     shard_id: str
-    kind: str  # "mnist" | "moving-mnist" | "folder" | "parquet" | "webdataset"
+    kind: str  # a SOURCE_KINDS name: "mnist" | "moving-mnist" | "folder" | "parquet" | "webdataset"
     root: str  # URI the relative paths in items are under
     items: tuple = field(repr=False)
     num_rows: int
     digest: str
     config: SourceConfig
     classes: tuple[str, ...] = ()
+    rows: tuple = field(default=(), repr=False, compare=False)
 
     def to_json(self) -> str:
         data = {
@@ -121,7 +133,7 @@ class Shard:
             "items": [list(i) for i in self.items],
             "num_rows": self.num_rows,
             "digest": self.digest,
-            "config": self.config.__dict__,
+            "config": _config_json(self.config),
             "classes": list(self.classes),
         }
         return json.dumps(data)
@@ -141,25 +153,84 @@ class Shard:
         )
 
 
+def _config_json(cfg: SourceConfig) -> dict[str, Any]:
+    """The config as Shard JSON holds it: fields added later (``LATER_FIELDS``) only when set, so the
+    JSON of a shard that does not use them is what it was before they existed."""
+    defaults = SourceConfig()
+    return {k: v for k, v in cfg.__dict__.items() if k not in LATER_FIELDS or v != getattr(defaults, k)}
+
+
+# ----------------------------------------------------------------------------- the kinds
+
+
+@dataclass(frozen=True)
+class Files:
+    """The data files a file kind was found by: ``(relpath, size)`` under ``root``, sorted."""
+
+    root: Location
+    found: list[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """One kind of source: how it lists, packs, cuts and reads. A new source is one entry of
+    ``SOURCE_KINDS`` plus these functions.
+
+    - ``list_items(cfg, files) -> (items, classes)``: one item per row, in order (``files`` is None for
+      a kind selected by its URI scheme);
+    - ``pack(items) -> Shard.items``: a shard's items, compact (``Shard`` says the layouts);
+    - ``cut(shard, start, stop) -> items``: the items of rows ``[start, stop)``, or None where this shard
+      cannot be cut (then it stays one task);
+    - ``read(shard) -> rows``: the columns of ``row_schema``, one entry per row;
+    - ``digest_keys(cfg)``: config values that change which rows are read, beside the items;
+    - ``words(classes, label_words)``: the words that name each class (``class_words``).
+    """
+
+    name: str
+    list_items: Callable[[SourceConfig, Files | None], tuple[list[tuple], list[str]]]
+    pack: Callable[[list[tuple]], tuple]
+    cut: Callable[[Shard, int, int], tuple | None]
+    read: Callable[[Shard], dict[str, list]]
+    scheme: str = ""  # selected by the URI scheme (mnist://); "" = found by its files under a location
+    extensions: tuple[str, ...] = ()  # a file kind's data files
+    noun: str = ""  # its data files, in messages ("Parquet files")
+    exclusive: bool = False  # found: its data, and any other files beside it are its metadata
+    digest_keys: Callable[[SourceConfig], list] = lambda cfg: []
+    words: Callable[[Sequence[str], str], list[list[str]] | None] = lambda classes, label_words: (
+        _folder_words(classes, label_words)
+    )
+    captions: bool = False  # reads a caption per row when SourceConfig.caption_column asks
+    keeps_rows: bool = False  # cut needs the listing's rows (Shard.rows)
+
+
+def source_kind(name: str) -> SourceKind:
+    try:
+        return SOURCE_KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown source kind '{name}'; known: {', '.join(SOURCE_KINDS)}") from None
+
+
 # ----------------------------------------------------------------------------- listing
 
 
 def list_shards(cfg: SourceConfig) -> list[Shard]:
     """Deterministic: the same input gives the same shard ids, contents and digests."""
-    if cfg.uri.startswith("mnist://"):
-        split, limit = _parse_mnist_uri(cfg.uri)
-        n = _mnist_size(split)
-        limit = min(x for x in (limit, cfg.limit, n) if x > 0)
-        kind, root, items, classes = "mnist", cfg.uri, [(split, i) for i in range(limit)], ()
-    elif cfg.uri.startswith("moving-mnist://"):
-        split, params = _parse_moving_mnist_uri(cfg.uri)
-        limit = min(x for x in (params.pop("limit"), cfg.limit, _mnist_size(split)) if x > 0)
-        kind, root, items, classes = "moving-mnist", cfg.uri, [(split, i) for i in range(limit)], ()
+    by_scheme = {k.scheme: k for k in SOURCE_KINDS.values() if k.scheme}
+    scheme = cfg.uri.split("://", 1)[0] if "://" in cfg.uri else ""
+    if scheme in by_scheme:
+        kind, root = by_scheme[scheme], cfg.uri
+        items, classes = kind.list_items(cfg, None)
     else:
-        loc = resolve(cfg.uri)
-        kind, root, items, classes = _list_location(loc, cfg)
-        if cfg.limit:
-            items = items[: cfg.limit]
+        kind, files = _find_kind(resolve(cfg.uri), cfg)
+        root = files.root.uri
+        items, classes = kind.list_items(cfg, files)
+    if cfg.caption_column and not kind.captions:
+        raise ValueError(
+            f"caption_column={cfg.caption_column!r}: {kind.name} sources have no captions "
+            f"(captions come from {', '.join(k.name for k in SOURCE_KINDS.values() if k.captions)})"
+        )
+    if cfg.limit:
+        items = items[: cfg.limit]
     if not items:
         raise FileNotFoundError(
             f"{cfg.uri}: no images or videos found "
@@ -168,11 +239,12 @@ def list_shards(cfg: SourceConfig) -> list[Shard]:
     shards = []
     for index, start in enumerate(range(0, len(items), cfg.shard_size)):
         chunk = items[start : start + cfg.shard_size]
-        packed = _pack(kind, chunk)
-        num_rows = len(chunk)
+        packed = kind.pack(chunk)
         digest = _digest(kind, cfg, packed)
-        shard_id = f"{index:05d}"
-        shards.append(Shard(shard_id, kind, root, packed, num_rows, digest, cfg, tuple(classes)))
+        rows = tuple(chunk) if kind.keeps_rows else ()
+        shards.append(
+            Shard(f"{index:05d}", kind.name, root, packed, len(chunk), digest, cfg, tuple(classes), rows)
+        )
     return shards
 
 
@@ -188,6 +260,19 @@ def source_info(shards: list[Shard]) -> dict[str, Any]:
     }
 
 
+def cut_shard(shard: Shard, start: int, stop: int) -> Shard | None:
+    """Rows ``[start, stop)`` of ``shard`` as a shard of its own (same id and digest), or None where
+    its kind cannot cut this shard."""
+    assert 0 <= start < stop <= shard.num_rows, (shard.shard_id, start, stop, shard.num_rows)
+    if start == 0 and stop == shard.num_rows:
+        return shard
+    items = source_kind(shard.kind).cut(shard, start, stop)
+    if items is None:
+        return None
+    rows = shard.rows[start:stop] if shard.rows else ()
+    return dataclasses.replace(shard, items=tuple(items), num_rows=stop - start, rows=rows)
+
+
 def mnist_class_words() -> list[list[str]]:
     """``[["zero", "0"], ["one", "1"], ...]``: a digit's word and numeral, per MNIST label."""
     from spae.data import MNIST_CLASS_WORDS
@@ -199,8 +284,10 @@ def class_words(kind: str, classes: Sequence[str], label_words: str = "names") -
     """The words that name each class (label ``i`` -> ``words[i]``), or None for a source without
     classes. MNIST and Moving MNIST: the digit's word and numeral. Folders: the class (folder) name; with
     ``label_words="mnist"`` a folder named by a digit or its word gets that digit's word and numeral."""
-    if kind in ("mnist", "moving-mnist"):
-        return mnist_class_words()
+    return source_kind(kind).words(classes, label_words)
+
+
+def _folder_words(classes: Sequence[str], label_words: str) -> list[list[str]] | None:
     if not classes:
         return None
     if label_words == "names":
@@ -257,8 +344,20 @@ def _parse_moving_mnist_uri(uri: str) -> tuple[str, dict[str, int]]:
     return split, params
 
 
-def _list_location(loc: Location, cfg: SourceConfig) -> tuple[str, str, list[tuple], list[str]]:
-    """-> (kind, root URI the item paths are relative to, items, class names)."""
+def _list_mnist(cfg: SourceConfig, files: Files | None) -> tuple[list[tuple], list[str]]:
+    split, limit = _parse_mnist_uri(cfg.uri)
+    limit = min(x for x in (limit, cfg.limit, _mnist_size(split)) if x > 0)
+    return [(split, i) for i in range(limit)], []
+
+
+def _list_moving_mnist(cfg: SourceConfig, files: Files | None) -> tuple[list[tuple], list[str]]:
+    split, params = _parse_moving_mnist_uri(cfg.uri)
+    limit = min(x for x in (params.pop("limit"), cfg.limit, _mnist_size(split)) if x > 0)
+    return [(split, i) for i in range(limit)], []
+
+
+def _find_kind(loc: Location, cfg: SourceConfig) -> tuple[SourceKind, Files]:
+    """The file kind of a location (one file, or a folder listed recursively) and its data files."""
     info = loc.fs.get_file_info(loc.path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{cfg.uri} does not exist")
@@ -273,46 +372,63 @@ def _list_location(loc: Location, cfg: SourceConfig) -> tuple[str, str, list[tup
         for f in files
         if not any(part.startswith((".", "_")) for part in f.path[len(base) + 1 :].split("/"))
     )
-    root_uri = loc.uri if info.type == pafs.FileType.Directory else loc.uri.rsplit("/", 1)[0]
-    tars = [p for p, _ in rel if p.lower().endswith(".tar")]
-    if tars:  # WebDataset: the tars are the data; img2dataset's .parquet / .json beside them are metadata
-        return "webdataset", root_uri, _list_tars(resolve(root_uri), tars), []
-    parquet = [(p, s) for p, s in rel if p.lower().endswith(".parquet")]
-    images = [(p, s) for p, s in rel if p.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)]
-    if parquet and images:
+    root = resolve(loc.uri if info.type == pafs.FileType.Directory else loc.uri.rsplit("/", 1)[0])
+    found = [
+        (kind, [(p, s) for p, s in rel if p.lower().endswith(kind.extensions)])
+        for kind in SOURCE_KINDS.values()
+        if kind.extensions
+    ]
+    found = [(kind, mine) for kind, mine in found if mine]
+    if found and found[0][0].exclusive:  # e.g. tars: img2dataset's .parquet / .json beside them are metadata
+        found = found[:1]
+    if len(found) > 1:
+        (a, a_files), (b, b_files) = found[:2]
         raise ValueError(
-            f"{cfg.uri}: holds both Parquet files and image files; point the source at one kind "
-            f"(e.g. {parquet[0][0]} or {images[0][0]})"
+            f"{cfg.uri}: holds both {a.noun} and {b.noun}; point the source at one kind "
+            f"(e.g. {a_files[0][0]} or {b_files[0][0]})"
         )
-    if info.type == pafs.FileType.File and not parquet and not images:
+    if info.type == pafs.FileType.File and not found:
         raise ValueError(f"{cfg.uri}: not an image, tar or Parquet file")
-    if parquet:
-        items = []
-        for relpath, _ in parquet:
-            with loc.fs.open_input_file(f"{base}/{relpath}") as f:
-                meta = pq.read_metadata(f)
-            _check_parquet_schema(meta.schema.to_arrow_schema(), cfg, f"{root_uri}/{relpath}")
-            items += [(relpath, row) for row in range(meta.num_rows)]
-        return "parquet", root_uri, items, []
+    if not found:  # an empty folder: list_shards says what it looked for
+        return SOURCE_KINDS["folder"], Files(root, [])
+    kind, mine = found[0]
+    return kind, Files(root, mine)
+
+
+def _list_folder(cfg: SourceConfig, files: Files | None) -> tuple[list[tuple], list[str]]:
+    """ImageFolder-style: the first folder under the root is the class."""
+    images = files.found
     classes = sorted({p.split("/", 1)[0] for p, _ in images if "/" in p})
     index = {c: i for i, c in enumerate(classes)}
     items = [(p, size, index[p.split("/", 1)[0]] if "/" in p else -1) for p, size in images]
-    return "folder", root_uri, items, classes
+    return items, classes
 
 
-def _list_tars(root: Location, tars: list[str]) -> list[tuple]:
+def _list_parquet(cfg: SourceConfig, files: Files | None) -> tuple[list[tuple], list[str]]:
+    items = []
+    for relpath, _ in files.found:
+        loc = files.root.join(relpath)
+        with loc.fs.open_input_file(loc.path) as f:
+            meta = pq.read_metadata(f)
+        _check_parquet_schema(meta.schema.to_arrow_schema(), cfg, loc.uri)
+        items += [(relpath, row) for row in range(meta.num_rows)]
+    return items, []
+
+
+def _list_tars(cfg: SourceConfig, files: Files | None) -> tuple[list[tuple], list[str]]:
     """One item per sample of every tar: (relpath, index, offset, key, reason); tars scanned in parallel."""
     from concurrent.futures import ThreadPoolExecutor
 
     def scan(relpath: str) -> list[tuple]:
-        loc = root.join(relpath)
+        loc = files.root.join(relpath)
         size = loc.fs.get_file_info(loc.path).size
         with loc.fs.open_input_stream(loc.path, buffer_size=webdataset.READ_BUFFER) as f:
             samples = webdataset.scan_tar(f, size)
         return [(relpath, i, s.offset, s.key, s.reason) for i, s in enumerate(samples)]
 
+    tars = [p for p, _ in files.found]
     with ThreadPoolExecutor(max_workers=min(8, len(tars))) as pool:
-        return [item for items in pool.map(scan, tars) for item in items]
+        return [item for items in pool.map(scan, tars) for item in items], []
 
 
 def _check_parquet_schema(schema: pa.Schema, cfg: SourceConfig, uri: str) -> None:
@@ -336,19 +452,16 @@ def _check_parquet_schema(schema: pa.Schema, cfg: SourceConfig, uri: str) -> Non
         raise ValueError(f"{uri}: label column '{cfg.label_column}' must hold integers")
 
 
-def _pack(kind: str, chunk: list[tuple]) -> tuple:
-    """Compact item lists: contiguous row ranges instead of one entry per row."""
-    if kind == "folder":
-        return tuple(chunk)
-    if kind == "webdataset":  # [relpath, start, stop, offset of start, key of start, broken key, reason]
-        ranges = []
-        for relpath, index, offset, key, reason in chunk:
-            broken = (key, reason) if reason else ("", "")
-            if ranges and ranges[-1][0] == relpath and ranges[-1][2] == index:
-                ranges[-1][2], ranges[-1][5:] = index + 1, broken
-            else:
-                ranges.append([relpath, index, index + 1, offset, key, *broken])
-        return tuple(tuple(r) for r in ranges)
+# ----------------------------------------------------------------------------- packing and cutting
+
+
+def _pack_each(chunk: list[tuple]) -> tuple:
+    """One item per row (folders)."""
+    return tuple(chunk)
+
+
+def _pack_ranges(chunk: list[tuple]) -> tuple:
+    """``(name, row)`` items -> contiguous ``(name, start, stop)`` row ranges."""
     ranges: list[list] = []  # [name, start, stop]
     for name, row in chunk:
         if ranges and ranges[-1][0] == name and ranges[-1][2] == row:
@@ -358,10 +471,39 @@ def _pack(kind: str, chunk: list[tuple]) -> tuple:
     return tuple(tuple(r) for r in ranges)
 
 
-def _digest(kind: str, cfg: SourceConfig, items: tuple) -> str:
-    keys = [kind, items]
-    if kind == "parquet":
-        keys += [cfg.image_column, cfg.label_column, cfg.id_column]
+def _pack_tar_ranges(chunk: list[tuple]) -> tuple:
+    """Tar samples -> ``[relpath, start, stop, offset of start, key of start, broken key, reason]``."""
+    ranges = []
+    for relpath, index, offset, key, reason in chunk:
+        broken = (key, reason) if reason else ("", "")
+        if ranges and ranges[-1][0] == relpath and ranges[-1][2] == index:
+            ranges[-1][2], ranges[-1][5:] = index + 1, broken
+        else:
+            ranges.append([relpath, index, index + 1, offset, key, *broken])
+    return tuple(tuple(r) for r in ranges)
+
+
+def _cut_each(shard: Shard, start: int, stop: int) -> tuple:
+    return shard.items[start:stop]
+
+
+def _cut_ranges(shard: Shard, start: int, stop: int) -> tuple:
+    items, offset = [], 0
+    for name, a, b in shard.items:
+        lo, hi = max(start - offset, 0), min(stop - offset, b - a)
+        if lo < hi:
+            items.append((name, a + lo, a + hi))
+        offset += b - a
+    return tuple(items)
+
+
+def _cut_tar_ranges(shard: Shard, start: int, stop: int) -> tuple | None:
+    """From the listing's samples (their byte offsets): None for a shard rebuilt from JSON."""
+    return _pack_tar_ranges(list(shard.rows[start:stop])) if shard.rows else None
+
+
+def _digest(kind: SourceKind, cfg: SourceConfig, items: tuple) -> str:
+    keys = [kind.name, items, *kind.digest_keys(cfg)]
     return hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
 
 
@@ -369,29 +511,34 @@ def _digest(kind: str, cfg: SourceConfig, items: tuple) -> str:
 
 
 def read_shard(shard: Shard) -> pa.Table:
-    """All rows of one shard, in item order, as a ``ROW_SCHEMA`` table."""
-    if shard.kind == "mnist":
-        rows = _read_mnist(shard)
-    elif shard.kind == "moving-mnist":
-        rows = _read_moving_mnist(shard)
-    elif shard.kind == "folder":
-        rows = _read_folder(shard)
-    elif shard.kind == "parquet":
-        rows = _read_parquet(shard)
-    elif shard.kind == "webdataset":
-        rows = _read_webdataset(shard)
-    else:
-        raise ValueError(f"shard {shard.shard_id}: unknown kind '{shard.kind}'")
-    table = pa.Table.from_pydict({name: rows[name] for name in ROW_SCHEMA.names}, schema=ROW_SCHEMA)
+    """All rows of one shard, in item order, as a ``row_schema(shard.config)`` table."""
+    rows = source_kind(shard.kind).read(shard)
+    schema = row_schema(shard.config)
+    table = pa.Table.from_pydict({name: rows[name] for name in schema.names}, schema=schema)
     assert table.num_rows == shard.num_rows, (shard.shard_id, table.num_rows, shard.num_rows)
     return table
 
 
+def row_schema(cfg: SourceConfig) -> pa.Schema:
+    """``ROW_SCHEMA``, and ``caption`` (string, null when a row has none) when ``caption_column`` asks."""
+    return ROW_SCHEMA.append(CAPTION_FIELD) if cfg.caption_column else ROW_SCHEMA
+
+
 def _empty_rows() -> dict[str, list]:
-    return {name: [] for name in ROW_SCHEMA.names}
+    return {name: [] for name in (*ROW_SCHEMA.names, CAPTION_FIELD.name)}
 
 
-def _add(rows: dict, image_id: str, source: str, label: int | None, data: bytes, path: str, error=None):
+def _add(
+    rows: dict,
+    image_id: str,
+    source: str,
+    label: int | None,
+    data: bytes,
+    path: str,
+    error: str | None = None,
+    caption: str | None = None,
+) -> None:
+    rows["caption"].append(caption)
     rows["image_id"].append(image_id)
     rows["source"].append(source)
     rows["label"].append(label)
@@ -539,3 +686,71 @@ def _read_row_range(pf: pq.ParquetFile, columns: list[str], start: int, stop: in
         offset += n
     table = pf.read_row_groups(groups, columns=columns)
     return table.slice(start - first, stop - start)
+
+
+def _parquet_keys(cfg: SourceConfig) -> list:
+    return [cfg.image_column, cfg.label_column, cfg.id_column, *_caption_keys(cfg)]
+
+
+def _caption_keys(cfg: SourceConfig) -> list:
+    """Asking for captions adds a column: a changed digest, so old outputs without it are not resumed."""
+    return [{"caption_column": cfg.caption_column}] if cfg.caption_column else []
+
+
+# file kinds are looked for in this order (the first exclusive one found wins)
+SOURCE_KINDS: dict[str, SourceKind] = {
+    k.name: k
+    for k in (
+        SourceKind(
+            "mnist",
+            _list_mnist,
+            _pack_ranges,
+            _cut_ranges,
+            _read_mnist,
+            scheme="mnist",
+            words=lambda classes, label_words: mnist_class_words(),
+        ),
+        SourceKind(
+            "moving-mnist",
+            _list_moving_mnist,
+            _pack_ranges,
+            _cut_ranges,
+            _read_moving_mnist,
+            scheme="moving-mnist",
+            words=lambda classes, label_words: mnist_class_words(),
+        ),
+        SourceKind(
+            "webdataset",
+            _list_tars,
+            _pack_tar_ranges,
+            _cut_tar_ranges,
+            _read_webdataset,
+            extensions=(".tar",),
+            noun="tar files",
+            exclusive=True,
+            digest_keys=_caption_keys,
+            captions=True,
+            keeps_rows=True,
+        ),
+        SourceKind(
+            "parquet",
+            _list_parquet,
+            _pack_ranges,
+            _cut_ranges,
+            _read_parquet,
+            extensions=(".parquet",),
+            noun="Parquet files",
+            digest_keys=_parquet_keys,
+            captions=True,
+        ),
+        SourceKind(
+            "folder",
+            _list_folder,
+            _pack_each,
+            _cut_each,
+            _read_folder,
+            extensions=IMAGE_EXTENSIONS + VIDEO_EXTENSIONS,
+            noun="image files",
+        ),
+    )
+}

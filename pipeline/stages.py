@@ -37,7 +37,6 @@ exceed that fraction of its input; ``retry_errors`` recomputes the committed sha
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import time
@@ -53,7 +52,7 @@ from pipeline.images import decode_table
 from pipeline.progress import bar as progress_bar
 from pipeline.schemas import error_mask
 from pipeline.shards import ShardWriter
-from pipeline.sources import Shard, read_shard
+from pipeline.sources import Shard, cut_shard, read_shard
 from pipeline.storage import Location, StorageError
 
 KEEP = ("shard_id", "image_id", "source", "label", "path", "error", "error_stage")
@@ -129,38 +128,24 @@ def batch_shards(batch: Mapping[str, np.ndarray]) -> str:
     return ", ".join(sorted({str(s) for s in ids})) if ids is not None and len(ids) else "?"
 
 
-SLICEABLE_KINDS = ("mnist", "moving-mnist", "folder", "parquet")  # item layouts shard_piece knows
-
-
 def shard_piece(shard: Shard, start: int, stop: int) -> Shard:
     """Rows ``[start, stop)`` of ``shard`` as a shard of its own (same id and digest): ``read_shard``
-    of it reads only those rows."""
-    assert 0 <= start < stop <= shard.num_rows, (shard.shard_id, start, stop, shard.num_rows)
-    if start == 0 and stop == shard.num_rows:
-        return shard
-    if shard.kind not in SLICEABLE_KINDS:
+    of it reads only those rows. Its source kind cuts the items (``pipeline.sources.cut_shard``)."""
+    piece = cut_shard(shard, start, stop)
+    if piece is None:
         raise ValueError(f"shard {shard.shard_id}: cannot cut a '{shard.kind}' shard into row ranges")
-    if shard.kind == "folder":  # one item per row
-        items = shard.items[start:stop]
-    else:  # [name, row_start, row_stop] ranges
-        items, offset = [], 0
-        for name, a, b in shard.items:
-            lo, hi = max(start - offset, 0), min(stop - offset, b - a)
-            if lo < hi:
-                items.append((name, a + lo, a + hi))
-            offset += b - a
-        items = tuple(items)
-    return dataclasses.replace(shard, items=tuple(items), num_rows=stop - start)
+    return piece
 
 
 def shard_pieces(shards: list[Shard], task_rows: int) -> list[Shard]:
-    """Every shard cut into pieces of at most ``task_rows`` rows, in shard order (a shard of a kind
-    whose items ``shard_piece`` cannot cut stays whole: one task)."""
-    return [
-        shard_piece(s, a, min(a + task_rows, s.num_rows)) if s.kind in SLICEABLE_KINDS else s
-        for s in shards
-        for a in (range(0, s.num_rows, task_rows) if s.kind in SLICEABLE_KINDS else (0,))
-    ]
+    """Every shard cut into pieces of at most ``task_rows`` rows, in shard order (a shard its kind
+    cannot cut stays whole: one task; e.g. a WebDataset shard rebuilt from JSON, without the byte
+    offsets of its samples)."""
+    pieces: list[Shard] = []
+    for s in shards:
+        cut = [cut_shard(s, a, min(a + task_rows, s.num_rows)) for a in range(0, s.num_rows, task_rows)]
+        pieces += [s] if None in cut else cut
+    return pieces
 
 
 def ok_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
