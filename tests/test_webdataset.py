@@ -1,6 +1,7 @@
 """WebDataset tar shards as img2dataset writes them: listing, labels from sidecars, ranged reads of a
-shard that starts inside a tar, corrupt members and tails as error rows, the same rows from S3, and a
-tokenize job over them (rows in = rows out + errors)."""
+shard that starts inside a tar, shards cut into pieces read from their samples' offsets, corrupt members
+and tails as error rows, the same rows from S3, and a tokenize job over them (rows in = rows out +
+errors), whole shards or pieces."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 from test_tokenize_job import NO_MLFLOW, make_tokenizer, upload
 
+from pipeline import stages
 from pipeline.corpus import read_corpus
 from pipeline.shards import read_errors
 from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
@@ -125,6 +127,32 @@ def test_a_shard_that_starts_inside_a_tar_reads_from_its_offset(img2dataset_fold
         read_shard(shards[1])
 
 
+def test_a_shard_is_cut_into_pieces_read_from_their_samples_offsets(img2dataset_folder):
+    (shard,) = list_shards(SourceConfig(uri=str(img2dataset_folder), shard_size=9))
+    pieces = stages.shard_pieces([shard], task_rows=2)
+    assert [p.num_rows for p in pieces] == [2, 2, 2, 2, 1]
+    assert {(p.shard_id, p.digest) for p in pieces} == {(shard.shard_id, shard.digest)}
+    offsets = [sample[2] for sample in shard.rows]  # (relpath, index, offset, key, reason) per sample
+    # each piece reads from its first sample's header: inside tar 1, then tar 2 from its start / inside
+    assert [p.items[0][3] for p in pieces] == [0, offsets[2], offsets[4], offsets[6], -1]
+    assert 0 < offsets[2] < offsets[4] and offsets[5] == 0 < offsets[6]
+    assert pieces[2].items == (
+        ("00000.tar", 4, 5, offsets[4], "000000004", "", ""),
+        ("00001.tar", 0, 1, 0, "000000005", "", ""),
+    )
+    # pieces travel to the read tasks as JSON: the same rows and error rows as the whole shard
+    read = [read_shard(Shard.from_json(p.to_json())) for p in pieces]
+    assert pa.concat_tables(read).equals(read_shard(shard))
+    assert read[-1].column("image_id").to_pylist() == ["00001/000000008"]  # the tar's broken rest alone
+    assert read[-1].column("error")[0].as_py().startswith("corrupt tar after 3 whole samples")
+    assert sum(t.column("error").null_count for t in read) == 9 - 2
+    # a shard rebuilt from its JSON has no sample offsets to cut at: it stays one task
+    again = Shard.from_json(shard.to_json())
+    assert stages.shard_pieces([again], task_rows=2) == [again]
+    with pytest.raises(ValueError, match="cannot cut a 'webdataset' shard"):
+        stages.shard_piece(again, 0, 2)
+
+
 def test_the_same_rows_from_s3(img2dataset_folder, s3_prefix):
     uri = upload(img2dataset_folder, f"{s3_prefix}/wds")
     local = pa.concat_tables(read_shard(s) for s in list_shards(SourceConfig(uri=str(img2dataset_folder))))
@@ -161,3 +189,39 @@ def test_tokenize_a_webdataset_folder(ray_cluster, img2dataset_folder, tmp_path)
     assert labels["00000/000000001"] == 7 and labels["00001/000000007"] == 7
     reasons = {r["image_id"]: r["reason"] for r in read_errors(str(out)).to_pylist()}
     assert set(reasons) == {"00000/000000003", "00001/000000008"}
+
+
+def test_tokenize_in_pieces_writes_the_corpus_of_whole_shards(
+    ray_cluster, img2dataset_folder, tmp_path, monkeypatch
+):
+    """The Ray job cuts the shards into pieces of 2 samples; the in-process run reads whole shards:
+    the same corpus, byte for byte."""
+    cut, shard_pieces = [], stages.shard_pieces
+
+    def spy(shards, task_rows):
+        cut.extend(pieces := shard_pieces(shards, task_rows))
+        return pieces
+
+    monkeypatch.setattr("pipeline.tokenize.TASK_ROWS", 2)
+    monkeypatch.setattr("pipeline.stages.shard_pieces", spy)
+    tok = str(make_tokenizer(tmp_path / "tok"))
+    outputs = {}
+    for in_process in (False, True):
+        out = tmp_path / f"corpus-{in_process}"
+        cfg = TokenizeJobConfig(
+            source=SourceConfig(uri=str(img2dataset_folder), shard_size=5),
+            tokenizer=tok,
+            output=str(out),
+            layers=(1, 2),
+            batch_size=2,
+            max_error_fraction=0.25,
+            mlflow=NO_MLFLOW,
+            progress=False,
+            in_process=in_process,
+        )
+        m = run_tokenize_job(cfg).manifest
+        assert (m["rows_in"], m["rows_written"], m["errors"]) == (9, 7, 2)
+        outputs[in_process] = out
+    assert [(p.shard_id, p.num_rows) for p in cut] == [("00000", 2)] * 2 + [("00000", 1)] + [("00001", 2)] * 2
+    for name in ("part-00000.parquet", "part-00001.parquet", "_errors.parquet"):
+        assert (outputs[False] / name).read_bytes() == (outputs[True] / name).read_bytes(), name
