@@ -19,18 +19,21 @@ A source is one URI:
   ``<key>.jpg|png|webp`` with ``<key>.json|txt|cls`` beside it (``pipeline.webdataset``); image ids are
   ``<tar name>/<key>``, labels come from ``<key>.cls`` or the ``label_column`` key of ``<key>.json``;
   other files beside the tars (img2dataset's ``.parquet`` and ``_stats.json``) are ignored;
+  with ``caption_column`` set, captions come from ``<key>.txt`` or that key of ``<key>.json``;
 - Parquet files (one file, or a folder / ``s3://`` prefix of them) with an image column holding
   bytes or a struct with a ``bytes`` field (as Hugging Face datasets write it); for clips the bytes
   may be a video file or ``.npy`` frame tensor, or the column a ``list<binary>`` of per-frame image
-  files (packed with ``pipeline.video.pack_frames``).
+  files (packed with ``pipeline.video.pack_frames``); with ``caption_column`` set, captions come from
+  that string column.
 
 Each kind is one ``SourceKind`` entry of ``SOURCE_KINDS`` (how it lists, packs a shard's items, cuts a
 shard into row ranges and reads them); a new source is one entry plus its functions.
 ``list_shards`` groups the sorted items into shards of ``shard_size``: shard ids come from the
 shard index (``00000``) and every shard carries a digest of its item list, so a changed input is
 detected instead of silently mixed into an old output. ``read_shard`` turns one shard into a table
-(``image_id``, ``source``, ``label``, ``image_bytes``, ``path``, ``error``, ``error_stage``); a file
-that cannot be read gives a row with empty bytes and the reason, never an exception.
+(``image_id``, ``source``, ``label``, ``image_bytes``, ``path``, ``error``, ``error_stage``, and
+``caption`` when ``caption_column`` asks: ``row_schema``); a file that cannot be read gives a row with
+empty bytes and the reason, never an exception.
 """
 
 from __future__ import annotations
@@ -450,6 +453,12 @@ def _check_parquet_schema(schema: pa.Schema, cfg: SourceConfig, uri: str) -> Non
         raise ValueError(f"{uri}: no id column '{cfg.id_column}'; columns: {', '.join(names)}")
     if cfg.label_column in names and not pa.types.is_integer(schema.field(cfg.label_column).type):
         raise ValueError(f"{uri}: label column '{cfg.label_column}' must hold integers")
+    if cfg.caption_column:
+        if cfg.caption_column not in names:
+            raise ValueError(f"{uri}: no caption column '{cfg.caption_column}'; columns: {', '.join(names)}")
+        t = schema.field(cfg.caption_column).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise ValueError(f"{uri}: caption column '{cfg.caption_column}' is {t}; expected strings")
 
 
 # ----------------------------------------------------------------------------- packing and cutting
@@ -618,9 +627,8 @@ def _read_parquet(shard: Shard) -> dict[str, list]:
         loc = root.join(relpath)
         with loc.fs.open_input_file(loc.path) as f:
             pf = pq.ParquetFile(f)
-            columns = [
-                c for c in (cfg.image_column, cfg.label_column, cfg.id_column) if c in pf.schema_arrow.names
-            ]
+            wanted = (cfg.image_column, cfg.label_column, cfg.id_column, cfg.caption_column)
+            columns = [c for c in wanted if c and c in pf.schema_arrow.names]
             table = _read_row_range(pf, columns, start, stop)
         images = table.column(cfg.image_column)
         if pa.types.is_struct(images.type):
@@ -636,14 +644,17 @@ def _read_parquet(shard: Shard) -> dict[str, list]:
             if cfg.label_column in columns
             else [None] * len(images)
         )
+        captions = (
+            table.column(cfg.caption_column).to_pylist() if cfg.caption_column else [None] * len(images)
+        )
         stem = relpath[: -len(".parquet")]
         if cfg.id_column:
             ids = [str(x) for x in table.column(cfg.id_column).to_pylist()]
         else:
             ids = [f"{stem}-{row}" for row in range(start, stop)]
-        for j, (image_id, data, label) in enumerate(zip(ids, images, labels, strict=True)):
+        for j, (image_id, data, label, caption) in enumerate(zip(ids, images, labels, captions, strict=True)):
             error = "missing image bytes (null)" if data is None else None
-            _add(rows, image_id, cfg.uri, label, data or b"", f"{loc.uri}#{start + j}", error)
+            _add(rows, image_id, cfg.uri, label, data or b"", f"{loc.uri}#{start + j}", error, caption)
     return rows
 
 
@@ -658,7 +669,13 @@ def _read_webdataset(shard: Shard) -> dict[str, list]:
             with loc.fs.open_input_file(loc.path) as raw:
                 raw.seek(offset)
                 stream = pa.input_stream(raw, buffer_size=webdataset.READ_BUFFER)
-                samples = webdataset.read_tar_range(stream, whole, shard.config.label_column, first_key=key)
+                samples = webdataset.read_tar_range(
+                    stream,
+                    whole,
+                    shard.config.label_column,
+                    first_key=key,
+                    caption_key=shard.config.caption_column,
+                )
             for sample in samples:
                 path = f"{loc.uri}#{sample.member or sample.key}"
                 _add(
@@ -669,6 +686,7 @@ def _read_webdataset(shard: Shard) -> dict[str, list]:
                     sample.image,
                     path,
                     sample.error,
+                    sample.caption,
                 )
         if reason:
             _add(rows, f"{stem}/{broken}", shard.config.uri, None, b"", loc.uri, reason)

@@ -10,7 +10,9 @@ Bad input is a row, never an exception: a sample without an image member, an unr
 tar that ends inside a sample or holds a corrupt header. The unreadable rest of a tar is one sample (offset
 -1, its ``reason`` set) named by the sample it broke in (``CORRUPT_TAIL`` when it broke between samples), so
 rows in = rows out + errors holds.
-Labels come from ``<key>.cls`` (an integer) or, failing that, from the ``label_key`` of ``<key>.json``.
+Labels come from ``<key>.cls`` (an integer) or, failing that, from the ``label_key`` of ``<key>.json``;
+captions, when asked (``caption_key``), from ``<key>.txt`` or, failing that, the ``caption_key`` of
+``<key>.json`` (a string). A sample without such a sidecar or key has no label / caption: not an error.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class SampleRow:
     label: int | None
     member: str  # the image member's name ("" when none)
     error: str | None
+    caption: str | None = None  # None when not asked or the sample has none
 
 
 def sample_key(name: str) -> tuple[str, str]:
@@ -79,12 +82,16 @@ def scan_tar(stream: IO[bytes], size: int) -> list[TarSample]:
 
 
 def read_tar_range(
-    stream: IO[bytes], count: int, label_key: str = "label", first_key: str | None = None
+    stream: IO[bytes],
+    count: int,
+    label_key: str = "label",
+    first_key: str | None = None,
+    caption_key: str = "",
 ) -> list[SampleRow]:
     """``count`` samples from ``stream`` positioned at a sample's first header (``TarSample.offset``).
 
     ``first_key``, when given, is checked against the first sample read: a tar changed since it was
-    listed fails loudly instead of mislabelling rows."""
+    listed fails loudly instead of mislabelling rows. ``caption_key`` "" reads no captions."""
     rows: list[SampleRow] = []
     current: dict[str, bytes] = {}
     key = None
@@ -92,7 +99,7 @@ def read_tar_range(
 
     def flush() -> None:
         if key is not None:
-            rows.append(_row(key, current, label_key))
+            rows.append(_row(key, current, label_key, caption_key))
 
     try:
         for info, tar in _members(stream):
@@ -120,13 +127,15 @@ def read_tar_range(
     return rows
 
 
-def _row(key: str, files: dict[str, bytes], label_key: str) -> SampleRow:
+def _row(key: str, files: dict[str, bytes], label_key: str, caption_key: str = "") -> SampleRow:
     image_ext = next((ext for ext in IMAGE_EXTS if ext in files), None)
     label, error = _label(key, files, label_key)
+    caption, caption_error = _caption(key, files, caption_key) if caption_key else (None, None)
+    error = error or caption_error
     if image_ext is None:
         have = ", ".join(sorted(files)) or "nothing"
-        return SampleRow(key, b"", label, "", f"no image member for {key} (has: {have})")
-    return SampleRow(key, files[image_ext], label, f"{key}.{image_ext}", error)
+        return SampleRow(key, b"", label, "", f"no image member for {key} (has: {have})", caption)
+    return SampleRow(key, files[image_ext], label, f"{key}.{image_ext}", error, caption)
 
 
 def _label(key: str, files: dict[str, bytes], label_key: str) -> tuple[int | None, str | None]:
@@ -144,3 +153,16 @@ def _label(key: str, files: dict[str, bytes], label_key: str) -> tuple[int | Non
         if isinstance(value, int) and not isinstance(value, bool):
             return value, None
     return None, None  # no label sidecar: an unlabelled sample, not an error
+
+
+def _caption(key: str, files: dict[str, bytes], caption_key: str) -> tuple[str | None, str | None]:
+    if "txt" in files:
+        return files["txt"].decode("utf-8", "replace").strip(), None
+    if "json" in files:
+        try:
+            value = json.loads(files["json"]).get(caption_key)
+        except (ValueError, AttributeError):
+            return None, f"{key}.json is not a JSON object"
+        if isinstance(value, str):
+            return value, None
+    return None, None  # no caption sidecar or key: a sample without a caption, not an error

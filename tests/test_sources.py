@@ -102,6 +102,25 @@ def test_parquet_binary_and_struct_columns(tmp_path):
         list_shards(SourceConfig(uri=str(tmp_path), image_column="img"))
 
 
+def test_parquet_captions_when_asked(tmp_path):
+    blobs = [png(v) for v in range(3)]
+    pq.write_table(pa.table({"image": blobs, "text": ["one", None, "three"]}), tmp_path / "a.parquet")
+    assert "caption" not in read_shard(list_shards(SourceConfig(uri=str(tmp_path)))[0]).column_names
+    table = read_shard(list_shards(SourceConfig(uri=str(tmp_path), caption_column="text"))[0])
+    assert table.column("caption").to_pylist() == ["one", None, "three"]
+    assert table.column("error").null_count == 3  # a null caption is not an error
+    with pytest.raises(ValueError, match="no caption column 'caption'; columns: image, text"):
+        list_shards(SourceConfig(uri=str(tmp_path), caption_column="caption"))
+    with pytest.raises(ValueError, match="caption column 'image' is binary; expected strings"):
+        list_shards(SourceConfig(uri=str(tmp_path), caption_column="image"))
+    # sources without captions say so rather than give null captions
+    make_folder(tmp_path / "f", {"a.png": png(1)})
+    with pytest.raises(ValueError, match="folder sources have no captions"):
+        list_shards(SourceConfig(uri=str(tmp_path / "f"), caption_column="caption"))
+    with pytest.raises(ValueError, match="mnist sources have no captions"):
+        list_shards(SourceConfig(uri="mnist://test?limit=2", caption_column="caption"))
+
+
 def test_s3_folder_source(s3_prefix):
     from pipeline.storage import resolve
 

@@ -153,6 +153,41 @@ def test_a_shard_is_cut_into_pieces_read_from_their_samples_offsets(img2dataset_
         stages.shard_piece(again, 0, 2)
 
 
+def test_captions_from_txt_or_json_when_asked_a_missing_sidecar_is_null(tmp_path):
+    root = tmp_path / "wds"
+    members = [
+        ("a.jpg", jpeg(1)),
+        ("a.txt", b" from the txt \n"),
+        ("a.json", b'{"caption": "from the json"}'),  # .txt first, as .cls before the JSON label
+        ("b.jpg", jpeg(2)),
+        ("b.json", b'{"caption": "from the json", "label": 4}'),
+        ("c.jpg", jpeg(3)),
+        ("c.json", b'{"text": "another key"}'),  # no such key: no caption, not an error
+        ("d.jpg", jpeg(4)),  # no sidecar at all
+        ("e.jpg", jpeg(5)),
+        ("e.json", b'{"caption": 7}'),  # not a string: no caption
+        ("f.txt", b"a caption without an image"),
+    ]
+    write_tar(root / "00000.tar", members)
+    plain = read_shard(list_shards(SourceConfig(uri=str(root)))[0])
+    assert "caption" not in plain.column_names  # not asked: the rows are what they were
+    cfg = SourceConfig(uri=str(root), caption_column="caption", shard_size=4)
+    shards = list_shards(cfg)
+    table = pa.concat_tables(read_shard(p) for s in shards for p in stages.shard_pieces([s], task_rows=3))
+    captions = ["from the txt", "from the json", None, None, None, "a caption without an image"]
+    assert table.column("caption").to_pylist() == captions
+    assert table.column("label").to_pylist() == [None, 4, None, None, None, None]
+    assert table.column("error").to_pylist()[:5] == [None] * 5
+    assert table.column("error")[5].as_py() == "no image member for f (has: txt)"
+    assert table.drop_columns(["caption"]).equals(plain)
+    # asking for captions is another input: another digest (an old output is not resumed without them)
+    assert {s.digest for s in shards}.isdisjoint(
+        s.digest for s in list_shards(SourceConfig(uri=str(root), shard_size=4))
+    )
+    assert '"caption_column": "caption"' in shards[0].to_json()
+    assert Shard.from_json(shards[0].to_json()).config == cfg
+
+
 def test_the_same_rows_from_s3(img2dataset_folder, s3_prefix):
     uri = upload(img2dataset_folder, f"{s3_prefix}/wds")
     local = pa.concat_tables(read_shard(s) for s in list_shards(SourceConfig(uri=str(img2dataset_folder))))
