@@ -21,7 +21,9 @@ A source is one URI:
   other files beside the tars (img2dataset's ``.parquet`` and ``_stats.json``) are ignored;
   with ``caption_column`` set, captions come from ``<key>.txt`` or that key of ``<key>.json``;
 - Parquet files (one file, or a folder / ``s3://`` prefix of them) with an image column holding
-  bytes or a struct with a ``bytes`` field (as Hugging Face datasets write it); for clips the bytes
+  bytes or the image struct of Hugging Face datasets (``{"bytes": binary, "path": string}``; a row
+  whose bytes are null reads its ``path`` relative to the Parquet file's folder, an error row naming
+  the path when that cannot be read); for clips the bytes
   may be a video file or ``.npy`` frame tensor, or the column a ``list<binary>`` of per-frame image
   files (packed with ``pipeline.video.pack_frames``); with ``caption_column`` set, captions come from
   that string column.
@@ -440,7 +442,11 @@ def _check_parquet_schema(schema: pa.Schema, cfg: SourceConfig, uri: str) -> Non
         raise ValueError(f"{uri}: no image column '{cfg.image_column}'; columns: {', '.join(names)}")
     t = schema.field(cfg.image_column).type
     ok = pa.types.is_binary(t) or pa.types.is_large_binary(t)
-    ok = ok or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+    ok = ok or (  # the image struct of Hugging Face datasets: {"bytes": binary, "path": string}
+        pa.types.is_struct(t)
+        and t.get_field_index("bytes") >= 0
+        and (pa.types.is_binary(t.field("bytes").type) or pa.types.is_large_binary(t.field("bytes").type))
+    )
     ok = ok or (
         pa.types.is_list(t) and (pa.types.is_binary(t.value_type) or pa.types.is_large_binary(t.value_type))
     )
@@ -631,11 +637,10 @@ def _read_parquet(shard: Shard) -> dict[str, list]:
             columns = [c for c in wanted if c and c in pf.schema_arrow.names]
             table = _read_row_range(pf, columns, start, stop)
         images = table.column(cfg.image_column)
+        paths = [None] * table.num_rows  # the image struct's file paths, for rows without bytes
         if pa.types.is_struct(images.type):
-            images = pa.chunked_array(
-                [c.field("bytes") for c in images.chunks], images.type.field("bytes").type
-            )
-        if pa.types.is_list(images.type):  # one image file per frame: pack each clip into one blob
+            images, paths = _image_struct(images)
+        elif pa.types.is_list(images.type):  # one image file per frame: pack each clip into one blob
             images = [None if v is None else pack_frames(v) for v in images.to_pylist()]
         else:
             images = images.to_pylist()
@@ -652,10 +657,38 @@ def _read_parquet(shard: Shard) -> dict[str, list]:
             ids = [str(x) for x in table.column(cfg.id_column).to_pylist()]
         else:
             ids = [f"{stem}-{row}" for row in range(start, stop)]
+        folder = resolve(loc.uri.rsplit("/", 1)[0])
         for j, (image_id, data, label, caption) in enumerate(zip(ids, images, labels, captions, strict=True)):
             error = "missing image bytes (null)" if data is None else None
+            if data is None and paths[j]:
+                data, error = _read_beside(folder, paths[j])
             _add(rows, image_id, cfg.uri, label, data or b"", f"{loc.uri}#{start + j}", error, caption)
     return rows
+
+
+def _image_struct(column: pa.ChunkedArray) -> tuple[list[bytes | None], list[str | None]]:
+    """The image struct of Hugging Face datasets, ``{"bytes": binary, "path": string}`` (``path``
+    optional) -> (bytes, path) per row; a null struct has neither."""
+    kind = column.type
+    data, paths = [], []
+    for chunk in column.chunks:
+        fields = dict(zip([kind.field(i).name for i in range(kind.num_fields)], chunk.flatten(), strict=True))
+        data += fields["bytes"].to_pylist()
+        path = fields.get("path")
+        named = path is not None and (pa.types.is_string(path.type) or pa.types.is_large_string(path.type))
+        paths += path.to_pylist() if named else [None] * len(chunk)
+    return data, paths
+
+
+def _read_beside(folder: Location, path: str) -> tuple[bytes, str | None]:
+    """An image struct's file, for a row whose bytes are null: ``path`` relative to the Parquet
+    file's folder -> (bytes, None), or (b"", the reason naming the path)."""
+    loc = folder.join(path)
+    try:
+        with loc.fs.open_input_stream(loc.path) as f:
+            return f.read(), None
+    except Exception as e:  # noqa: BLE001 - any read failure becomes an error row
+        return b"", f"missing image bytes (null) and its path {path!r} is unreadable: {type(e).__name__}: {e}"
 
 
 def _read_webdataset(shard: Shard) -> dict[str, list]:
