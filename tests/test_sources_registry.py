@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.sources import SourceConfig, list_shards, read_shard
 
@@ -117,3 +118,39 @@ def test_shard_ids_digests_json_and_rows_are_unchanged(tmp_path):
         shards, rows = BEFORE[name]
         assert [tuple(s) for s in fingerprint(cfg, tmp_path)] == shards, name
         assert rows_fingerprint(cfg, tmp_path) == rows, name
+
+
+def test_a_new_kind_is_one_registry_entry(monkeypatch):
+    """A made-up ``count://N`` source: listing, shards, digests, pieces and reads all go through its entry."""
+    from pipeline import sources
+    from pipeline.stages import shard_pieces
+
+    def list_items(cfg, files):
+        return [("n", i) for i in range(int(cfg.uri.split("://")[1]))], []
+
+    def read(shard):
+        rows = sources._empty_rows()
+        for _, start, stop in shard.items:
+            for i in range(start, stop):
+                sources._add(rows, f"count-{i}", shard.config.uri, i % 2, bytes([i]), f"count://{i}")
+        return rows
+
+    kind = sources.SourceKind(
+        "count", list_items, sources._pack_ranges, sources._cut_ranges, read, scheme="count"
+    )
+    monkeypatch.setitem(sources.SOURCE_KINDS, "count", kind)
+    shards = list_shards(SourceConfig(uri="count://7", shard_size=5))
+    assert [(s.kind, s.items, s.num_rows) for s in shards] == [
+        ("count", (("n", 0, 5),), 5),
+        ("count", (("n", 5, 7),), 2),
+    ]
+    pieces = shard_pieces(shards, task_rows=2)
+    assert [p.items for p in pieces] == [(("n", 0, 2),), (("n", 2, 4),), (("n", 4, 5),), (("n", 5, 7),)]
+    ids = [i for p in pieces for i in read_shard(p).column("image_id").to_pylist()]
+    assert ids == [f"count-{i}" for i in range(7)]
+    assert sources.class_words("count", ()) is None
+    monkeypatch.delitem(sources.SOURCE_KINDS, "count")
+    with pytest.raises(
+        ValueError, match="unknown source kind 'count'; known: mnist, moving-mnist, webdataset"
+    ):
+        read_shard(shards[0])
