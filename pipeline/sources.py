@@ -86,15 +86,15 @@ class SourceConfig:
     uri: str = "mnist://test"
     image_column: str = "image"  # Parquet: bytes, or a struct with a "bytes" field
     label_column: str = "label"  # Parquet: an integer column; absent -> no labels
-    # "" = no captions; else a "caption" column: Parquet: this string column; WebDataset: <key>.txt, else
-    # this key of <key>.json (a missing sidecar or key: a null caption)
-    caption_column: str = ""
     id_column: str = ""  # Parquet: image ids from this column instead of "<file>-<row>"
     shard_size: int = 1000
     limit: int = 0  # 0 = all; else the first N items in listing order
     # folders: the words naming a class (class_words): "names" = the folder name, "mnist" = for folders
     # named by a digit ("7") or its word ("seven"), the digit's word and numeral, as for mnist://
     label_words: str = "names"
+    # "" = no captions; else a "caption" column: Parquet: this string column; WebDataset: <key>.txt, else
+    # this key of <key>.json (a missing sidecar or key: a null caption)
+    caption_column: str = ""
 
     def __post_init__(self) -> None:
         if not self.uri:
@@ -116,8 +116,9 @@ class Shard:
     webdataset ``[[relpath, start, stop, offset, first key, broken key, broken reason], ...]`` (the last two
     "" unless the range ends with a tar's unreadable rest).
 
-    ``rows``: the listing's rows, kept (on the driver only: neither in the JSON nor in the digest) for
-    kinds whose pieces need each row's position (``SourceKind.keeps_rows``: a tar sample's byte offset).
+    ``listed``: the listing's items of these rows, kept (on the driver only: neither in the JSON nor in
+    the digest) for kinds whose pieces need each row's position (``SourceKind.keeps_listed``: a tar
+    sample's byte offset).
     """
 
     shard_id: str
@@ -128,7 +129,7 @@ class Shard:
     digest: str
     config: SourceConfig
     classes: tuple[str, ...] = ()
-    rows: tuple = field(default=(), repr=False, compare=False)
+    listed: tuple = field(default=(), repr=False, compare=False)
 
     def to_json(self) -> str:
         data = {
@@ -205,7 +206,7 @@ class SourceKind:
         _folder_words(classes, label_words)
     )
     captions: bool = False  # reads a caption per row when SourceConfig.caption_column asks
-    keeps_rows: bool = False  # cut needs the listing's rows (Shard.rows)
+    keeps_listed: bool = False  # cut needs the listing's items (Shard.listed)
 
 
 def source_kind(name: str) -> SourceKind:
@@ -222,18 +223,14 @@ def list_shards(cfg: SourceConfig) -> list[Shard]:
     """Deterministic: the same input gives the same shard ids, contents and digests."""
     by_scheme = {k.scheme: k for k in SOURCE_KINDS.values() if k.scheme}
     scheme = cfg.uri.split("://", 1)[0] if "://" in cfg.uri else ""
-    if scheme in by_scheme:
-        kind, root = by_scheme[scheme], cfg.uri
-        items, classes = kind.list_items(cfg, None)
-    else:
-        kind, files = _find_kind(resolve(cfg.uri), cfg)
-        root = files.root.uri
-        items, classes = kind.list_items(cfg, files)
+    kind, files = (by_scheme[scheme], None) if scheme in by_scheme else _find_kind(resolve(cfg.uri), cfg)
     if cfg.caption_column and not kind.captions:
         raise ValueError(
             f"caption_column={cfg.caption_column!r}: {kind.name} sources have no captions "
             f"(captions come from {', '.join(k.name for k in SOURCE_KINDS.values() if k.captions)})"
         )
+    root = cfg.uri if files is None else files.root.uri
+    items, classes = kind.list_items(cfg, files)
     if cfg.limit:
         items = items[: cfg.limit]
     if not items:
@@ -246,9 +243,9 @@ def list_shards(cfg: SourceConfig) -> list[Shard]:
         chunk = items[start : start + cfg.shard_size]
         packed = kind.pack(chunk)
         digest = _digest(kind, cfg, packed)
-        rows = tuple(chunk) if kind.keeps_rows else ()
+        listed = tuple(chunk) if kind.keeps_listed else ()
         shards.append(
-            Shard(f"{index:05d}", kind.name, root, packed, len(chunk), digest, cfg, tuple(classes), rows)
+            Shard(f"{index:05d}", kind.name, root, packed, len(chunk), digest, cfg, tuple(classes), listed)
         )
     return shards
 
@@ -274,8 +271,8 @@ def cut_shard(shard: Shard, start: int, stop: int) -> Shard | None:
     items = source_kind(shard.kind).cut(shard, start, stop)
     if items is None:
         return None
-    rows = shard.rows[start:stop] if shard.rows else ()
-    return dataclasses.replace(shard, items=tuple(items), num_rows=stop - start, rows=rows)
+    listed = shard.listed[start:stop]
+    return dataclasses.replace(shard, items=tuple(items), num_rows=stop - start, listed=listed)
 
 
 def mnist_class_words() -> list[list[str]]:
@@ -514,7 +511,7 @@ def _cut_ranges(shard: Shard, start: int, stop: int) -> tuple:
 
 def _cut_tar_ranges(shard: Shard, start: int, stop: int) -> tuple | None:
     """From the listing's samples (their byte offsets): None for a shard rebuilt from JSON."""
-    return _pack_tar_ranges(list(shard.rows[start:stop])) if shard.rows else None
+    return _pack_tar_ranges(list(shard.listed[start:stop])) if shard.listed else None
 
 
 def _digest(kind: SourceKind, cfg: SourceConfig, items: tuple) -> str:
@@ -781,7 +778,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
             exclusive=True,
             digest_keys=_caption_keys,
             captions=True,
-            keeps_rows=True,
+            keeps_listed=True,
         ),
         SourceKind(
             "parquet",

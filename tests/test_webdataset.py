@@ -132,7 +132,7 @@ def test_a_shard_is_cut_into_pieces_read_from_their_samples_offsets(img2dataset_
     pieces = stages.shard_pieces([shard], task_rows=2)
     assert [p.num_rows for p in pieces] == [2, 2, 2, 2, 1]
     assert {(p.shard_id, p.digest) for p in pieces} == {(shard.shard_id, shard.digest)}
-    offsets = [sample[2] for sample in shard.rows]  # (relpath, index, offset, key, reason) per sample
+    offsets = [sample[2] for sample in shard.listed]  # (relpath, index, offset, key, reason) per sample
     # each piece reads from its first sample's header: inside tar 1, then tar 2 from its start / inside
     assert [p.items[0][3] for p in pieces] == [0, offsets[2], offsets[4], offsets[6], -1]
     assert 0 < offsets[2] < offsets[4] and offsets[5] == 0 < offsets[6]
