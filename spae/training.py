@@ -65,6 +65,7 @@ from spae.losses import (
     LossConfig,
     PerceptualLoss,
     appearance_loss,
+    check_semantic_layers,
     discriminator_loss,
     dynamic_weight,
     generator_gan_loss,
@@ -291,6 +292,7 @@ class SPAETrainer:
                 f"SPAETrainer needs an SPAE (or a wrapper of one), got {type(self.core).__name__}"
             )
         self.disc = discriminator
+        check_semantic_layers(loss_cfg, self.core.pyramid.num_layers)
         self.loss_cfg = loss_cfg
         self.cfg = optim_cfg
         self.device = torch.device(device)
@@ -402,10 +404,9 @@ class SPAETrainer:
             fake = torch.cat(recons, 0)  # [P * b, C, H, W]
             terms = {
                 "reconstruction": torch.stack([reconstruction_loss(out.target, r) for r in recons]).mean(),
-                "commitment": out.quant.commitment.float(),
+                # every term the quantizer brings: commitment, and codebook for a learned table
+                **{name: loss.float() for name, loss in out.quant.losses.items()},
             }
-            if out.quant.codebook_loss.requires_grad:  # a learned table (vq): its only gradient
-                terms["codebook"] = out.quant.codebook_loss.float()
             if self.perceptual is not None:
                 terms["perceptual"] = self.perceptual.mean_distance(out.target, recons)
             if gan_active:

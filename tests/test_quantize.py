@@ -57,8 +57,8 @@ def test_saq_hand_computed():
     assert _at(p2, 1, 1) == pytest.approx([1.0, 1.0])
     # commitment (mean over positions and the c = 2 channels): layer 1 ||(1.8,.9)-(2,0)||^2 / 2 = .85 / 2;
     # layer 2 mean(.2, .04, 2, .65) / 2 = .7225 / 2
-    assert out.commitment.item() == pytest.approx((0.85 + 0.7225) / 2)
-    assert out.codebook_loss.item() == 0.0
+    assert out.losses["commitment"].item() == pytest.approx((0.85 + 0.7225) / 2)
+    assert set(out.losses) == {"commitment"}  # a frozen table: no codebook term
 
 
 def test_streaming_average_identity():
@@ -90,7 +90,7 @@ def test_rq_hand_computed():
     assert out.layer_inputs[1][0, 3].tolist() == pytest.approx([-0.2, 0.9])
     assert _at(out.prefix_latents[1], 1, 1) == pytest.approx([2.0, 0.0])  # e1 + e0, a sum
     # commitment: layer 1 .85 / 2; layer 2 mean(.2, .04, 2, ||(1.8,.9)-(2,0)||^2 = .85) / 2 = .7725 / 2
-    assert out.commitment.item() == pytest.approx((0.85 + 0.7725) / 2)
+    assert out.losses["commitment"].item() == pytest.approx((0.85 + 0.7725) / 2)
 
 
 def _codebook(codes: torch.Tensor) -> FrozenCodebook:
@@ -106,8 +106,8 @@ def test_vq_hand_computed_and_codebook_loss():
     assert out.ids[0].tolist() == [[[1]]] and out.ids[1].tolist() == [[[0, 2], [3, 2]]]
     # (sg(z_l) - e(k_l))^2 averaged over positions and c = 2: layer 1 .85 / 2;
     # layer 2 mean(.2, .04, 2, ||(1.6,1.8)-(0,2)||^2 = 2.6) / 2 = 1.21 / 2
-    assert out.codebook_loss.item() == pytest.approx((0.85 + 1.21) / 2)
-    out.codebook_loss.backward()
+    assert out.losses["codebook"].item() == pytest.approx((0.85 + 1.21) / 2)
+    out.losses["codebook"].backward()
     assert q.embedding.weight.grad is not None and q.embedding.weight.grad.abs().sum() > 0
     assert z.grad is None  # the codebook loss stops the gradient to the encoder
     # one-layer full-resolution pyramid = plain VQ-VAE: nearest code per position
@@ -146,7 +146,7 @@ def test_straight_through_gradients():
     assert torch.equal(z.grad, mask)  # only covered positions pass gradient
     z.grad = None
     out = q(z)
-    (out.commitment + out.layer_inputs[2].pow(2).sum()).backward()
+    (out.losses["commitment"] + out.layer_inputs[2].pow(2).sum()).backward()
     assert z.grad.abs().sum() > 0  # commitment and eq. 2's z_l carry gradient to the encoder
     assert not cb.embeddings.requires_grad and cb.embeddings.grad is None
     assert list(q.parameters()) == []  # the frozen codebook is never a Parameter

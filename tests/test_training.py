@@ -17,18 +17,21 @@ from spae.training import OptimConfig, SPAETrainer, _nonfinite, learning_rate
 V, C, K = 64, 16, 6  # codebook rows, dim, pool size
 
 
-def tiny_config(gan_weight: float = 0.1, alpha: float = 1.0) -> SPAEConfig:
+def tiny_config() -> SPAEConfig:
     return SPAEConfig(
         image_size=16,
         pyramid=PyramidConfig(latent_size=(4, 4), layer_sizes=((1, 1), (2, 2), (4, 4), (4, 4))),
         network=NetworkConfig.preset("tiny", latent_dim=C, channel_multipliers=(1, 2, 2)),
-        loss=LossConfig(
-            alpha=alpha,
-            semantic_layers=2,
-            thresholds=(0.9, 0.5),
-            gan_weight=gan_weight,
-            perceptual_weight=0.0,
-        ),
+    )
+
+
+def tiny_loss(gan_weight: float = 0.1, alpha: float = 1.0) -> LossConfig:
+    return LossConfig(
+        alpha=alpha,
+        semantic_layers=2,
+        thresholds=(0.9, 0.5),
+        gan_weight=gan_weight,
+        perceptual_weight=0.0,
     )
 
 
@@ -41,7 +44,7 @@ def make_trainer(seed: int = 0, gan_start: int = 0, **optim) -> SPAETrainer:
     ocfg = OptimConfig(
         **{"lr": 2e-3, "disc_lr": 1e-3, "warmup_steps": 0, "gan_start_step": gan_start, **optim}
     )
-    return SPAETrainer(model, disc, cfg.loss, ocfg, "cpu", seed=seed)
+    return SPAETrainer(model, disc, tiny_loss(), ocfg, "cpu", seed=seed)
 
 
 def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,9 +154,11 @@ def test_state_round_trip_gives_identical_next_step(tmp_path):
 
 def test_semantic_loss_off_without_alpha():
     torch.manual_seed(0)
-    cfg = tiny_config(gan_weight=0.0, alpha=0.0)
+    cfg = tiny_config()
     model = SPAE(cfg, FrozenCodebook.from_tensor(torch.randn(V, C)))
-    trainer = SPAETrainer(model, None, cfg.loss, OptimConfig(warmup_steps=0), "cpu")
+    trainer = SPAETrainer(
+        model, None, tiny_loss(gan_weight=0.0, alpha=0.0), OptimConfig(warmup_steps=0), "cpu"
+    )
     out = trainer.step(*batch())
     assert out["loss/semantic"] == 0.0 and out["w"] == 0.0
     assert out["loss/total"] == pytest.approx(out["loss/appearance"])
@@ -200,13 +205,12 @@ def test_the_vq_baselines_codebook_learns():
     """The learned table of the ``vq`` baseline gets the codebook loss ||sg(z) - e||^2: its rows move and the
     loss falls; frozen codebooks have no such term."""
     torch.manual_seed(0)
-    cfg = replace(
-        tiny_config(gan_weight=0.0, alpha=0.0), quantizer=QuantizerConfig(kind="vq", vq_codebook_size=32)
-    )
+    cfg = replace(tiny_config(), quantizer=QuantizerConfig(kind="vq", vq_codebook_size=32))
     model = SPAE(
         cfg, FrozenCodebook.from_tensor(torch.randn(V, C, generator=torch.Generator().manual_seed(1)))
     )
-    trainer = SPAETrainer(model, None, cfg.loss, OptimConfig(lr=2e-3, warmup_steps=0), "cpu", seed=0)
+    lcfg = tiny_loss(gan_weight=0.0, alpha=0.0)
+    trainer = SPAETrainer(model, None, lcfg, OptimConfig(lr=2e-3, warmup_steps=0), "cpu", seed=0)
     table = model.quantizer.embedding.weight
     before = table.detach().clone()
     images, ids, scores = batch()
