@@ -4,11 +4,15 @@ import pytest
 import torch
 
 from spae.codebook import FrozenCodebook
+from spae.config import ConfigError, from_dict
 from spae.pyramid import PyramidConfig, PyramidSpec
 from spae.quantize import (
+    KINDS,
     Quantizer,
     QuantizerConfig,
+    QuantizerKind,
     nearest_codes,
+    register_kind,
     rq_quantize,
     saq_quantize,
 )
@@ -199,3 +203,72 @@ def test_latent_shape_errors():
         saq_quantize(torch.randn(1, 2, 3, 3), CODES, _pyr())
     with pytest.raises(ValueError, match="codebook dim"):
         saq_quantize(torch.randn(1, 3, 2, 2), CODES, _pyr())
+
+
+# ----------------------------------------------------------------------------- kinds and search as config
+
+
+def test_kinds_are_registry_entries():
+    assert {k: (v.target, v.table) for k, v in KINDS.items()} == {
+        "saq": ("average", "frozen"),
+        "rq": ("residual", "frozen"),
+        "vq": ("average", "learned"),
+    }
+    with pytest.raises(ValueError, match=r"'nope' is not a registered kind; registered: saq, rq, vq"):
+        QuantizerConfig(kind="nope")
+    with pytest.raises(ConfigError, match="quantizer.kind 'nope'"):
+        from_dict(QuantizerConfig, {"kind": "nope"}, "quantizer")
+    with pytest.raises(ValueError, match="already registered"):
+        register_kind(QuantizerKind("saq", "average", "frozen"))
+    with pytest.raises(ValueError, match="target 'mean'"):
+        QuantizerKind("x", "mean", "frozen")
+
+
+def test_a_registered_kind_builds_from_its_entry_alone():
+    """A test-only kind (residual walk over a learned table) is one registry entry: the Quantizer gives it
+    a learned table, the residual target (Ẑ<=l = sum of codes) and the codebook loss."""
+    register_kind(QuantizerKind("rvq-test", "residual", "learned"))
+    try:
+        q = Quantizer(
+            QuantizerConfig(kind="rvq-test", vq_codebook_size=4), _pyr(), _codebook(torch.zeros(4, 2))
+        )
+        with torch.no_grad():
+            q.embedding.weight.copy_(CODES)
+        out = q(_z())
+        ref = rq_quantize(_z(), CODES, _pyr())  # the same walk over the same (here: copied) table
+        assert all(torch.equal(a, b) for a, b in zip(out.ids, ref.ids, strict=True))
+        assert set(out.losses) == {"commitment", "codebook"} and out.losses["codebook"].requires_grad
+        torch.testing.assert_close(q.lookup(out.ids, 2), ref.prefix_latents[1])
+    finally:
+        del KINDS["rvq-test"]
+    with pytest.raises(ValueError, match="rvq-test"):
+        QuantizerConfig(kind="rvq-test")
+
+
+def test_chunked_and_auto_search_give_the_same_ids_on_cpu():
+    torch.manual_seed(5)
+    spec = PyramidSpec(PyramidConfig.mnist())
+    cb = _codebook(torch.randn(300, 32))
+    z = torch.randn(3, 32, 8, 8)
+    ids = {}
+    for search in ("auto", "chunked"):
+        q = Quantizer(QuantizerConfig(search=search, search_chunk=64), spec, cb)
+        ids[search] = (q(z).ids, q.encode_ids(z))
+    for a, b in zip(ids["auto"][0] + ids["auto"][1], ids["chunked"][0] + ids["chunked"][1], strict=True):
+        assert torch.equal(a, b)
+    x, e = torch.randn(50, 32), torch.randn(300, 32)
+    assert torch.equal(nearest_codes(x, e, 64)[0], nearest_codes(x, e, 64, search="chunked")[0])
+
+
+@pytest.mark.parametrize("search", ["fused", "fused-tiled"])
+def test_a_fused_search_where_it_cannot_run_is_an_error(search):
+    """An explicit fused kernel on the CPU (or a fp32 table) is refused with the reason, never a silent
+    fallback to the chunked search."""
+    x, e = torch.randn(4, 32), torch.randn(64, 32)
+    with pytest.raises(ValueError, match=rf"search='{search}' needs the fused Triton kernel.*cpu tensors"):
+        nearest_codes(x, e, search=search)
+    q = Quantizer(QuantizerConfig(search=search), _pyr(), _codebook(torch.randn(8, 2)))
+    with pytest.raises(ValueError, match="float32 table of dim 2"):
+        q.encode_ids(_z())
+    with pytest.raises(ValueError, match="quantizer.search 'fast'"):
+        QuantizerConfig(search="fast")
