@@ -3,7 +3,9 @@
 ``SPAETrainer.step(images, pool_ids, pool_scores)`` does, in this order:
 
 1. the generator step: the model on the batch, every covering prefix decoded; eq. 8 terms
-   (pixel L2 averaged over prefixes, beta x commitment, lambda x GAN and eta x perceptual once on),
+   (pixel L2 averaged over prefixes, every term of the quantizer's ``losses``: beta x commitment and,
+   for a learned table, the codebook loss; lambda x GAN and eta x perceptual once on; each times its
+   ``LossConfig.weights`` entry, a term without one is an error),
    eq. 7 on layers 1..D' with a target sampled per latent position from the pool candidates of
    eq. 4, the dynamic weight ``w = sg(L_app / L_sem)`` and eq. 9; backward, gradient clipping;
 2. once ``step >= gan_start_step`` (and lambda > 0), a discriminator step: logistic loss on real
