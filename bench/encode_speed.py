@@ -5,7 +5,8 @@ Model: the paper preset with ``network.latent_dim=768`` and a random frozen 65,5
 (random weights: same FLOPs), batch 256 of random images already on the device. Variants:
 
 - ``before``: the encode of the first GPU measurement: fp32 eager encoder, the training forward's SAQ
-  walk (``Quantizer.forward``: prefixes, commitment) and the first fused kernel (``SPAE_FUSED_KERNEL=tiled``);
+  walk (``Quantizer.forward``: prefixes, commitment) and the first fused kernel
+  (``quantizer.search=fused-tiled``);
 - ``fp32 eager``: ``encode`` with ``EncodeOptions(compile=False)``: the lean walk (``walk_ids``) and the
   persistent kernel; its tokens are the reference the others are compared with (per layer);
 - ``bf16 eager``, ``fp32 compiled``, ``bf16 compiled``: ``EncodeOptions(dtype=..., compile=...)``;
@@ -21,26 +22,28 @@ Then the parts: the encoder alone per option, the lean walk alone and the traini
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
 from bench.common import device_line, pick_device, time_fn, write_json
-from bench.tokenize_stage import tokenizer_and_images  # the paper-preset tokenizer, random codebook
+from bench.tokenize_stage import search_as, tokenizer_and_images  # the paper preset, random codebook
 from spae.tokenizer import EncodeOptions, SPAETokenizer
 
 
 @torch.no_grad()
 def encode_before(tok: SPAETokenizer, images: torch.Tensor) -> list[torch.Tensor]:
-    """The encode measured first: fp32 encoder, the training walk, the tiled fused kernel."""
-    os.environ["SPAE_FUSED_KERNEL"] = "tiled"
-    try:
+    """The encode measured first: fp32 encoder, the training walk, the tiled fused kernel (on CUDA; the
+    chunked search elsewhere)."""
+    with search_as(tok, tiled_search(tok.device)):
         z = tok.model.encode_latent(images)
         return [k.cpu() for k in tok.model.quantizer(z).ids]
-    finally:
-        del os.environ["SPAE_FUSED_KERNEL"]
+
+
+def tiled_search(device: torch.device) -> str:
+    """The first fused kernel where the fused search runs (CUDA), else the chunked search."""
+    return "fused-tiled" if device.type == "cuda" else "chunked"
 
 
 def top_kernels(fn, device: torch.device, rows: int = 14) -> list[dict]:
@@ -155,9 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             q = tok.model.quantizer
             record("lean walk + search", lambda: q.encode_ids(z))
             record("training walk + search", lambda: q(z).ids)
-            os.environ["SPAE_FUSED_KERNEL"] = "tiled"
-            record("training walk, tiled kernel", lambda: q(z).ids)
-            del os.environ["SPAE_FUSED_KERNEL"]
+            with search_as(tok, tiled_search(device)):
+                record("training walk, tiled kernel", lambda: q(z).ids)
     if args.profile and device.type == "cuda":
         for name in dict.fromkeys(["fp32 eager", fastest]):
             print(f"profile: encode, {name}")

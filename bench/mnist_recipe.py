@@ -3,8 +3,8 @@
 Trains the ``mnist`` preset with the library's own trainer (``spae.training``, no Ray) on the vocab
 and pools tables a demo run wrote (``spae demo output=DIR``), then evaluates held-out digits:
 PSNR per covering prefix and the share of digits whose layer-1 word is the digit's word or numeral.
-Each variant is a ``key=value`` list of SPAEConfig overrides; the first is the baseline and every
-other one is reported against it (PSNR difference in dB).
+Each variant is a ``key=value`` list of SPAEConfig overrides (``loss.*``: LossConfig overrides); the
+first is the baseline and every other one is reported against it (PSNR difference in dB).
 
     python bench/mnist_recipe.py --data spae-output --steps 1200 --variant loss.alpha=0 --variant ""
 """
@@ -23,6 +23,7 @@ import torch
 from spae.codebook import FrozenCodebook
 from spae.config import load_config, to_dict
 from spae.data import MNIST_CLASS_WORDS, load_mnist, mnist_images
+from spae.losses import LossConfig, loss_preset
 from spae.metrics import label_word_accuracy, psnr
 from spae.model import SPAE, SPAEConfig, preset
 from spae.networks import Discriminator
@@ -60,13 +61,16 @@ def read_codebook(folder: str) -> FrozenCodebook:
 
 
 def run_variant(args: argparse.Namespace, overrides: list[str], codebook, data, test) -> dict:
-    cfg = load_config(SPAEConfig, overrides=overrides, base=to_dict(preset("mnist")))
+    model_over = [o for o in overrides if not o.startswith("loss.")]
+    loss_over = [o.removeprefix("loss.") for o in overrides if o.startswith("loss.")]
+    cfg = load_config(SPAEConfig, overrides=model_over, base=to_dict(preset("mnist")))
+    lcfg = load_config(LossConfig, overrides=loss_over, base=to_dict(loss_preset("mnist")))
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model = SPAE(cfg, codebook).to(device)
     disc = Discriminator(cfg.network, cfg.image_channels, cfg.image_size).to(device)
     optim = OptimConfig(lr=args.lr, warmup_steps=100, cooldown_steps=args.steps // 6, total_steps=args.steps)
-    trainer = SPAETrainer(model, disc, cfg.loss, optim, device, seed=args.seed)
+    trainer = SPAETrainer(model, disc, lcfg, optim, device, seed=args.seed)
     images, ids, scores = data
     g = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
@@ -102,7 +106,7 @@ def run_variant(args: argparse.Namespace, overrides: list[str], codebook, data, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a demo output folder (vocab/, pools-train/)")
-    p.add_argument("--variant", action="append", default=[], help="space-separated SPAEConfig overrides")
+    p.add_argument("--variant", action="append", default=[], help="SPAEConfig / loss.* overrides")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -4,7 +4,7 @@ Shape: ``images x 597`` positions (the paper pyramid 1+4+16+64+256+256) against 
 codebook, bf16 operands, fp32 distances. FLOPs = 2 n v c. Variants, all timed in the same run:
 
 - ``gemm``: the bare ``x @ E.T`` (bf16 out), the ceiling;
-- ``chunked``: ``nearest_codes(..., fused=False)``, GEMM per chunk + fp32 distances + running min;
+- ``chunked``: ``nearest_codes(..., search="chunked")``, GEMM per chunk + fp32 distances + running min;
 - ``fused-tiled``: the first Triton kernel (grid of row blocks x splits, autotuned tile);
 - ``fused``: the persistent Triton kernel (``spae.quantize.FUSED_SEARCH``, the default on CUDA);
 - with ``--sweep``: the persistent kernel over a list of tile / stage / TMA configurations.
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     record("gemm", lambda: x @ e.T)
-    record("chunked", lambda: nearest_codes(x, e, args.chunk, e_sq, fused=False))
-    ids_c, d_c = nearest_codes(x, e, args.chunk, e_sq, fused=False)
+    record("chunked", lambda: nearest_codes(x, e, args.chunk, e_sq, search="chunked"))
+    ids_c, d_c = nearest_codes(x, e, args.chunk, e_sq, search="chunked")
     if not fused_search_available(x, e):
         print("fused: not available here (needs CUDA, triton and a bf16/fp16 table)")
     else:
@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{results[name]['same_ids_as_chunked']:.4%}; largest picked-distance gap "
                 f"{results[name]['max_dist_gap']:.2e}"
             )
-        from spae import quantize
+        from spae.quantize import kernels
 
-        print(f"fused-tiled: autotuned config {getattr(quantize._argmin_tuned, 'best_config', None)}")
+        print(f"fused-tiled: autotuned config {getattr(kernels._argmin_tuned, 'best_config', None)}")
         print(f"fused (default): {FUSED_SEARCH}")
     gemm = results["gemm"]["tflops"]
     fused = {k: r for k, r in results.items() if k.startswith(("fused", "p")) and r.get("exact")}

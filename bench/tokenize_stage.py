@@ -4,7 +4,7 @@ Model: the paper preset with ``network.latent_dim=768`` and a random frozen 65,5
 (random weights: same FLOPs). Variants of the bare loop (images already on the GPU, float [0, 1]):
 
 - ``encode``: ``SPAETokenizer.encode`` as it is (fp32 encoder, the search in bf16: fused kernel);
-- ``encode, chunked search``: the same with ``SPAE_FUSED_SEARCH=0`` (GEMM per chunk + running min);
+- ``encode, chunked search``: the same with ``quantizer.search=chunked`` (GEMM per chunk + running min);
 - ``bf16 encoder``: the encoder under bf16 autocast (channels-last), ``z`` cast back to fp32 before
   the SAQ walk; tokens compared with ``encode``'s (share of identical tokens per layer).
 
@@ -22,10 +22,11 @@ are printed. Ratios: Ray / bare encode (the goal, >= 0.85), Ray / stage loops.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -73,6 +74,18 @@ def tokenizer_and_images(args, device, note: str = "") -> tuple[SPAETokenizer, t
     )
     g = torch.Generator(device=device).manual_seed(0)
     return tok, torch.rand(args.batch, 3, size, size, device=device, generator=g)
+
+
+@contextmanager
+def search_as(tok: SPAETokenizer, search: str) -> Iterator[None]:
+    """``tok`` with ``QuantizerConfig.search=search`` inside the block (e.g. ``chunked``, ``fused-tiled``)."""
+    q = tok.model.quantizer
+    cfg = q.cfg
+    q.cfg = replace(cfg, search=search)
+    try:
+        yield
+    finally:
+        q.cfg = cfg
 
 
 @torch.no_grad()
@@ -168,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     same: list[float] = []
     fast = None
     if not args.stage_only:
-        os.environ["SPAE_FUSED_SEARCH"] = "0"
-        record("encode, chunked search", lambda: tok.encode(images))
-        os.environ.pop("SPAE_FUSED_SEARCH")
+        with search_as(tok, "chunked"):
+            record("encode, chunked search", lambda: tok.encode(images))
         tok_cl = tok.to(memory_format=torch.channels_last)
         images_cl = images.contiguous(memory_format=torch.channels_last)
         fast = record("bf16 encoder (+channels-last)", lambda: encode_bf16(tok_cl, images_cl))

@@ -52,10 +52,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from bench.common import device_line, peak_tflops, pick_device, random_codebook, smooth_images, write_json
-from spae.losses import LossConfig
+from spae.losses import LossConfig, loss_preset
 from spae.model import SPAE, preset
 from spae.networks import Discriminator, NetworkConfig
-from spae.quantize import QuantizerConfig
 from spae.training import OptimConfig, SPAETrainer
 
 CURVE_KEYS = ("loss/total", "loss/reconstruction", "loss/semantic", "loss/commitment")
@@ -70,6 +69,7 @@ class Variant:
     channels_last: bool = False
     read_every_step: bool = False
     perturb: float = 0.0  # > 0: initial weights x (1 + perturb N(0, 1)), the fp32 noise floor
+    search: str = "auto"  # QuantizerConfig.search: "chunked" keeps every GEMM visible to a FLOP counter
 
 
 def build(args, device) -> tuple[SPAE, Discriminator]:
@@ -77,7 +77,6 @@ def build(args, device) -> tuple[SPAE, Discriminator]:
     torch.manual_seed(0)
     if args.smoke:
         cfg = preset("tiny")
-        cfg = replace(cfg, loss=LossConfig(semantic_layers=2, thresholds=(0.98, 0.95)))
         codebook = random_codebook(args.vocab, cfg.network.latent_dim)
     else:
         base = preset("paper")
@@ -87,6 +86,11 @@ def build(args, device) -> tuple[SPAE, Discriminator]:
     disc = Discriminator(cfg.network, cfg.image_channels, cfg.image_size)
     model.match_latent_to_codebook(smooth_images(8, cfg.image_size, 12345, torch.device("cpu")))
     return model, disc
+
+
+def loss_config(model: SPAE) -> LossConfig:
+    """The loss of the preset ``build`` took: ``tiny`` (--smoke, 16px images) or ``paper``."""
+    return loss_preset("tiny" if model.cfg.image_size == preset("tiny").image_size else "paper")
 
 
 def batch(step: int, b: int, size: int, vocab: int, device, channels_last: bool):
@@ -107,9 +111,10 @@ def make_trainer(
     """A trainer on copies of the weights. ``fast``: the trainer's defaults for ``device``; else the fp32
     baseline (no autocast, fp32 search, full-fp32 matmuls, foreach Adam)."""
     model = copy.deepcopy(model0)
-    search = "bfloat16" if v.fast else "float32"
-    model.cfg = replace(model.cfg, quantizer=replace(model.cfg.quantizer, search_dtype=search))
-    model.quantizer.cfg = QuantizerConfig(**{**model.quantizer.cfg.__dict__, "search_dtype": search})
+    dtype = "bfloat16" if v.fast else "float32"
+    qcfg = replace(model.cfg.quantizer, search_dtype=dtype, search=v.search)
+    model.cfg = replace(model.cfg, quantizer=qcfg)
+    model.quantizer.cfg = qcfg
     disc = copy.deepcopy(disc0)
     if v.perturb:
         g = torch.Generator().manual_seed(7)
@@ -128,7 +133,7 @@ def make_trainer(
         channels_last="on" if v.channels_last else "off",
     )
     amp = "auto" if v.fast else None
-    trainer = SPAETrainer(model, disc, model.cfg.loss, optim, device, amp_dtype=amp, seed=0, rank=rank)
+    trainer = SPAETrainer(model, disc, loss_config(model), optim, device, amp_dtype=amp, seed=0, rank=rank)
     if not v.fast:  # PyTorch's default Adam (foreach): the plain baseline
         kw = {"betas": optim.betas, "weight_decay": optim.weight_decay, "foreach": True}
         params = [p for p in model.parameters() if p.requires_grad]
@@ -227,12 +232,10 @@ def count_flops(args, b: int, model0, disc0, device) -> float:
     """FLOPs of one training step (fp32 eager, chunked search so every GEMM is visible to the counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    os.environ["SPAE_FUSED_SEARCH"] = "0"
-    trainer = make_trainer(Variant("count"), model0, disc0, device, args.warmup)
+    trainer = make_trainer(Variant("count", search="chunked"), model0, disc0, device, args.warmup)
     images, ids, scores = batch(0, b, model0.cfg.image_size, len(model0.codebook), device, False)
     with FlopCounterMode(display=False) as fc:
         trainer.step(images, ids, scores)["loss/total"]  # noqa: B018
-    os.environ.pop("SPAE_FUSED_SEARCH")
     del trainer
     return float(fc.get_total_flops())
 

@@ -45,6 +45,7 @@ from bench.mnist_recipe import read_codebook
 from spae.codebook import FrozenCodebook
 from spae.config import load_config, to_dict
 from spae.data import MNIST_CLASS_WORDS
+from spae.losses import LossConfig, loss_preset
 from spae.metrics import label_word_accuracy, psnr, ssim
 from spae.model import SPAE, SPAEConfig, preset
 from spae.networks3d import Discriminator3D
@@ -181,11 +182,12 @@ def train_and_evaluate(
 ) -> dict:
     device = torch.device(args.device)
     clips, ids, scores = data
+    lcfg = load_config(LossConfig, overrides=args.loss, base=to_dict(loss_preset("moving-mnist")))
     torch.manual_seed(args.seed)  # as the train job: model, then discriminator, from the seed
     model = SPAE(cfg, codebook).to(device)
     disc = (
         Discriminator3D(cfg.network, cfg.image_channels, cfg.image_size, cfg.num_frames).to(device)
-        if cfg.loss.gan_weight
+        if lcfg.gan_weight
         else None
     )
     optim = load_config(
@@ -198,7 +200,7 @@ def train_and_evaluate(
             "total_steps": args.steps,
         },
     )
-    trainer = SPAETrainer(model, disc, cfg.loss, optim, device, seed=args.seed)
+    trainer = SPAETrainer(model, disc, lcfg, optim, device, seed=args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
     record: dict[str, Any] = {
         "bench": "video_preset",
@@ -216,6 +218,7 @@ def train_and_evaluate(
             "eval_clips": len(test[0]),
             "optim_overrides": args.optim,
             "model_overrides": args.model,
+            "loss_overrides": args.loss,
         },
         "completed": False,
         "evaluations": [],
@@ -305,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=50)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--model", action="append", default=[], help="SPAEConfig override key=value")
+    p.add_argument("--loss", action="append", default=[], help="LossConfig override key=value")
     p.add_argument("--optim", action="append", default=[], help="OptimConfig override key=value")
     p.add_argument("--clip-cache", default="", help="keep the generated clips here (.npy)")
     p.add_argument("--commit", default="", help="the code's commit (default: git rev-parse where spae is)")

@@ -134,7 +134,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
             "train",
             {
                 "preset": cfg.dataset,
-                "model": {"loss": {"alpha": cfg.alpha}},
+                "loss": {"alpha": cfg.alpha},
                 "data": {
                     "images": train_src,
                     "pools": str(out / "pools-train"),

@@ -27,7 +27,7 @@ examples:
 Presets (preset=...): tiny (tests), mnist (default: 32x32, 8x8 latent, layers 1,2,4,8,8), paper
 (128x128, 16x16 latent, layers 1,2,4,8,16,16); video (model.num_frames > 0: the source must give clips,
 the GAN uses Discriminator3D, PSNR/SSIM are over frames): tiny3d (tests), moving-mnist (16 frames of
-32x32), kinetics (16 frames of 128x128). The preset fills `model`; the config file and
+32x32), kinetics (16 frames of 128x128). The preset fills `model` and `loss`; the config file and
 key=value overrides are applied on top. Running again with the same name and storage resumes from
 the latest checkpoint and continues the same MLflow run.
 """

@@ -66,6 +66,7 @@ from pipeline.storage import resolve
 from pipeline.tracking import MlflowConfig, resolve_tracking_uri
 from pipeline.video import decode_size
 from spae.config import from_dict, to_dict
+from spae.losses import LossConfig, check_semantic_layers, loss_preset
 from spae.model import SPAEConfig
 from spae.training import OptimConfig
 
@@ -98,6 +99,7 @@ class TrainDataConfig:
 class TrainJobConfig:
     preset: str = "mnist"  # defaults of ``model`` (spae.model.preset); resolved by the job entry
     model: SPAEConfig = field(default_factory=SPAEConfig)
+    loss: LossConfig = field(default_factory=lambda: loss_preset("mnist"))  # the preset's (preset_base)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=100, cooldown_steps=200))
     steps: int = 2000
@@ -142,6 +144,7 @@ class TrainJobConfig:
             raise ValueError("num_workers must be >= 1 and cpus_per_worker > 0")
         if not self.name or "/" in self.name:
             raise ValueError(f"name {self.name!r} must be a non-empty run name without '/'")
+        check_semantic_layers(self.loss, len(self.model.pyramid.layer_sizes))
         if not self.optim.total_steps:  # the schedule's cooldown ends with the job
             object.__setattr__(self, "optim", replace(self.optim, total_steps=self.steps))
         if self.optim.cooldown_steps > self.optim.total_steps:
@@ -151,10 +154,11 @@ class TrainJobConfig:
 
 
 def preset_base(name: str) -> dict[str, Any]:
-    """The config layer a preset contributes: ``{"preset": name, "model": <preset model config>}``."""
+    """The config layer a preset contributes: ``{"preset": name, "model": <preset model config>, "loss":
+    <preset loss config>}``."""
     from spae.model import preset
 
-    return {"preset": name, "model": to_dict(preset(name))}
+    return {"preset": name, "model": to_dict(preset(name)), "loss": to_dict(loss_preset(name))}
 
 
 # ----------------------------------------------------------------------------- data
@@ -357,7 +361,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     codebook = vocab.codebook()  # checks the card's hash: the exact rows the pools refer to
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     core = SPAE(cfg.model, codebook)
-    lcfg = cfg.model.loss
+    lcfg = cfg.loss
     disc = build_discriminator(cfg.model) if lcfg.gan_weight else None
     perceptual = PerceptualLoss(lcfg.perceptual_weights).to(device) if lcfg.perceptual_enabled else None
     # DDP when world > 1. No buffer broadcast per step: the only buffer is the frozen codebook, which
@@ -538,7 +542,7 @@ def run_train_job(cfg: TrainJobConfig, log: Any = print) -> TrainJobResult:
         if cfg.mlflow.enabled
         else cfg.mlflow
     )
-    log(f"train: {cfg.name}: {cfg.model.loss.describe()}")
+    log(f"train: {cfg.name}: {cfg.loss.describe()}")
     log(
         f"train: {len(shards)} image shards, codebook {card['codebook']['hash'][:12]} ({card['rows']} rows), "
         f"{cfg.num_workers} workers x batch {cfg.batch_size}, {cfg.steps} steps -> {storage.uri}/{cfg.name}"

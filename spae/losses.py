@@ -31,6 +31,7 @@ class LossConfig:
     gan_weight: float = 0.1  # lambda, eq. 8
     perceptual_weight: float = 0.1  # eta, eq. 8
     lecam_weight: float = 1e-4  # phi, eq. 8
+    codebook_weight: float = 1.0  # VQ-VAE codebook loss of a learned table (not in eq. 8: frozen there)
     semantic_layers: int = 5  # D': layers 1..D' get the semantic loss
     thresholds: tuple[float, ...] = (0.98, 0.95, 0.9, 0.85, 0.8)  # rho_l, eq. 4 (len == semantic_layers)
     semantic_temperature: float = 1.0  # logits = -||z_l - e||^2 / T; T = 1 is eq. 7 as printed
@@ -50,9 +51,21 @@ class LossConfig:
             raise ValueError(f"semantic_temperature={self.semantic_temperature} must be > 0")
         if not 0.0 <= self.lecam_ema_decay < 1.0:
             raise ValueError(f"lecam_ema_decay={self.lecam_ema_decay} must be in [0, 1)")
-        weights = (self.alpha, self.beta, self.gan_weight, self.perceptual_weight, self.lecam_weight)
-        if min(weights) < 0 or self.max_dynamic_weight < 0:
+        if min(self.weights.values()) < 0 or min(self.alpha, self.max_dynamic_weight) < 0:
             raise ValueError("loss weights must be >= 0")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The weight of every named appearance term (eq. 8), in the order they are summed. A term
+        without a weight here is an error in ``appearance_loss``, never dropped."""
+        return {
+            "reconstruction": 1.0,  # ||I - Î||^2
+            "commitment": self.beta,  # beta sum_l ||Z - sg(Ẑ<=l)||^2
+            "codebook": self.codebook_weight,  # ||sg(z_l) - e(k_l)||^2 (learned tables)
+            "gan": self.gan_weight,  # lambda L_GAN
+            "perceptual": self.perceptual_weight,  # eta L_Perceptual
+            "lecam": self.lecam_weight,  # phi L_LeCAM
+        }
 
     @property
     def perceptual_enabled(self) -> bool:
@@ -72,6 +85,35 @@ class LossConfig:
             f"losses: L2 + beta={self.beta} x commitment, GAN lambda={self.gan_weight}, {perceptual}, "
             f"LeCAM phi={self.lecam_weight}; semantic alpha={self.alpha} on layers 1..{self.semantic_layers} "
             f"(rho={list(self.thresholds)}, T={self.semantic_temperature}), {w}"
+        )
+
+
+_SEMANTIC_12 = {"semantic_layers": 2, "thresholds": (0.98, 0.95)}
+# per model preset (spae.model.PRESETS): the loss a run of that preset starts from. The small presets put
+# the semantic loss on layers 1-2 (on layers 1-3 the mnist model loses ~1.5 dB, docs/RESULTS.md); the
+# paper's layouts keep eq. 4's five thresholds.
+_PRESET_LOSSES: dict[str, dict] = {
+    "tiny": _SEMANTIC_12,
+    "mnist": _SEMANTIC_12,
+    "paper": {},
+    "tiny3d": _SEMANTIC_12,
+    "moving-mnist": _SEMANTIC_12,
+    "kinetics": {},
+}
+
+
+def loss_preset(name: str) -> LossConfig:
+    """The training loss defaults of model preset ``name`` (``spae.model.preset``)."""
+    if name not in _PRESET_LOSSES:
+        raise ValueError(f"unknown SPAE preset {name!r}; allowed: {', '.join(_PRESET_LOSSES)}")
+    return LossConfig(**_PRESET_LOSSES[name])
+
+
+def check_semantic_layers(cfg: LossConfig, num_layers: int) -> None:
+    """Eq. 7 applies to layers 1..D': D' must not exceed the pyramid's ``num_layers``."""
+    if cfg.semantic_layers > num_layers:
+        raise ValueError(
+            f"loss.semantic_layers={cfg.semantic_layers} exceeds the pyramid's {num_layers} layers"
         )
 
 
@@ -318,31 +360,25 @@ class PerceptualLoss(nn.Module):
 
 
 def appearance_loss(terms: dict[str, Tensor], cfg: LossConfig) -> Tensor:
-    """Eq. 8 from its named terms: required ``reconstruction`` and ``commitment`` (the quantizer's
-    sum over prefixes); ``gan``, ``perceptual`` and ``lecam`` are added when present, and ``codebook``
-    (``||sg(z) - e||^2``, VQ-VAE's codebook loss, weight 1) for a learned codebook (the ``vq`` baseline).
+    """Eq. 8 from its named terms: the sum of every term times its weight in ``cfg.weights``.
+    ``reconstruction`` and ``commitment`` are required; the quantizer's ``losses`` bring their own
+    (``codebook`` for a learned table), the trainer ``gan`` and ``perceptual`` once on. A term with no
+    weight in the config is an error naming it: no loss is silently dropped.
 
     LeCAM regularises the discriminator; the usual place for it is ``discriminator_total``.
     """
     missing = {"reconstruction", "commitment"} - set(terms)
     if missing:
         raise KeyError(f"appearance_loss needs terms {sorted(missing)}; got {sorted(terms)}")
-    unknown = set(terms) - {"reconstruction", "commitment", "codebook", "gan", "perceptual", "lecam"}
-    if unknown:
-        raise KeyError(f"unknown appearance terms {sorted(unknown)}")
-    # ||I - Î||^2 + beta sum_l ||Z - sg(Z_<=l)||^2 (eq. 8)
-    loss = terms["reconstruction"] + cfg.beta * terms["commitment"]
-    if "codebook" in terms:
-        loss = (
-            loss + terms["codebook"]
-        )  # + ||sg(z) - e||^2: moves a learned table (not in eq. 8: frozen there)
-    if "gan" in terms:
-        loss = loss + cfg.gan_weight * terms["gan"]  # + lambda L_GAN
-    if "perceptual" in terms:
-        loss = loss + cfg.perceptual_weight * terms["perceptual"]  # + eta L_Perceptual
-    if "lecam" in terms:
-        loss = loss + cfg.lecam_weight * terms["lecam"]  # + phi L_LeCAM
-    return loss
+    weights = cfg.weights
+    unweighted = [k for k in terms if k not in weights]
+    if unweighted:
+        raise KeyError(
+            f"appearance terms {unweighted} have no weight in the loss config (weighted terms: "
+            f"{', '.join(weights)})"
+        )
+    # ||I - Î||^2 + beta sum_l ||Z - sg(Ẑ<=l)||^2 + lambda L_GAN + eta L_Perceptual (+ phi L_LeCAM), eq. 8
+    return sum(weights[k] * terms[k] for k in weights if k in terms)
 
 
 def discriminator_total(real_logits: Tensor, fake_logits: Tensor, ema: LeCAMEMA, cfg: LossConfig) -> Tensor:

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spae.codebook import NUMBER_WORDS, CodebookConfig, FrozenCodebook, read_word_list
-from spae.losses import LossConfig
 from spae.networks import Decoder, Encoder, NetworkConfig
 from spae.networks3d import Decoder3D, Encoder3D
 from spae.pyramid import PyramidConfig, PyramidSpec
@@ -39,9 +38,8 @@ class SPAEConfig:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     network: NetworkConfig = field(default_factory=lambda: NetworkConfig.preset("mnist"))
-    loss: LossConfig = field(
-        default_factory=lambda: LossConfig(semantic_layers=4, thresholds=(0.98, 0.95, 0.9, 0.85))
-    )
+    # no training settings here: this config travels with the tokenizer (encode / decode) and enters
+    # its fingerprint; the loss is the trainer's (spae.losses.LossConfig, spae.losses.loss_preset)
 
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.image_channels < 1:
@@ -79,11 +77,6 @@ class SPAEConfig:
                 f"pyramid.latent_size={tuple(self.pyramid.latent_size)} but the encoder maps "
                 f"{what} to a {latent} latent (downsample factor {f})"
             )
-        layers = len(self.pyramid.layer_sizes)
-        if self.loss.semantic_layers > layers:
-            raise ValueError(
-                f"loss.semantic_layers={self.loss.semantic_layers} exceeds the pyramid's {layers} layers"
-            )
 
     @property
     def latent_size(self) -> tuple[int, ...]:
@@ -113,15 +106,12 @@ def preset(name: str) -> SPAEConfig:
             pyramid=PyramidConfig(latent_size=(4, 4), layer_sizes=((1, 1), (2, 2), (4, 4), (4, 4))),
             codebook=CodebookConfig(top_n=512),
             network=NetworkConfig.preset("tiny", latent_dim=384, channel_multipliers=(1, 2, 2)),
-            loss=LossConfig(semantic_layers=2, thresholds=(0.98, 0.95)),
         )
-    if name == "mnist":  # 4,096 MiniLM words, the number words and numerals always kept; semantic loss on
-        # layers 1-2 (5 of the 64 positions): on layers 1-3 it costs ~1.5 dB, see docs/RESULTS.md
+    if name == "mnist":  # 4,096 MiniLM words, the number words and numerals always kept;
         # 16 base channels: a quarter of the FLOPs of 32 for ~0.7 dB (docs/RESULTS.md), so the CPU demo fits
         return SPAEConfig(
             codebook=CodebookConfig(top_n=4096, keep_words=tuple(read_word_list(NUMBER_WORDS))),
             network=NetworkConfig.preset("mnist", base_channels=16),
-            loss=LossConfig(semantic_layers=2, thresholds=(0.98, 0.95)),
         )
     if name == "paper":  # the paper's layout; c = 384 fits the offline MiniLM codebook (set
         # network.latent_dim to the codebook's dimension for another LLM, e.g. 768)
@@ -129,7 +119,6 @@ def preset(name: str) -> SPAEConfig:
             image_size=128,
             pyramid=PyramidConfig.paper(),
             network=NetworkConfig.preset("paper", latent_dim=384),
-            loss=LossConfig(),
         )
     if name == "tiny3d":
         return SPAEConfig(
@@ -140,15 +129,13 @@ def preset(name: str) -> SPAEConfig:
             ),
             codebook=CodebookConfig(top_n=512),
             network=NetworkConfig.preset("tiny3d", latent_dim=384),
-            loss=LossConfig(semantic_layers=2, thresholds=(0.98, 0.95)),
         )
-    if name == "moving-mnist":  # the mnist codebook and semantic layers, on clips
+    if name == "moving-mnist":  # the mnist codebook, on clips
         return SPAEConfig(
             num_frames=16,
             pyramid=PyramidConfig.moving_mnist(),
             codebook=CodebookConfig(top_n=4096, keep_words=tuple(read_word_list(NUMBER_WORDS))),
             network=NetworkConfig.preset("moving-mnist"),
-            loss=LossConfig(semantic_layers=2, thresholds=(0.98, 0.95)),
         )
     if name == "kinetics":  # the paper's video setting (Kinetics-600: 16 frames of 128x128)
         return SPAEConfig(
@@ -156,7 +143,6 @@ def preset(name: str) -> SPAEConfig:
             num_frames=16,
             pyramid=PyramidConfig.kinetics(),
             network=NetworkConfig.preset("kinetics", latent_dim=384),
-            loss=LossConfig(),
         )
     raise ValueError(f"unknown SPAE preset {name!r}; allowed: {', '.join(PRESETS)}")
 

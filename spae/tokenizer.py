@@ -29,8 +29,13 @@ written in row-major order over ``(k, i, j)``, time outermost (``spae.pyramid``)
 
 Folder written by ``save_pretrained`` (loaded with weights-only semantics, no pickle)::
 
-    config.json           {"format", "config" (SPAEConfig, spae.config.to_dict), "codebook_card",
-                           "fingerprint"}
+    config.json           {"format", "config" (SPAEConfig, spae.config.to_dict: what encode and decode
+                           need, no training settings), "codebook_card", "fingerprint"}
+
+The fingerprint (``SPAETokenizer.fingerprint``) hashes the weights, the codebook hash and the config
+less the search fields that never change the ids (``QuantizerConfig.SPEED_FIELDS``). A folder of the
+earlier format (its "config" carries the training loss) still loads: the loss is ignored, and the
+fingerprint hashes that config as recorded, so it equals the one the folder records.
     model.safetensors     encoder, decoder (and the learned vq codebook, if any)
     codebook.safetensors  {"embeddings": [v, c] float32} -- the frozen codebook travels with the model
     codebook.json         {"tokens", "words", "llm_ids", "card"}
@@ -59,10 +64,12 @@ from spae.config import from_dict, to_dict
 from spae.encode_options import EncodeOptions
 from spae.model import SPAE, SPAEConfig
 from spae.pyramid import PyramidSpec
+from spae.quantize import QuantizerConfig
 
 FORMAT = "spae-tokenizer/1"
 CONFIG_JSON, MODEL_FILE = "config.json", "model.safetensors"
 CODEBOOK_FILE, CODEBOOK_JSON = "codebook.safetensors", "codebook.json"
+LEGACY_KEYS = frozenset({"loss"})  # SPAEConfig keys of earlier tokenizer folders, ignored on load
 _TAG = re.compile(r"\[\s*L\s*(\d+)\s*\]", re.IGNORECASE)
 _CANDIDATES = 64  # words sharing the most character bigrams, ranked by difflib's ratio
 
@@ -397,9 +404,13 @@ class SPAETokenizer(nn.Module):
         self.encode_options = encode_options or EncodeOptions()
         self._compiled: dict[str, object] = {}  # a plain dict: the compiled encoder is no submodule
         self.config: SPAEConfig = model.cfg
+        # the config.json "config" of a folder written before the loss left SPAEConfig: hashed as it
+        # was, so the fingerprint stays the one recorded there (corpora tokenized with it still resume)
+        self._legacy_config: dict | None = None
         self.pyramid: PyramidSpec = model.pyramid
-        if self.config.quantizer.kind == "vq":  # a learned codebook has no words: name its rows
-            words = [f"vq{i}" for i in range(self.config.quantizer.vq_codebook_size)]
+        qcfg = self.config.quantizer
+        if qcfg.spec.learned:  # a learned codebook has no words: name its rows (vq0, vq1, ...)
+            words = [f"{qcfg.kind}{i}" for i in range(qcfg.vq_codebook_size)]
         else:
             words = model.codebook.words
         self.vocabulary = Vocabulary(words)
@@ -519,11 +530,22 @@ class SPAETokenizer(nn.Module):
         them: it travels in codebook.safetensors."""
         return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
 
+    def identity_config(self) -> dict:
+        """The config the fingerprint hashes: ``SPAEConfig`` (what encode and decode need; no training
+        settings) without the search fields that never change the ids (``QuantizerConfig.SPEED_FIELDS``).
+        For a folder of the earlier format, the config recorded there, as it was."""
+        if self._legacy_config is not None:
+            return self._legacy_config
+        cfg = to_dict(self.config)
+        for name in QuantizerConfig.SPEED_FIELDS:
+            del cfg["quantizer"][name]
+        return cfg
+
     def fingerprint(self, weights: dict[str, Tensor] | None = None) -> str:
-        """sha256 of the weights, the config and the codebook hash: the tokenizer's identity
+        """sha256 of the weights, the identity config and the codebook hash: the tokenizer's identity
         (``weights``: this tokenizer's ``_weights()`` when the caller has them already)."""
         h = hashlib.sha256()
-        h.update(json.dumps(to_dict(self.config), sort_keys=True).encode())
+        h.update(json.dumps(self.identity_config(), sort_keys=True).encode())
         h.update(self.codebook.hash.encode())
         for name, t in sorted((weights if weights is not None else self._weights()).items()):
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -543,7 +565,8 @@ class SPAETokenizer(nn.Module):
         )
         meta = {
             "format": FORMAT,
-            "config": to_dict(self.config),
+            # a tokenizer loaded from an earlier folder writes that folder's config back: same fingerprint
+            "config": to_dict(self.config) if self._legacy_config is None else self._legacy_config,
             "codebook_card": cb.card,
             "fingerprint": self.fingerprint(weights),
         }
@@ -564,7 +587,9 @@ class SPAETokenizer(nn.Module):
         meta = json.loads((folder / CONFIG_JSON).read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{folder / CONFIG_JSON} has format {meta.get('format')!r}, expected {FORMAT!r}")
-        cfg = from_dict(SPAEConfig, meta["config"])
+        # folders written before the loss left SPAEConfig carry a training-only "loss" key: ignored
+        legacy = LEGACY_KEYS & set(meta["config"])
+        cfg = from_dict(SPAEConfig, {k: v for k, v in meta["config"].items() if k not in legacy})
         saved_hash = meta["codebook_card"]["hash"]
         if codebook is not None and codebook.hash != saved_hash:
             raise ValueError(
@@ -587,7 +612,10 @@ class SPAETokenizer(nn.Module):
             raise ValueError(
                 f"{folder / MODEL_FILE} does not fit the config: missing {missing}, unexpected {unexpected}"
             )
-        return cls(model.to(map_location))
+        tokenizer = cls(model.to(map_location))
+        if legacy:
+            tokenizer._legacy_config = meta["config"]
+        return tokenizer
 
 
 def _encoder_fn(encoder: nn.Module, dtype: str):

@@ -3,7 +3,9 @@
 ``SPAETrainer.step(images, pool_ids, pool_scores)`` does, in this order:
 
 1. the generator step: the model on the batch, every covering prefix decoded; eq. 8 terms
-   (pixel L2 averaged over prefixes, beta x commitment, lambda x GAN and eta x perceptual once on),
+   (pixel L2 averaged over prefixes, every term of the quantizer's ``losses``: beta x commitment and,
+   for a learned table, the codebook loss; lambda x GAN and eta x perceptual once on; each times its
+   ``LossConfig.weights`` entry, a term without one is an error),
    eq. 7 on layers 1..D' with a target sampled per latent position from the pool candidates of
    eq. 4, the dynamic weight ``w = sg(L_app / L_sem)`` and eq. 9; backward, gradient clipping;
 2. once ``step >= gan_start_step`` (and lambda > 0), a discriminator step: logistic loss on real
@@ -65,6 +67,7 @@ from spae.losses import (
     LossConfig,
     PerceptualLoss,
     appearance_loss,
+    check_semantic_layers,
     discriminator_loss,
     dynamic_weight,
     generator_gan_loss,
@@ -291,6 +294,7 @@ class SPAETrainer:
                 f"SPAETrainer needs an SPAE (or a wrapper of one), got {type(self.core).__name__}"
             )
         self.disc = discriminator
+        check_semantic_layers(loss_cfg, self.core.pyramid.num_layers)
         self.loss_cfg = loss_cfg
         self.cfg = optim_cfg
         self.device = torch.device(device)
@@ -402,10 +406,9 @@ class SPAETrainer:
             fake = torch.cat(recons, 0)  # [P * b, C, H, W]
             terms = {
                 "reconstruction": torch.stack([reconstruction_loss(out.target, r) for r in recons]).mean(),
-                "commitment": out.quant.commitment.float(),
+                # every term the quantizer brings: commitment, and codebook for a learned table
+                **{name: loss.float() for name, loss in out.quant.losses.items()},
             }
-            if out.quant.codebook_loss.requires_grad:  # a learned table (vq): its only gradient
-                terms["codebook"] = out.quant.codebook_loss.float()
             if self.perceptual is not None:
                 terms["perceptual"] = self.perceptual.mean_distance(out.target, recons)
             if gan_active:

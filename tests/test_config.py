@@ -115,3 +115,19 @@ class _Job:
 def test_partial_section_keeps_the_parent_default_for_that_section():
     assert load_config(_Job, overrides=["optim.lr=1e-3"]).optim == _Optim(lr=1e-3, warmup=100)
     assert from_dict(_Job, {"optim": {"warmup": 5}}).optim == _Optim(lr=1e-4, warmup=5)
+
+
+def test_the_train_jobs_loss_is_its_own_section():
+    """The loss is a training setting: ``loss.*`` of the train job (the preset's defaults), not
+    ``model.loss.*``; its semantic layers are checked against the model's pyramid where both are known."""
+    from pipeline.train import TrainJobConfig, preset_base
+    from spae.losses import loss_preset
+
+    base = preset_base("tiny")
+    assert base["loss"] == to_dict(loss_preset("tiny")) and "loss" not in base["model"]
+    cfg = load_config(TrainJobConfig, overrides=["loss.alpha=0", "loss.beta=0.5"], base=base)
+    assert cfg.loss.alpha == 0 and cfg.loss.beta == 0.5 and cfg.loss.semantic_layers == 2
+    with pytest.raises(ConfigError, match="unknown config key model.loss"):
+        load_config(TrainJobConfig, overrides=["model.loss.alpha=0"], base=base)
+    with pytest.raises(ConfigError, match="loss.semantic_layers=5 exceeds the pyramid's 4 layers"):
+        load_config(TrainJobConfig, base={**base, "loss": to_dict(loss_preset("paper"))})

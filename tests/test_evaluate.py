@@ -220,7 +220,6 @@ def test_label_accuracy_of_a_one_layer_vq_baseline_uses_its_most_frequent_word(t
         preset("tiny"),
         network={"latent_dim": DIM},
         pyramid={"layer_sizes": [[4, 4]]},
-        loss={"semantic_layers": 0, "thresholds": []},
     )
     tok = SPAETokenizer.from_config(cfg, tiny_codebook())
     data = load_eval_data(EVAL, 16, write_pools(tmp_path / "pools", EVAL), limit=8)

@@ -14,11 +14,13 @@ from spae.losses import (
     PerceptualLoss,
     appearance_loss,
     candidate_mask,
+    check_semantic_layers,
     discriminator_loss,
     discriminator_total,
     dynamic_weight,
     generator_gan_loss,
     lecam_loss,
+    loss_preset,
     reconstruction_loss,
     sample_semantic_targets,
     semantic_loss,
@@ -232,3 +234,27 @@ def test_semantic_loss_ignores_autocast():
         semantic_loss([z.bfloat16().float()], codebook, [targets]).item(), rel=1e-6
     )
     assert under.item() == pytest.approx(ref.item(), rel=1e-2)
+
+
+def test_appearance_loss_weighs_every_named_term_and_refuses_an_unweighted_one():
+    cfg = LossConfig(codebook_weight=0.5)
+    t = {k: torch.tensor(v) for k, v in dict(reconstruction=1.0, commitment=2.0, codebook=4.0).items()}
+    assert appearance_loss(t, cfg).item() == pytest.approx(1 + 0.33 * 2 + 0.5 * 4)
+    assert list(cfg.weights)[:3] == ["reconstruction", "commitment", "codebook"]
+    with pytest.raises(KeyError, match=r"\['entropy'\] have no weight in the loss config"):
+        appearance_loss({**t, "entropy": torch.tensor(1.0)}, cfg)
+    with pytest.raises(ValueError, match="loss weights must be >= 0"):
+        LossConfig(codebook_weight=-1.0)
+
+
+def test_every_model_preset_has_its_loss_defaults():
+    from spae.model import PRESETS, preset
+
+    for name in PRESETS:
+        cfg = loss_preset(name)
+        check_semantic_layers(cfg, len(preset(name).pyramid.layer_sizes))  # fits the preset's pyramid
+    assert loss_preset("mnist").semantic_layers == 2 and loss_preset("paper") == LossConfig()
+    with pytest.raises(ValueError, match="unknown SPAE preset 'huge'"):
+        loss_preset("huge")
+    with pytest.raises(ValueError, match="loss.semantic_layers=5 exceeds the pyramid's 4 layers"):
+        check_semantic_layers(LossConfig(), 4)

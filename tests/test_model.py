@@ -52,7 +52,9 @@ def test_forward_one_batched_decoder_pass_and_gradients():
     assert sorted(out.reconstructions) == [3, 4]
     assert out.z.shape == (3, 384, 4, 4) and out.reconstructions[4].shape == (3, 3, 16, 16)
     torch.testing.assert_close(out.target, images * 2 - 1)
-    loss = sum(F.mse_loss(r, out.target) for r in out.reconstructions.values()) + out.quant.commitment
+    loss = (
+        sum(F.mse_loss(r, out.target) for r in out.reconstructions.values()) + out.quant.losses["commitment"]
+    )
     loss.backward()
     assert all(
         p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters() if p.dim() > 1
@@ -76,7 +78,7 @@ def test_rq_and_vq_kinds_build_and_run():
         out = model(torch.rand(2, 3, 16, 16))
         assert out.reconstructions[4].shape == (2, 3, 16, 16)
         if kind == "vq":
-            assert int(out.quant.ids[-1].max()) < 32 and out.quant.codebook_loss > 0
+            assert int(out.quant.ids[-1].max()) < 32 and out.quant.losses["codebook"] > 0
             assert "quantizer.embedding.weight" in model.state_dict()
 
 
@@ -103,7 +105,8 @@ def test_tiny_model_overfits_mnist_and_deeper_prefixes_reconstruct_better():
     for _ in range(300):
         out = model(images[torch.randperm(32)[:16]])
         loss = (
-            sum(F.mse_loss(r, out.target) for r in out.reconstructions.values()) + 0.33 * out.quant.commitment
+            sum(F.mse_loss(r, out.target) for r in out.reconstructions.values())
+            + 0.33 * out.quant.losses["commitment"]
         )
         opt.zero_grad()
         loss.backward()

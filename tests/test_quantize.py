@@ -4,11 +4,15 @@ import pytest
 import torch
 
 from spae.codebook import FrozenCodebook
+from spae.config import ConfigError, from_dict
 from spae.pyramid import PyramidConfig, PyramidSpec
 from spae.quantize import (
+    KINDS,
     Quantizer,
     QuantizerConfig,
+    QuantizerKind,
     nearest_codes,
+    register_kind,
     rq_quantize,
     saq_quantize,
 )
@@ -57,8 +61,8 @@ def test_saq_hand_computed():
     assert _at(p2, 1, 1) == pytest.approx([1.0, 1.0])
     # commitment (mean over positions and the c = 2 channels): layer 1 ||(1.8,.9)-(2,0)||^2 / 2 = .85 / 2;
     # layer 2 mean(.2, .04, 2, .65) / 2 = .7225 / 2
-    assert out.commitment.item() == pytest.approx((0.85 + 0.7225) / 2)
-    assert out.codebook_loss.item() == 0.0
+    assert out.losses["commitment"].item() == pytest.approx((0.85 + 0.7225) / 2)
+    assert set(out.losses) == {"commitment"}  # a frozen table: no codebook term
 
 
 def test_streaming_average_identity():
@@ -90,7 +94,7 @@ def test_rq_hand_computed():
     assert out.layer_inputs[1][0, 3].tolist() == pytest.approx([-0.2, 0.9])
     assert _at(out.prefix_latents[1], 1, 1) == pytest.approx([2.0, 0.0])  # e1 + e0, a sum
     # commitment: layer 1 .85 / 2; layer 2 mean(.2, .04, 2, ||(1.8,.9)-(2,0)||^2 = .85) / 2 = .7725 / 2
-    assert out.commitment.item() == pytest.approx((0.85 + 0.7725) / 2)
+    assert out.losses["commitment"].item() == pytest.approx((0.85 + 0.7725) / 2)
 
 
 def _codebook(codes: torch.Tensor) -> FrozenCodebook:
@@ -106,8 +110,8 @@ def test_vq_hand_computed_and_codebook_loss():
     assert out.ids[0].tolist() == [[[1]]] and out.ids[1].tolist() == [[[0, 2], [3, 2]]]
     # (sg(z_l) - e(k_l))^2 averaged over positions and c = 2: layer 1 .85 / 2;
     # layer 2 mean(.2, .04, 2, ||(1.6,1.8)-(0,2)||^2 = 2.6) / 2 = 1.21 / 2
-    assert out.codebook_loss.item() == pytest.approx((0.85 + 1.21) / 2)
-    out.codebook_loss.backward()
+    assert out.losses["codebook"].item() == pytest.approx((0.85 + 1.21) / 2)
+    out.losses["codebook"].backward()
     assert q.embedding.weight.grad is not None and q.embedding.weight.grad.abs().sum() > 0
     assert z.grad is None  # the codebook loss stops the gradient to the encoder
     # one-layer full-resolution pyramid = plain VQ-VAE: nearest code per position
@@ -146,7 +150,7 @@ def test_straight_through_gradients():
     assert torch.equal(z.grad, mask)  # only covered positions pass gradient
     z.grad = None
     out = q(z)
-    (out.commitment + out.layer_inputs[2].pow(2).sum()).backward()
+    (out.losses["commitment"] + out.layer_inputs[2].pow(2).sum()).backward()
     assert z.grad.abs().sum() > 0  # commitment and eq. 2's z_l carry gradient to the encoder
     assert not cb.embeddings.requires_grad and cb.embeddings.grad is None
     assert list(q.parameters()) == []  # the frozen codebook is never a Parameter
@@ -199,3 +203,72 @@ def test_latent_shape_errors():
         saq_quantize(torch.randn(1, 2, 3, 3), CODES, _pyr())
     with pytest.raises(ValueError, match="codebook dim"):
         saq_quantize(torch.randn(1, 3, 2, 2), CODES, _pyr())
+
+
+# ----------------------------------------------------------------------------- kinds and search as config
+
+
+def test_kinds_are_registry_entries():
+    assert {k: (v.target, v.table) for k, v in KINDS.items()} == {
+        "saq": ("average", "frozen"),
+        "rq": ("residual", "frozen"),
+        "vq": ("average", "learned"),
+    }
+    with pytest.raises(ValueError, match=r"'nope' is not a registered kind; registered: saq, rq, vq"):
+        QuantizerConfig(kind="nope")
+    with pytest.raises(ConfigError, match="quantizer.kind 'nope'"):
+        from_dict(QuantizerConfig, {"kind": "nope"}, "quantizer")
+    with pytest.raises(ValueError, match="already registered"):
+        register_kind(QuantizerKind("saq", "average", "frozen"))
+    with pytest.raises(ValueError, match="target 'mean'"):
+        QuantizerKind("x", "mean", "frozen")
+
+
+def test_a_registered_kind_builds_from_its_entry_alone():
+    """A test-only kind (residual walk over a learned table) is one registry entry: the Quantizer gives it
+    a learned table, the residual target (Ẑ<=l = sum of codes) and the codebook loss."""
+    register_kind(QuantizerKind("rvq-test", "residual", "learned"))
+    try:
+        q = Quantizer(
+            QuantizerConfig(kind="rvq-test", vq_codebook_size=4), _pyr(), _codebook(torch.zeros(4, 2))
+        )
+        with torch.no_grad():
+            q.embedding.weight.copy_(CODES)
+        out = q(_z())
+        ref = rq_quantize(_z(), CODES, _pyr())  # the same walk over the same (here: copied) table
+        assert all(torch.equal(a, b) for a, b in zip(out.ids, ref.ids, strict=True))
+        assert set(out.losses) == {"commitment", "codebook"} and out.losses["codebook"].requires_grad
+        torch.testing.assert_close(q.lookup(out.ids, 2), ref.prefix_latents[1])
+    finally:
+        del KINDS["rvq-test"]
+    with pytest.raises(ValueError, match="rvq-test"):
+        QuantizerConfig(kind="rvq-test")
+
+
+def test_chunked_and_auto_search_give_the_same_ids_on_cpu():
+    torch.manual_seed(5)
+    spec = PyramidSpec(PyramidConfig.mnist())
+    cb = _codebook(torch.randn(300, 32))
+    z = torch.randn(3, 32, 8, 8)
+    ids = {}
+    for search in ("auto", "chunked"):
+        q = Quantizer(QuantizerConfig(search=search, search_chunk=64), spec, cb)
+        ids[search] = (q(z).ids, q.encode_ids(z))
+    for a, b in zip(ids["auto"][0] + ids["auto"][1], ids["chunked"][0] + ids["chunked"][1], strict=True):
+        assert torch.equal(a, b)
+    x, e = torch.randn(50, 32), torch.randn(300, 32)
+    assert torch.equal(nearest_codes(x, e, 64)[0], nearest_codes(x, e, 64, search="chunked")[0])
+
+
+@pytest.mark.parametrize("search", ["fused", "fused-tiled"])
+def test_a_fused_search_where_it_cannot_run_is_an_error(search):
+    """An explicit fused kernel on the CPU (or a fp32 table) is refused with the reason, never a silent
+    fallback to the chunked search."""
+    x, e = torch.randn(4, 32), torch.randn(64, 32)
+    with pytest.raises(ValueError, match=rf"search='{search}' needs the fused Triton kernel.*cpu tensors"):
+        nearest_codes(x, e, search=search)
+    q = Quantizer(QuantizerConfig(search=search), _pyr(), _codebook(torch.randn(8, 2)))
+    with pytest.raises(ValueError, match="float32 table of dim 2"):
+        q.encode_ids(_z())
+    with pytest.raises(ValueError, match="quantizer.search 'fast'"):
+        QuantizerConfig(search="fast")

@@ -1,14 +1,20 @@
 """The tokenizer API: text round trips, tolerant parsing, save/load, codebook checks."""
 
+import copy
+import hashlib
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from spae.codebook import FrozenCodebook
+from spae.config import to_dict
+from spae.losses import LossConfig
 from spae.model import SPAE, preset
 from spae.pyramid import PyramidConfig, PyramidSpec
 from spae.tokenizer import SPAETokenizer, TokenPyramid, Vocabulary
+from spae.training import OptimConfig, SPAETrainer
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "digit", "Seven7"]
 
@@ -270,3 +276,74 @@ def test_fingerprint_tracks_weights(tok):
     with torch.no_grad():
         twin.model.decoder.conv_out.bias.add_(1e-3)
     assert twin.fingerprint() != fp
+
+
+def test_training_and_search_settings_leave_the_fingerprint_and_config_alone(tok, tmp_path):
+    """Two tokenizers with the same weights, trained under different loss settings, are one tokenizer:
+    same fingerprint, same config.json. The search fields that never change the ids do not enter the
+    fingerprint either; the search dtype does."""
+    g = torch.Generator().manual_seed(2)
+    batch = (
+        torch.rand(2, 3, 16, 16, generator=g),
+        torch.randint(0, 64, (2, 4), generator=g),
+        torch.ones(2, 4),
+    )
+    trainers = [
+        SPAETrainer(copy.deepcopy(tok.model), None, lcfg, OptimConfig(warmup_steps=0), "cpu")
+        for lcfg in (
+            LossConfig(semantic_layers=2, thresholds=(0.98, 0.95)),
+            LossConfig(semantic_layers=1, thresholds=(0.9,), beta=1.0, gan_weight=0.0, codebook_weight=2.0),
+        )
+    ]
+    for t in trainers:
+        t.step(*batch)  # the loss lives with the trainer
+    trainers[1].core.load_state_dict(trainers[0].core.state_dict())  # the same weights
+    saved = []
+    for name, t in zip("ab", trainers, strict=True):
+        twin = SPAETokenizer(t.core)
+        saved.append(
+            (twin.fingerprint(), (twin.save_pretrained(tmp_path / name) / "config.json").read_text())
+        )
+    assert saved[0] == saved[1]
+    assert "loss" not in json.loads(saved[0][1])["config"]
+
+    def with_quantizer(**changes):
+        cfg = replace(tok.config, quantizer=replace(tok.config.quantizer, **changes))
+        twin = SPAETokenizer(SPAE(cfg, _codebook()))
+        twin.model.load_state_dict(tok.model.state_dict())
+        return twin.fingerprint()
+
+    assert with_quantizer(search_chunk=7, search="chunked") == tok.fingerprint()
+    assert with_quantizer(search_dtype="bfloat16") != tok.fingerprint()
+
+
+def _old_fingerprint(config: dict, tok: SPAETokenizer) -> str:
+    """The fingerprint as earlier versions computed it: the whole config dict as saved, the codebook hash,
+    the weights."""
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True).encode())
+    h.update(tok.codebook.hash.encode())
+    for name, t in sorted(tok._weights().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def test_an_older_folder_with_a_loss_key_loads_and_keeps_its_fingerprint(tok, images, tmp_path):
+    """A folder written while the loss was part of SPAEConfig: the key is ignored, and the fingerprint is
+    the one recorded there (corpora tokenized with it resume), also after saving it again."""
+    folder = tok.save_pretrained(tmp_path / "old")
+    meta = json.loads((folder / "config.json").read_text())
+    meta["config"]["loss"] = to_dict(LossConfig(semantic_layers=2, thresholds=(0.98, 0.95)))
+    del meta["config"]["quantizer"]["search"]  # not a field back then
+    meta["fingerprint"] = _old_fingerprint(meta["config"], tok)
+    (folder / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    assert meta["fingerprint"] != tok.fingerprint()
+
+    old = SPAETokenizer.from_pretrained(folder)
+    assert old.config == tok.config
+    assert old.fingerprint() == meta["fingerprint"]
+    assert old.encode(images) == tok.encode(images)
+    again = SPAETokenizer.from_pretrained(old.save_pretrained(tmp_path / "again"))
+    assert again.fingerprint() == meta["fingerprint"]
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["fingerprint"] == meta["fingerprint"]

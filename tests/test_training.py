@@ -11,24 +11,27 @@ from spae.losses import LossConfig
 from spae.model import SPAE, SPAEConfig
 from spae.networks import Discriminator, NetworkConfig
 from spae.pyramid import PyramidConfig
-from spae.quantize import QuantizerConfig
+from spae.quantize import KINDS, QuantizerConfig, QuantizerKind, lookup_latent, register_kind
 from spae.training import OptimConfig, SPAETrainer, _nonfinite, learning_rate
 
 V, C, K = 64, 16, 6  # codebook rows, dim, pool size
 
 
-def tiny_config(gan_weight: float = 0.1, alpha: float = 1.0) -> SPAEConfig:
+def tiny_config() -> SPAEConfig:
     return SPAEConfig(
         image_size=16,
         pyramid=PyramidConfig(latent_size=(4, 4), layer_sizes=((1, 1), (2, 2), (4, 4), (4, 4))),
         network=NetworkConfig.preset("tiny", latent_dim=C, channel_multipliers=(1, 2, 2)),
-        loss=LossConfig(
-            alpha=alpha,
-            semantic_layers=2,
-            thresholds=(0.9, 0.5),
-            gan_weight=gan_weight,
-            perceptual_weight=0.0,
-        ),
+    )
+
+
+def tiny_loss(gan_weight: float = 0.1, alpha: float = 1.0) -> LossConfig:
+    return LossConfig(
+        alpha=alpha,
+        semantic_layers=2,
+        thresholds=(0.9, 0.5),
+        gan_weight=gan_weight,
+        perceptual_weight=0.0,
     )
 
 
@@ -41,7 +44,7 @@ def make_trainer(seed: int = 0, gan_start: int = 0, **optim) -> SPAETrainer:
     ocfg = OptimConfig(
         **{"lr": 2e-3, "disc_lr": 1e-3, "warmup_steps": 0, "gan_start_step": gan_start, **optim}
     )
-    return SPAETrainer(model, disc, cfg.loss, ocfg, "cpu", seed=seed)
+    return SPAETrainer(model, disc, tiny_loss(), ocfg, "cpu", seed=seed)
 
 
 def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,9 +154,11 @@ def test_state_round_trip_gives_identical_next_step(tmp_path):
 
 def test_semantic_loss_off_without_alpha():
     torch.manual_seed(0)
-    cfg = tiny_config(gan_weight=0.0, alpha=0.0)
+    cfg = tiny_config()
     model = SPAE(cfg, FrozenCodebook.from_tensor(torch.randn(V, C)))
-    trainer = SPAETrainer(model, None, cfg.loss, OptimConfig(warmup_steps=0), "cpu")
+    trainer = SPAETrainer(
+        model, None, tiny_loss(gan_weight=0.0, alpha=0.0), OptimConfig(warmup_steps=0), "cpu"
+    )
     out = trainer.step(*batch())
     assert out["loss/semantic"] == 0.0 and out["w"] == 0.0
     assert out["loss/total"] == pytest.approx(out["loss/appearance"])
@@ -200,13 +205,12 @@ def test_the_vq_baselines_codebook_learns():
     """The learned table of the ``vq`` baseline gets the codebook loss ||sg(z) - e||^2: its rows move and the
     loss falls; frozen codebooks have no such term."""
     torch.manual_seed(0)
-    cfg = replace(
-        tiny_config(gan_weight=0.0, alpha=0.0), quantizer=QuantizerConfig(kind="vq", vq_codebook_size=32)
-    )
+    cfg = replace(tiny_config(), quantizer=QuantizerConfig(kind="vq", vq_codebook_size=32))
     model = SPAE(
         cfg, FrozenCodebook.from_tensor(torch.randn(V, C, generator=torch.Generator().manual_seed(1)))
     )
-    trainer = SPAETrainer(model, None, cfg.loss, OptimConfig(lr=2e-3, warmup_steps=0), "cpu", seed=0)
+    lcfg = tiny_loss(gan_weight=0.0, alpha=0.0)
+    trainer = SPAETrainer(model, None, lcfg, OptimConfig(lr=2e-3, warmup_steps=0), "cpu", seed=0)
     table = model.quantizer.embedding.weight
     before = table.detach().clone()
     images, ids, scores = batch()
@@ -216,3 +220,61 @@ def test_the_vq_baselines_codebook_learns():
     assert (moved > 0).sum() >= 1 and moved.max() > 1e-3
     frozen = make_trainer().step(*batch())
     assert "loss/codebook" not in frozen
+
+
+@pytest.fixture
+def residual_learned_kind():
+    """A test-only quantizer kind, registered for one test: the residual walk over a learned table."""
+    kind = register_kind(QuantizerKind("rvq-test", "residual", "learned"))
+    yield kind
+    del KINDS[kind.name]  # the registry as it was
+
+
+def test_a_kind_added_as_one_registry_entry_trains(residual_learned_kind):
+    """Adding a kind is one registry entry: an SPAE with it builds, and the trainer sums its codebook term
+    (weight ``LossConfig.codebook_weight``) so the learned table moves."""
+    torch.manual_seed(0)
+    cfg = replace(
+        tiny_config(), quantizer=QuantizerConfig(kind=residual_learned_kind.name, vq_codebook_size=32)
+    )
+    model = SPAE(
+        cfg, FrozenCodebook.from_tensor(torch.randn(V, C, generator=torch.Generator().manual_seed(1)))
+    )
+    assert model.quantizer.kind == residual_learned_kind
+    lcfg = tiny_loss(gan_weight=0.0, alpha=0.0)
+    trainer = SPAETrainer(model, None, lcfg, OptimConfig(lr=2e-3, warmup_steps=0), "cpu", seed=0)
+    table = model.quantizer.embedding.weight
+    before = table.detach().clone()
+    history = [trainer.step(*batch()) for _ in range(4)]
+    assert all(math.isfinite(m["loss/codebook"]) and m["skipped"] == 0.0 for m in history)
+    assert (table.detach() - before).norm(dim=1).max() > 1e-4
+    assert all(int(ids.max()) < 32 for ids in model(batch()[0]).quant.ids)
+    # the residual target: Ẑ<=l is the sum of the chosen rows (the average kinds divide by the count)
+    ids = model.quantizer.encode_ids(model.encode_latent(batch()[0]))
+    l = model.pyramid.covering_layers[-1]
+    torch.testing.assert_close(
+        model.quantizer.lookup(ids, l), lookup_latent(ids, table.detach(), model.pyramid, l, average=False)
+    )
+
+
+def test_a_loss_term_without_a_weight_is_an_error_not_dropped(monkeypatch):
+    """Every term of ``QuantizerOutput.losses`` reaches the total; one the loss config has no weight for
+    stops the step with its name."""
+    trainer = make_trainer()
+    forward = trainer.core.quantizer.forward
+
+    def with_extra_term(z):
+        out = forward(z)
+        out.losses["entropy"] = out.losses["commitment"] * 0
+        return out
+
+    monkeypatch.setattr(trainer.core.quantizer, "forward", with_extra_term)
+    with pytest.raises(KeyError, match=r"\['entropy'\] have no weight in the loss config"):
+        trainer.step(*batch())
+
+
+def test_semantic_layers_beyond_the_pyramid_are_refused_by_the_trainer():
+    model = SPAE(tiny_config(), FrozenCodebook.from_tensor(torch.randn(V, C)))
+    lcfg = LossConfig(semantic_layers=5, thresholds=(0.9, 0.8, 0.7, 0.6, 0.5))
+    with pytest.raises(ValueError, match="loss.semantic_layers=5 exceeds the pyramid's 4 layers"):
+        SPAETrainer(model, None, lcfg, OptimConfig(), "cpu")

@@ -119,7 +119,8 @@ def test_tiny_3d_model_overfits_moving_mnist_and_deeper_prefixes_reconstruct_bet
     for _ in range(150):
         out = model(clips[torch.randperm(8)])
         loss = (
-            sum(F.mse_loss(r, out.target) for r in out.reconstructions.values()) + 0.33 * out.quant.commitment
+            sum(F.mse_loss(r, out.target) for r in out.reconstructions.values())
+            + 0.33 * out.quant.losses["commitment"]
         )
         opt.zero_grad()
         loss.backward()

@@ -124,7 +124,7 @@ def test_video_model_gets_discriminator3d_and_refuses_an_image_source(tmp_path):
 def train_config(tmp_path, storage: str, **extra) -> TrainJobConfig:
     overrides = {
         "model.network.latent_dim": DIM,
-        "model.loss.perceptual_weights": random_vgg(tmp_path / "vgg16.pth"),  # on clips: per frame
+        "loss.perceptual_weights": random_vgg(tmp_path / "vgg16.pth"),  # on clips: per frame
         "data.images.uri": TRAIN.uri,
         "data.images.shard_size": TRAIN.shard_size,
         "data.pools": write_pools(tmp_path / "pools-train", TRAIN),
@@ -161,7 +161,7 @@ def test_train_tiny3d_on_moving_mnist_via_ray_on_s3_then_evaluate(ray_cluster, s
     from jobs.evaluate import main as evaluate_main
 
     cfg = train_config(tmp_path, s3_prefix)
-    assert cfg.model.num_frames == 4 and cfg.model.loss.gan_weight > 0
+    assert cfg.model.num_frames == 4 and cfg.loss.gan_weight > 0
     result = run_train_job(cfg, log=lambda *_: None)
     m = result.metrics
     assert result.steps == 4
