@@ -30,7 +30,10 @@ A source is one URI:
 
 Each kind is one ``SourceKind`` entry of ``SOURCE_KINDS`` (how it lists, packs a shard's items, cuts a
 shard into row ranges and reads them); a new source is one entry plus its functions.
-``list_shards`` groups the sorted items into shards of ``shard_size``: shard ids come from the
+``list_shards`` groups the sorted items into shards of ``shard_size``. Parquet, MNIST and WebDataset list
+their rows compactly, without a Python object per row (``FileRows``: row counts per file; ``TarListing``:
+also each tar sample's byte offset and key, in numpy arrays and one joined string), so the driver's
+memory does not grow by an object per input row; shard ids come from the
 shard index (``00000``) and every shard carries a digest of its item list, so a changed input is
 detected instead of silently mixed into an old output. ``read_shard`` turns one shard into a table
 (``image_id``, ``source``, ``label``, ``image_bytes``, ``path``, ``error``, ``error_stage``, and
@@ -44,7 +47,9 @@ import dataclasses
 import hashlib
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -116,9 +121,9 @@ class Shard:
     webdataset ``[[relpath, start, stop, offset, first key, broken key, broken reason], ...]`` (the last two
     "" unless the range ends with a tar's unreadable rest).
 
-    ``listed``: the listing's items of these rows, kept (on the driver only: neither in the JSON nor in
-    the digest) for kinds whose pieces need each row's position (``SourceKind.keeps_listed``: a tar
-    sample's byte offset).
+    ``listed``: the listing's items of these rows (a slice of ``SourceKind.list_items``' items), kept (on
+    the driver only: neither in the JSON nor in the digest) for kinds whose pieces need each row's
+    position (``SourceKind.keeps_listed``: a tar sample's byte offset and key, in a ``TarListing``).
     """
 
     shard_id: str
@@ -129,7 +134,7 @@ class Shard:
     digest: str
     config: SourceConfig
     classes: tuple[str, ...] = ()
-    listed: tuple = field(default=(), repr=False, compare=False)
+    listed: Sequence = field(default=(), repr=False, compare=False)
 
     def to_json(self) -> str:
         data = {
@@ -177,14 +182,133 @@ class Files:
     found: list[tuple[str, int]]
 
 
+@dataclass(frozen=True, eq=False)
+class FileRows:
+    """Rows listed as the rows of files in order, without an object per row: file ``i`` holds listing
+    rows ``[starts[i], starts[i + 1])``. ``len`` and slices as a sequence of ``(name, row)`` items; a
+    slice is a view (the window ``[lo, hi)`` of listing rows), packed by ``ranges``."""
+
+    names: tuple[str, ...]
+    starts: np.ndarray  # int64 [files + 1]: the listing row each file starts at; starts[-1] = rows
+    lo: int
+    hi: int
+
+    @staticmethod
+    def of(names: Sequence[str], counts: Sequence[int]) -> FileRows:
+        starts = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]).astype(np.int64)
+        return FileRows(tuple(names), starts, 0, int(starts[-1]))
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, rows: slice) -> FileRows:
+        start, stop, step = rows.indices(len(self))
+        assert step == 1, f"{rows}: a listing slices into consecutive rows only"
+        return dataclasses.replace(self, lo=self.lo + start, hi=self.lo + max(start, stop))
+
+    def spans(self) -> Iterator[tuple[int, int, int]]:
+        """``(file, first row, end row)`` of each file with rows in the window (listing rows)."""
+        f = int(np.searchsorted(self.starts, self.lo, side="right")) - 1
+        while f < len(self.names) and self.starts[f] < self.hi:
+            a, b = max(self.lo, int(self.starts[f])), min(self.hi, int(self.starts[f + 1]))
+            if a < b:
+                yield f, a, b
+            f += 1
+
+    def ranges(self) -> tuple:
+        """The window as ``(name, row_start, row_stop)`` ranges of its files' own rows."""
+        return tuple(
+            (self.names[f], a - int(self.starts[f]), b - int(self.starts[f])) for f, a, b in self.spans()
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class TarScan:
+    """One tar's samples (``webdataset.scan_tar``), compact: byte offsets, keys joined, the broken rest."""
+
+    offsets: np.ndarray  # int64 [samples]: each sample's first header (-1: the tar's unreadable rest)
+    keys: bytes  # the samples' keys, UTF-8 (names tarfile could not decode: surrogateescape), joined
+    key_sizes: np.ndarray  # int64 [samples]: bytes of each key in ``keys``
+    reason: str  # why the last sample (the tar's unreadable rest) cannot be read; "" = none
+
+    @staticmethod
+    def of(samples: list[webdataset.TarSample]) -> TarScan:
+        keys = [s.key.encode("utf-8", "surrogateescape") for s in samples]
+        return TarScan(
+            np.array([s.offset for s in samples], dtype=np.int64),
+            b"".join(keys),
+            np.array([len(k) for k in keys], dtype=np.int64),
+            samples[-1].reason if samples else "",
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class TarListing:
+    """Every sample of the tars (``FileRows`` of the tars), with each sample's byte offset and key: about
+    16 bytes and the key's per sample, no object per sample. ``len``, slices (views, as ``FileRows``) and
+    iteration as the samples' ``(relpath, index in its tar, offset, key, reason)``; ``ranges`` packs a
+    slice into ``Shard.items`` (the webdataset layout)."""
+
+    tars: FileRows
+    reasons: tuple[str, ...]  # per tar: why its last sample (its unreadable rest) cannot be read, or ""
+    offsets: np.ndarray  # int64 [samples]
+    keys: bytes  # every sample's key, UTF-8, joined
+    key_starts: np.ndarray  # int64 [samples + 1]: sample i's key is keys[key_starts[i]:key_starts[i + 1]]
+
+    @staticmethod
+    def of(names: Sequence[str], scans: Sequence[TarScan]) -> TarListing:
+        sizes = np.concatenate([np.zeros(1, np.int64), *(s.key_sizes for s in scans)])
+        return TarListing(
+            FileRows.of(names, [len(s.offsets) for s in scans]),
+            tuple(s.reason for s in scans),
+            np.concatenate([np.zeros(0, np.int64), *(s.offsets for s in scans)]),
+            b"".join(s.keys for s in scans),
+            np.cumsum(sizes),
+        )
+
+    def __len__(self) -> int:
+        return len(self.tars)
+
+    def __getitem__(self, rows: slice) -> TarListing:
+        return dataclasses.replace(self, tars=self.tars[rows])
+
+    def __iter__(self) -> Iterator[tuple[str, int, int, str, str]]:
+        for f, a, b in self.tars.spans():
+            yield from (self._sample(f, i) for i in range(a, b))
+
+    def key(self, i: int) -> str:
+        """Listing row ``i``'s sample key."""
+        return self.keys[self.key_starts[i] : self.key_starts[i + 1]].decode("utf-8", "surrogateescape")
+
+    def _sample(self, f: int, i: int) -> tuple[str, int, int, str, str]:
+        start, end = int(self.tars.starts[f]), int(self.tars.starts[f + 1])
+        reason = self.reasons[f] if i == end - 1 else ""
+        return self.tars.names[f], i - start, int(self.offsets[i]), self.key(i), reason
+
+    def ranges(self) -> tuple:
+        """``(relpath, start, stop, offset of start, key of start, broken key, reason)`` per tar in the
+        window; the last two "" unless the range ends with the tar's unreadable rest."""
+        ranges = []
+        for f, a, b in self.tars.spans():
+            start = int(self.tars.starts[f])
+            ends_broken = self.reasons[f] and b == int(self.tars.starts[f + 1])
+            broken = (self.key(b - 1), self.reasons[f]) if ends_broken else ("", "")
+            ranges.append(
+                (self.tars.names[f], a - start, b - start, int(self.offsets[a]), self.key(a), *broken)
+            )
+        return tuple(ranges)
+
+
 @dataclass(frozen=True)
 class SourceKind:
     """One kind of source: how it lists, packs, cuts and reads. A new source is one entry of
     ``SOURCE_KINDS`` plus these functions.
 
     - ``list_items(cfg, files) -> (items, classes)``: one item per row, in order (``files`` is None for
-      a kind selected by its URI scheme);
-    - ``pack(items) -> Shard.items``: a shard's items, compact (``Shard`` says the layouts);
+      a kind selected by its URI scheme): a list of tuples, or a compact sequence whose slices are
+      views (``FileRows``, ``TarListing``) for kinds with many rows;
+    - ``pack(items) -> Shard.items``: a shard's items (a slice of ``list_items``' items), compact
+      (``Shard`` says the layouts);
     - ``cut(shard, start, stop) -> items``: the items of rows ``[start, stop)``, or None where this shard
       cannot be cut (then it stays one task);
     - ``read(shard) -> rows``: the columns of ``row_schema``, one entry per row;
@@ -193,8 +317,8 @@ class SourceKind:
     """
 
     name: str
-    list_items: Callable[[SourceConfig, Files | None], tuple[list[tuple], list[str]]]
-    pack: Callable[[list[tuple]], tuple]
+    list_items: Callable[[SourceConfig, Files | None], tuple[Sequence, list[str]]]
+    pack: Callable[[Sequence], tuple]
     cut: Callable[[Shard, int, int], tuple | None]
     read: Callable[[Shard], dict[str, list]]
     scheme: str = ""  # selected by the URI scheme (mnist://); "" = found by its files under a location
@@ -243,7 +367,7 @@ def list_shards(cfg: SourceConfig) -> list[Shard]:
         chunk = items[start : start + cfg.shard_size]
         packed = kind.pack(chunk)
         digest = _digest(kind, cfg, packed)
-        listed = tuple(chunk) if kind.keeps_listed else ()
+        listed = chunk if kind.keeps_listed else ()
         shards.append(
             Shard(f"{index:05d}", kind.name, root, packed, len(chunk), digest, cfg, tuple(classes), listed)
         )
@@ -346,16 +470,16 @@ def _parse_moving_mnist_uri(uri: str) -> tuple[str, dict[str, int]]:
     return split, params
 
 
-def _list_mnist(cfg: SourceConfig, files: Files | None) -> tuple[list[tuple], list[str]]:
+def _list_mnist(cfg: SourceConfig, files: Files | None) -> tuple[FileRows, list[str]]:
     split, limit = _parse_mnist_uri(cfg.uri)
     limit = min(x for x in (limit, cfg.limit, _mnist_size(split)) if x > 0)
-    return [(split, i) for i in range(limit)], []
+    return FileRows.of([split], [limit]), []
 
 
-def _list_moving_mnist(cfg: SourceConfig, files: Files | None) -> tuple[list[tuple], list[str]]:
+def _list_moving_mnist(cfg: SourceConfig, files: Files | None) -> tuple[FileRows, list[str]]:
     split, params = _parse_moving_mnist_uri(cfg.uri)
     limit = min(x for x in (params.pop("limit"), cfg.limit, _mnist_size(split)) if x > 0)
-    return [(split, i) for i in range(limit)], []
+    return FileRows.of([split], [limit]), []
 
 
 def _find_kind(loc: Location, cfg: SourceConfig) -> tuple[SourceKind, Files]:
@@ -406,31 +530,56 @@ def _list_folder(cfg: SourceConfig, files: Files | None) -> tuple[list[tuple], l
     return items, classes
 
 
-def _list_parquet(cfg: SourceConfig, files: Files | None) -> tuple[list[tuple], list[str]]:
-    items = []
+def _list_parquet(cfg: SourceConfig, files: Files | None) -> tuple[FileRows, list[str]]:
+    """Every row of every file, as its file's row count (``FileRows``; read from the footers)."""
+    counts = []
     for relpath, _ in files.found:
         loc = files.root.join(relpath)
         with loc.fs.open_input_file(loc.path) as f:
             meta = pq.read_metadata(f)
         _check_parquet_schema(meta.schema.to_arrow_schema(), cfg, loc.uri)
-        items += [(relpath, row) for row in range(meta.num_rows)]
-    return items, []
+        counts.append(meta.num_rows)
+    return FileRows.of([p for p, _ in files.found], counts), []
 
 
-def _list_tars(cfg: SourceConfig, files: Files | None) -> tuple[list[tuple], list[str]]:
-    """One item per sample of every tar: (relpath, index, offset, key, reason); tars scanned in parallel."""
-    from concurrent.futures import ThreadPoolExecutor
+def _list_tars(cfg: SourceConfig, files: Files | None) -> tuple[TarListing, list[str]]:
+    """Every sample of every tar (``TarListing``): tars scanned in parallel and folded into the listing
+    in order as their scans arrive, so only the tars being scanned exist as per-sample objects; the scan
+    stops once ``cfg.limit`` samples are listed."""
 
-    def scan(relpath: str) -> list[tuple]:
+    def scan(relpath: str) -> TarScan:
         loc = files.root.join(relpath)
         size = loc.fs.get_file_info(loc.path).size
         with loc.fs.open_input_stream(loc.path, buffer_size=webdataset.READ_BUFFER) as f:
-            samples = webdataset.scan_tar(f, size)
-        return [(relpath, i, s.offset, s.key, s.reason) for i, s in enumerate(samples)]
+            return TarScan.of(webdataset.scan_tar(f, size))
 
     tars = [p for p, _ in files.found]
-    with ThreadPoolExecutor(max_workers=min(8, len(tars))) as pool:
-        return [item for items in pool.map(scan, tars) for item in items], []
+    scans: list[TarScan] = []
+    rows = 0
+    for one in _in_order(scan, tars, workers=min(8, len(tars))):
+        scans.append(one)
+        rows += len(one.offsets)
+        if cfg.limit and rows >= cfg.limit:
+            break
+    return TarListing.of(tars[: len(scans)], scans), []
+
+
+def _in_order(fn: Callable[[str], Any], args: Sequence[str], workers: int) -> Iterator[Any]:
+    """``fn(arg)`` for each of ``args``, in order, run by ``workers`` threads; at most ``2 * workers``
+    calls are started ahead of the one the caller waits for (results do not pile up)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        ahead: deque[Future] = deque()
+        todo = iter(args)
+        try:
+            for arg in todo:
+                ahead.append(pool.submit(fn, arg))
+                if len(ahead) >= 2 * workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:  # the caller stopped early (a limit) or failed: start no more calls
+            for future in ahead:
+                future.cancel()
 
 
 def _check_parquet_schema(schema: pa.Schema, cfg: SourceConfig, uri: str) -> None:
@@ -473,7 +622,8 @@ def _pack_each(chunk: list[tuple]) -> tuple:
 
 
 def _pack_ranges(chunk: list[tuple]) -> tuple:
-    """``(name, row)`` items -> contiguous ``(name, start, stop)`` row ranges."""
+    """``(name, row)`` items -> contiguous ``(name, start, stop)`` row ranges (``FileRows.ranges`` does
+    this for a compact listing)."""
     ranges: list[list] = []  # [name, start, stop]
     for name, row in chunk:
         if ranges and ranges[-1][0] == name and ranges[-1][2] == row:
@@ -483,16 +633,9 @@ def _pack_ranges(chunk: list[tuple]) -> tuple:
     return tuple(tuple(r) for r in ranges)
 
 
-def _pack_tar_ranges(chunk: list[tuple]) -> tuple:
-    """Tar samples -> ``[relpath, start, stop, offset of start, key of start, broken key, reason]``."""
-    ranges = []
-    for relpath, index, offset, key, reason in chunk:
-        broken = (key, reason) if reason else ("", "")
-        if ranges and ranges[-1][0] == relpath and ranges[-1][2] == index:
-            ranges[-1][2], ranges[-1][5:] = index + 1, broken
-        else:
-            ranges.append([relpath, index, index + 1, offset, key, *broken])
-    return tuple(tuple(r) for r in ranges)
+def _pack_listing(chunk: FileRows | TarListing) -> tuple:
+    """A slice of a compact listing -> its row ranges (``FileRows.ranges``, ``TarListing.ranges``)."""
+    return chunk.ranges()
 
 
 def _cut_each(shard: Shard, start: int, stop: int) -> tuple:
@@ -510,8 +653,8 @@ def _cut_ranges(shard: Shard, start: int, stop: int) -> tuple:
 
 
 def _cut_tar_ranges(shard: Shard, start: int, stop: int) -> tuple | None:
-    """From the listing's samples (their byte offsets): None for a shard rebuilt from JSON."""
-    return _pack_tar_ranges(list(shard.listed[start:stop])) if shard.listed else None
+    """From the listing's samples (their byte offsets and keys): None for a shard rebuilt from JSON."""
+    return shard.listed[start:stop].ranges() if shard.listed else None
 
 
 def _digest(kind: SourceKind, cfg: SourceConfig, items: tuple) -> str:
@@ -752,7 +895,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
         SourceKind(
             "mnist",
             _list_mnist,
-            _pack_ranges,
+            _pack_listing,
             _cut_ranges,
             _read_mnist,
             scheme="mnist",
@@ -761,7 +904,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
         SourceKind(
             "moving-mnist",
             _list_moving_mnist,
-            _pack_ranges,
+            _pack_listing,
             _cut_ranges,
             _read_moving_mnist,
             scheme="moving-mnist",
@@ -770,7 +913,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
         SourceKind(
             "webdataset",
             _list_tars,
-            _pack_tar_ranges,
+            _pack_listing,
             _cut_tar_ranges,
             _read_webdataset,
             extensions=(".tar",),
@@ -783,7 +926,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
         SourceKind(
             "parquet",
             _list_parquet,
-            _pack_ranges,
+            _pack_listing,
             _cut_ranges,
             _read_parquet,
             extensions=(".parquet",),

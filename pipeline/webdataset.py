@@ -52,9 +52,17 @@ def sample_key(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
+def _headers(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The member headers of a tar opened as a stream, without keeping them: ``tarfile`` would hold
+    every ``TarInfo`` it read (``TarFile.members``, several hundred bytes each) until the tar closes."""
+    while (info := tar.next()) is not None:
+        tar.members = []
+        yield info
+
+
 def _members(stream: IO[bytes]) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
     with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for info in tar:
+        for info in _headers(tar):
             if info.isfile():
                 yield info, tar
 
@@ -65,7 +73,7 @@ def scan_tar(stream: IO[bytes], size: int) -> list[TarSample]:
     last, problem = None, ""
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for info in tar:
+            for info in _headers(tar):
                 key, _ = sample_key(info.name)
                 if info.isfile() and key != last:
                     samples.append(TarSample(key, info.offset))
