@@ -7,12 +7,13 @@ blocks: the Parquet read and JPEG decode are left out (``pipeline.images`` measu
 - ``search``: ``TokenSearch.search`` (top-K + min + max over ``--vocab`` rows) on a batch of features;
 - ``stage loop``: ``PoolStage.__call__`` (uint8 to the GPU, floats and normalisation there, tower,
   search, eq. 6) in a loop;
-- ``ray``: the same stage on a Ray Data actor (1 GPU) fed uint8 blocks (``map_stage``, as the job). The
+- ``ray``: the same stage on a Ray Data actor (1 GPU) fed uint8 blocks (a ``StageSpec`` through
+  ``map_stages``, as the job). The
   rate is settled: the first ``--warmup`` batches are not timed (``bench.ray_timing``); the timed
   batches are printed.
 
 The stage is ``PoolStage`` itself; ``RandomVocabPoolStage`` only replaces its constructor's
-``load_vocab`` with a random text-feature table of the same shape.
+vocab table with a random text-feature table of ``vocab_size`` rows.
 
     python -m bench.pool_stage [--images 8192] [--warmup 3] [--json out.json]
     python -m bench.pool_stage --smoke
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,27 +40,35 @@ from bench.common import (
     uint8_block,
     write_json,
 )
-from pipeline.pools import PoolStage
-from pipeline.stages import MODEL_RETRIES
+from pipeline.pools import PoolStage, PoolStageConfig
+from pipeline.search import SearchConfig, TokenSearch
+from spae.config import from_dict
+from spae.scorers import ScorerConfig, build_scorer
+
+
+@dataclass(frozen=True)
+class RandomVocabConfig:
+    pool: PoolStageConfig  # its vocab URI unused
+    vocab_size: int
 
 
 class RandomVocabPoolStage(PoolStage):
     """``PoolStage`` over a random unit-norm [vocab, d] text-feature table (no vocab job needed)."""
 
-    def __init__(self, scorer: dict, vocab_size: int, search: dict, top_k: int, min_threshold: float):
-        from pipeline.search import SearchConfig, TokenSearch
-        from spae.config import from_dict
-        from spae.scorers import ScorerConfig, build_scorer
-
-        if scorer["arch"] == TINY_CLIP:
+    def __init__(self, config: RandomVocabConfig):
+        cfg = config.pool
+        if cfg.scorer.arch == TINY_CLIP:
             register_tiny_clip()
-        self.scorer = build_scorer(from_dict(ScorerConfig, dict(scorer)))
+        self.scorer = build_scorer(cfg.scorer)
         g = torch.Generator().manual_seed(0)
-        feats = torch.nn.functional.normalize(torch.randn(vocab_size, self.scorer.dim, generator=g), dim=1)
-        self.search = TokenSearch(feats, from_dict(SearchConfig, dict(search)))  # [v, d]
-        self.k = min(top_k, vocab_size)
-        self.min_threshold = min_threshold
-        self.retries = MODEL_RETRIES
+        feats = torch.nn.functional.normalize(
+            torch.randn(config.vocab_size, self.scorer.dim, generator=g), dim=1
+        )  # [v, d]
+        self.search = TokenSearch(feats, cfg.search)
+        self.k = min(cfg.top_k, config.vocab_size)
+        self.min_threshold = cfg.min_threshold
+        self.sample_frames = cfg.sample_frames
+        self.retries = cfg.retries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,14 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     device = pick_device(args.smoke)
     scorer_cfg = open_clip_scorer(args.arch, args.precision, device)
-    kw = {
-        "scorer": scorer_cfg,
-        "vocab_size": args.vocab,
-        "search": {"backend": "torch", "device": str(device)},
-        "top_k": args.top_k,
-        "min_threshold": 0.5,
-    }
-    stage = RandomVocabPoolStage(**kw)
+    pool = PoolStageConfig(
+        scorer=from_dict(ScorerConfig, scorer_cfg),
+        vocab="",
+        search=SearchConfig(backend="torch", device=str(device)),
+        top_k=args.top_k,
+        min_threshold=0.5,
+    )
+    config = RandomVocabConfig(pool, args.vocab)
+    stage = RandomVocabPoolStage(config)
     scorer, size = stage.scorer, stage.scorer.image_size
     print(f"device: {device_line(device)}")
     print(
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ray: not importable here; the Ray Data figure is skipped")
     if not args.no_ray:
         from bench.ray_timing import settled_throughput
-        from pipeline.stages import map_stage
+        from pipeline.stages import StageSpec, map_stages
 
         ray_init(device)
         try:
@@ -157,14 +168,14 @@ def main(argv: list[str] | None = None) -> int:
                 batch_format="numpy",
                 fn_kwargs={"size": size, "per_block": args.batch},
             )
-            ds = map_stage(
-                ds,
+            spec = StageSpec(
                 RandomVocabPoolStage,
-                constructor_kwargs=kw,
+                config,
                 actors=1,
                 batch_size=args.batch,
                 num_gpus=1 if device.type == "cuda" else 0,
             )
+            ds = map_stages(ds, [spec])
             r = settled_throughput(ds, lambda b: len(b["image_id"]), warmup=args.warmup)
             results["ray"] = r
             print(

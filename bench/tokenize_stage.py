@@ -10,7 +10,7 @@ Model: the paper preset with ``network.latent_dim=768`` and a random frozen 65,5
 
 Then, when Ray is importable: ``TokenizeStage`` called in a plain loop on uint8 batches (uint8 to the
 GPU, floats made there; with words and text, and ids only), and the job's Ray Data stages
-(``pipeline.tokenize.tokenize_stages``: the stage on one GPU actor emitting ids; words and text built
+(``pipeline.tokenize.tokenize_spec``: the stage on one GPU actor emitting ids; words and text built
 on the driver, as the job does) fed by in-memory uint8 blocks. The Ray rate is settled: the first
 ``--warmup`` batches (start-up, compilation) are not timed (``bench.ray_timing``); the timed batches
 are printed. Ratios: Ray / bare encode (the goal, >= 0.85), Ray / stage loops.
@@ -98,14 +98,15 @@ def encode_bf16(tok: SPAETokenizer, images: torch.Tensor) -> list[torch.Tensor]:
 
 
 def ray_run(args, folder: str, size: int, n_images: int, device, words: list[str], layers, report) -> dict:
-    """The job's stages (``tokenize_stages``: the GPU actor emits ids; ``WordsStage`` builds words and text
+    """The job's stages (``tokenize_spec``: the GPU actor emits ids; ``WordsStage`` builds words and text
     on the driver, as the job's ``driver_stage``) fed by in-memory uint8 blocks; rate from
     ``settled_throughput`` (start-up and warm-up batches excluded).
     ``report(result)`` runs before Ray shuts down (which takes seconds)."""
     import ray
 
     from bench.ray_timing import settled_throughput
-    from pipeline.tokenize import WordsStage, tokenize_stages
+    from pipeline.stages import StageSpec, map_stages
+    from pipeline.tokenize import TokenizeStage, TokenizeStageConfig, WordsStage
 
     ray_init(device)
     try:
@@ -114,15 +115,11 @@ def ray_run(args, folder: str, size: int, n_images: int, device, words: list[str
         ds = ds.map_batches(
             uint8_block, batch_size=1, batch_format="numpy", fn_kwargs={"size": size, "per_block": args.batch}
         )
-        ds = tokenize_stages(
-            ds,
-            folder,
-            layers,
-            device=str(device),
-            actors=1,
-            batch_size=args.batch,
-            num_gpus=1 if device.type == "cuda" else 0,
+        config = TokenizeStageConfig(folder, tuple(layers), device=str(device), words=False)
+        spec = StageSpec(
+            TokenizeStage, config, actors=1, batch_size=args.batch, num_gpus=1 if device.type == "cuda" else 0
         )
+        ds = map_stages(ds, [spec])
         errors = 0
         add_words = WordsStage(words, layers)
 
@@ -205,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         args.no_ray = True
         print("ray: not importable here; the Ray Data figures are skipped")
     if not args.no_ray:
-        from pipeline.tokenize import TokenizeStage
+        from pipeline.tokenize import TokenizeStage, TokenizeStageConfig
 
         with tempfile.TemporaryDirectory() as folder:
             tok.save_pretrained(folder)
@@ -215,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             reps = max(2, args.reps // 2)
             loops = {}
             for name, emit_words in (("TokenizeStage loop", True), ("TokenizeStage loop, ids only", False)):
-                stage = TokenizeStage(folder, device=str(device), words=emit_words)
+                stage = TokenizeStage(TokenizeStageConfig(folder, device=str(device), words=emit_words))
                 stage(sb)
                 sync(device)
                 t0 = time.perf_counter()

@@ -5,8 +5,8 @@
 - ``stage loop``: ``TextFeatureStage`` (tokenize on the CPU, eq. 5 template mean) in a plain loop, on
   ``--loop-batches`` batches;
 - ``stage loop, pre-tokenized``: the same batches with their ``prompt_tokens`` made beforehand by
-  ``add_prompt_tokens`` (the GPU actor's share of the job);
-- ``ray``: the job's stages (``pipeline.vocab.text_feature_stages``: prompts tokenized by tasks on the
+  ``PromptTokensStage`` (the GPU actor's share of the job);
+- ``ray``: the job's stages (``pipeline.vocab.text_feature_specs``: prompts tokenized by tasks on the
   other CPUs, then the stage on one GPU actor), fed word rows. The rate is settled: the first
   ``--warmup`` batches are not timed (``bench.ray_timing``); the timed batches are printed.
 
@@ -37,16 +37,25 @@ from bench.common import (
     time_fn,
     write_json,
 )
-from pipeline.vocab import TextFeatureStage, add_prompt_tokens, text_feature_stages
+from pipeline.stages import map_stages
+from pipeline.vocab import (
+    PromptTokensStage,
+    TextFeatureConfig,
+    TextFeatureStage,
+    VocabJobConfig,
+    text_feature_specs,
+)
+from spae.config import from_dict
+from spae.scorers import ScorerConfig
 
 
 class BenchTextFeatureStage(TextFeatureStage):
     """``TextFeatureStage`` unchanged, except that it can build the tiny smoke-test architecture."""
 
-    def __init__(self, scorer: dict, templates: list[str], prompt_batch: int = 2048):
-        if scorer["arch"] == TINY_CLIP:
+    def __init__(self, config: TextFeatureConfig):
+        if config.scorer.arch == TINY_CLIP:
             register_tiny_clip()
-        super().__init__(scorer, templates, prompt_batch)
+        super().__init__(config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     from spae.scorers import prompt_templates
 
     templates = prompt_templates("imagenet80")[: 2 if args.smoke else None]
-    scorer_cfg = open_clip_scorer(args.arch, args.precision, device)
+    scorer_cfg = from_dict(ScorerConfig, open_clip_scorer(args.arch, args.precision, device))
     print(f"device: {device_line(device)}")
     print(f"{args.arch} text tower, {args.precision}, {len(templates)} templates, {args.words} words")
-    stage = BenchTextFeatureStage(scorer_cfg, templates, prompt_batch=args.prompt_batch)
+    config = TextFeatureConfig(scorer_cfg, tuple(templates), prompt_batch=args.prompt_batch)
+    stage = BenchTextFeatureStage(config)
     scorer = stage.scorer
     words = [f"word{i}" for i in range(args.words)]
     results: dict[str, dict] = {}
@@ -103,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     loops = {}
     for name, inputs in (
         ("stage_loop", timed),
-        ("stage_loop_pretokenized", [add_prompt_tokens(b, scorer_cfg, templates) for b in timed]),
+        ("stage_loop_pretokenized", [PromptTokensStage(config)(b) for b in timed]),
     ):
         stage(inputs[0])
         sync(device)
@@ -139,16 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         ray_init(device)
         try:
             ds = ray.data.from_items([{"word": w} for w in words], override_num_blocks=max(1, len(batches)))
-            ds = text_feature_stages(
-                ds,
-                scorer_cfg,
-                templates,
+            job = VocabJobConfig(
+                scorer=scorer_cfg,
+                batch_size=per,
                 prompt_batch=args.prompt_batch,
                 actors=1,
-                batch_size=per,
-                num_gpus=1 if device.type == "cuda" else 0,
-                stage_cls=BenchTextFeatureStage,
+                num_gpus_per_actor=1 if device.type == "cuda" else 0,
             )
+            ds = map_stages(ds, text_feature_specs(job, templates, stage_cls=BenchTextFeatureStage))
             r = settled_throughput(ds, lambda b: len(b["word"]), warmup=args.warmup)
             r["prompts_per_s"] = r["rows_per_s"] * len(templates)
             results["ray"] = r

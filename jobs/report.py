@@ -97,24 +97,21 @@ def _pick_rows(cfg: ReportConfig) -> tuple[Any, list[str]]:
     return pa.concat_tables([found[i][0] for i in order]), [found[i][1] for i in order]
 
 
-def _originals(
-    manifest: dict, image_ids: list[str], shard_ids: list[str], size: int | tuple[int, int], fit: str
-) -> np.ndarray:
-    """The source images of the rows, decoded as the tokenize job did: uint8 [k, H, W, 3]
-    (``size=(T, S)``: clips [k, T, S, S, 3])."""
+def _originals(manifest: dict, image_ids: list[str], shard_ids: list[str], decode: Any) -> np.ndarray:
+    """The source images of the rows, decoded as the tokenize job did (``decode``, a
+    ``pipeline.images.DecodeOptions``): uint8 [k, H, W, 3] (clips [k, T, S, S, 3])."""
     from pipeline.images import decode_table
     from pipeline.sources import SourceConfig, list_shards, read_shard
     from spae.config import from_dict
 
     source = from_dict(SourceConfig, manifest["config"]["source"])
     shards = {s.shard_id: s for s in list_shards(source)}
-    max_pixels = int(manifest["config"].get("max_pixels", 50_000_000))
     wanted = set(image_ids)
     pixels: dict[str, np.ndarray] = {}
     for shard_id in dict.fromkeys(shard_ids):
         raw = read_shard(shards[shard_id])
         keep = [i for i, iid in enumerate(raw.column("image_id").to_pylist()) if iid in wanted]
-        decoded = decode_table(raw.take(keep), size, max_pixels=max_pixels, fit=fit)  # the shown rows only
+        decoded = decode_table(raw.take(keep), decode)  # the shown rows only
         for iid, px in zip(decoded["image_id"], decoded["pixels"], strict=True):
             pixels[iid] = px
     return np.stack([pixels[i] for i in image_ids])
@@ -143,10 +140,9 @@ def run_report(cfg: ReportConfig) -> ReportResult:
     import torch
 
     from pipeline.corpus import read_manifest, token_pyramid, tokens_column, words_column
-    from pipeline.images import to_float
+    from pipeline.images import FIT, MAX_PIXELS, DecodeOptions, to_float
     from pipeline.storage import resolve
     from pipeline.tokenize import load_tokenizer, token_counts
-    from pipeline.video import decode_size
     from spae.metrics import psnr
     from spae.report import (
         SHADE_FREQUENCY,
@@ -171,14 +167,16 @@ def run_report(cfg: ReportConfig) -> ReportResult:
     layers = tuple(int(l) for l in manifest["layers"])
     table, shard_ids = _pick_rows(cfg)
     image_ids = table.column("image_id").to_pylist()
-    size = decode_size(tokenizer.config)  # S, or (T, S) for clips
-    frames, side = size if isinstance(size, tuple) else (0, size)
+    job = manifest["config"]  # decoded as the tokenize job did
+    decode = DecodeOptions.for_model(
+        tokenizer.config, fit=job.get("fit", FIT), max_pixels=int(job.get("max_pixels", MAX_PIXELS))
+    )
+    frames, side = decode.frames, decode.size
     try:
-        originals = _originals(manifest, image_ids, shard_ids, size, manifest["config"].get("fit", "auto"))
+        originals = _originals(manifest, image_ids, shard_ids, decode)
         missing_source = ""
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # input moved or unreachable (StorageError)
-        shape = (len(image_ids), *((frames,) if frames else ()), side, side, 3)
-        originals = np.full(shape, 128, np.uint8)  # grey placeholders
+        originals = np.full(decode.pixels_shape(len(image_ids)), 128, np.uint8)  # grey placeholders
         missing_source = f"originals unavailable ({type(e).__name__}: {e}); grey placeholders, no PSNR"
     images = torch.from_numpy(to_float(originals))  # [k, 3, H, W] or clips [k, 3, T, H, W]
     if cfg.pools:

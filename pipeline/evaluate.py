@@ -14,7 +14,7 @@
 
 It runs on the driver with plain torch (no Ray): the evaluation set is read shard by shard with
 ``pipeline.sources.read_shard`` and decoded with ``pipeline.images.decode_batch`` (clips of
-``num_frames`` frames for a video tokenizer: ``pipeline.video.decode_size``). That suits the
+``num_frames`` frames for a video tokenizer: ``pipeline.images.DecodeOptions.for_model``). That suits the
 held-out sets used here (thousands of images); the training job calls ``evaluate_tokenizer`` on
 rank 0 the same way.
 
@@ -38,12 +38,12 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from pipeline.images import decode_table
+from pipeline.images import FIT, MAX_PIXELS, DecodeOptions, FitMode, decode_table
 from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
 from pipeline.sources import class_words as source_class_words
 from pipeline.storage import Location, resolve
 from pipeline.tracking import MlflowConfig
-from pipeline.video import decode_size
+from spae.devices import resolve_device
 from spae.fonts import add_stand_in_legend, legible, words_font
 from spae.metrics import (
     OptionalMetrics,
@@ -111,11 +111,10 @@ def read_pools_part(pools: Location, shard_id: str, columns: Sequence[str]) -> p
     return pq.read_table(pools.join(part_name(shard_id)).path, columns=list(columns), filesystem=pools.fs)
 
 
-def shard_pixels(shard: Shard, size: int | tuple[int, int], fit: str = "auto") -> dict[str, np.ndarray]:
+def shard_pixels(shard: Shard, decode: DecodeOptions) -> dict[str, np.ndarray]:
     """One input shard read and decoded: ``image_id``, ``label`` (-1 none), ``pixels`` uint8 [n, H, W, 3]
-    (``size = S``) or clips [n, T, H, W, 3] (``size = (T, S)``); rows that failed to read or decode are
-    dropped."""
-    decoded = decode_table(read_shard(shard), size, fit=fit)
+    or clips [n, T, H, W, 3] (``decode.frames > 0``); rows that failed to read or decode are dropped."""
+    decoded = decode_table(read_shard(shard), decode)
     ok = np.array([not e for e in decoded["error"]], dtype=bool)
     labels = np.array([-1 if v is None else int(v) for v in decoded["label"]], dtype=np.int64)
     return {
@@ -125,14 +124,14 @@ def shard_pixels(shard: Shard, size: int | tuple[int, int], fit: str = "auto") -
     }
 
 
-def check_source_kind(shard: Shard, size: int | tuple[int, int], key: str) -> None:
+def check_source_kind(shard: Shard, decode: DecodeOptions, key: str) -> None:
     """Refuse the two built-in sources that cannot suit the model: MNIST images for a video model,
     Moving MNIST clips for an image model (folders and Parquet may hold either)."""
-    video = isinstance(size, tuple)
+    video = decode.frames > 0
     if video and shard.kind == "mnist":
         raise ValueError(
-            f"{key}={shard.config.uri}: the model takes clips of {size[0]} frames (num_frames > 0) but this "
-            "source holds images; use a video source, e.g. moving-mnist://train"
+            f"{key}={shard.config.uri}: the model takes clips of {decode.frames} frames (num_frames > 0) but "
+            "this source holds images; use a video source, e.g. moving-mnist://train"
         )
     if not video and shard.kind == "moving-mnist":
         raise ValueError(
@@ -187,16 +186,15 @@ class EvalData:
 
 def load_eval_data(
     source: SourceConfig,
-    size: int | tuple[int, int],
+    decode: DecodeOptions,
     pools: str = "",
-    fit: str = "auto",
     limit: int = 0,
 ) -> EvalData:
-    """Read and decode (at most ``limit``) images of ``source`` (``size = S``), or clips
-    (``size = (T, S)``, ``pipeline.video.decode_size``); with ``pools``, attach their features."""
+    """Read and decode (at most ``limit``) images of ``source``, or clips (``decode.frames > 0``,
+    ``DecodeOptions.for_model``); with ``pools``, attach their features."""
     shards = list_shards(source)
     if shards:
-        check_source_kind(shards[0], size, "source")
+        check_source_kind(shards[0], decode, "source")
     pools_loc = resolve(pools) if pools else None
     if pools_loc is not None:
         check_pools_cover(shards, pools_loc)
@@ -204,7 +202,7 @@ def load_eval_data(
     labels, pixels, feats, smin, smax = [], [], [], [], []
     n = 0
     for shard in shards:
-        part = shard_pixels(shard, size, fit)
+        part = shard_pixels(shard, decode)
         keep = np.ones(len(part["image_id"]), dtype=bool)
         if pools_loc is not None:
             table = read_pools_part(
@@ -430,7 +428,8 @@ class EvaluateJobConfig:
     vocab: str = ""  # vocab table the pools refer to (its text features); needed with ``pools``
     limit: int = 1000  # images (or clips, for a video tokenizer) evaluated (0 = all)
     batch_size: int = 64
-    fit: Literal["auto", "crop", "pad"] = "auto"
+    fit: FitMode = FIT  # resize policy, see pipeline.images
+    max_pixels: int = MAX_PIXELS  # larger images are left out (decode errors)
     class_words: Literal["auto", "none"] = "auto"  # auto: MNIST word + numeral, folders: source.label_words
     # "fid", "is", "lpips" (clips: per frame), "fvd" (clips): each needs its local weights file
     optional_metrics: tuple[str, ...] = ()
@@ -467,11 +466,7 @@ def run_evaluate(cfg: EvaluateJobConfig, tokenizer: Any | None = None, log: Any 
 
     check_optional_metrics(cfg.optional_metrics, cfg.weights)  # fail before loading anything
     start = time.perf_counter()
-    device = (
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    device = str(resolve_device(cfg.device))
     tok = (
         tokenizer
         if tokenizer is not None
@@ -493,7 +488,8 @@ def run_evaluate(cfg: EvaluateJobConfig, tokenizer: Any | None = None, log: Any 
                 f"trained on {tok.codebook.hash[:12]}: its token ids are not the vocab's rows"
             )
         check_pools_vocab(pools_manifest(cfg.pools), card, cfg.pools)
-    data = load_eval_data(cfg.source, decode_size(tok.config), cfg.pools, cfg.fit, cfg.limit)
+    decode = DecodeOptions.for_model(tok.config, fit=cfg.fit, max_pixels=cfg.max_pixels)
+    data = load_eval_data(cfg.source, decode, cfg.pools, cfg.limit)
     words = class_words(data) if cfg.class_words == "auto" else None
     rows = class_token_rows(words, tok.vocabulary.words) if words else None
     if rows is not None and not any(rows):

@@ -18,10 +18,10 @@ A row that cannot be decoded keeps its id, gets zero pixels and a reason in ``er
 file``, ``undecodable: ...``, ``truncated: ...``, ``too large: WxH > max_pixels``, ``unsupported
 mode: ...``. Nothing raises per row.
 
-Clips (video SPAE): ``size=(T, S)`` instead of an int decodes every row as a clip of ``T`` frames of
-``S x S`` (``pipeline.video.decode_clip``; ``pixels`` ``[n, T, S, S, 3]``), adding ``too short: ...``
-to the reasons. The jobs pass the size through unchanged, so an image job becomes a clip job by its
-size alone.
+What to decode is one ``DecodeOptions`` (size, frames, fit, max_pixels), built once by a job from
+its config and passed down unchanged. Clips (video SPAE): ``frames = T > 0`` decodes every row as a
+clip of ``T`` frames of ``size x size`` (``pipeline.video.decode_clip``; ``pixels`` ``[n, T, S, S, 3]``),
+adding ``too short: ...`` to the reasons; an image job becomes a clip job by its options alone.
 """
 
 from __future__ import annotations
@@ -40,48 +40,66 @@ if TYPE_CHECKING:
     from pipeline.sources import SourceConfig
 
 FIT_MODES = ("auto", "crop", "pad")
+FitMode = Literal["auto", "crop", "pad"]
+FIT: FitMode = "auto"  # the default resize policy of every job
+MAX_PIXELS = 50_000_000  # the default pixel limit of every job: larger images become error rows
 DECODE_STAGE = "decode"
 
 
-def decode_table(
-    table: Any, size: int | tuple[int, int], max_pixels: int = 50_000_000, fit: str = "auto"
-) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How a job decodes its rows: images to uint8 ``[size, size, 3]`` (``frames = 0``), or clips of
+    ``frames`` frames ``[frames, size, size, 3]`` (``frames > 0``); ``fit`` is the resize policy of this
+    module; an image (a clip's frame) of more than ``max_pixels`` pixels is an error row."""
+
+    size: int
+    frames: int = 0
+    fit: FitMode = FIT
+    max_pixels: int = MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.fit not in FIT_MODES:
+            raise ValueError(f"fit: {self.fit!r} is not one of {', '.join(FIT_MODES)}")
+        if self.size < 1:
+            raise ValueError(f"size: must be >= 1 (the side images are decoded to), got {self.size}")
+        if self.frames < 0:
+            raise ValueError(f"frames: must be >= 0 (0 = images, else frames per clip), got {self.frames}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels: must be >= 1, got {self.max_pixels}")
+
+    @classmethod
+    def for_model(cls, model_cfg: Any, **options: Any) -> DecodeOptions:
+        """The inputs of a model (``spae.model.SPAEConfig``): ``image_size`` images, or clips of its
+        ``num_frames`` frames; ``options`` are the job's ``fit`` / ``max_pixels``."""
+        return cls(int(model_cfg.image_size), int(model_cfg.num_frames or 0), **options)
+
+    def pixels_shape(self, n: int) -> tuple[int, ...]:
+        """``[n, size, size, 3]`` (images) or ``[n, frames, size, size, 3]`` (clips)."""
+        side = (self.size, self.size, 3)
+        return (n, self.frames, *side) if self.frames else (n, *side)
+
+
+def decode_table(table: Any, decode: DecodeOptions) -> dict[str, np.ndarray]:
     """A read shard (a ``pyarrow.Table`` of ``read_shard``'s columns) as object rows through
     ``decode_batch``: its columns plus ``pixels`` and ``error``."""
     rows = {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
-    return decode_batch(rows, size, max_pixels=max_pixels, fit=fit)
+    return decode_batch(rows, decode)
 
 
-def decode_batch(
-    batch: dict[str, np.ndarray],
-    size: int | tuple[int, int],
-    max_pixels: int = 50_000_000,
-    fit: Literal["auto", "crop", "pad"] = "auto",
-) -> dict[str, np.ndarray]:
-    """``batch["image_bytes"]`` -> adds ``pixels`` uint8 ``[n, size, size, 3]``, ``error``, ``error_stage``.
-
-    ``size=(T, S)``: clips, ``pixels`` ``[n, T, S, S, 3]``. Rows that arrive with an ``error`` (e.g.
+def decode_batch(batch: dict[str, np.ndarray], decode: DecodeOptions) -> dict[str, np.ndarray]:
+    """``batch["image_bytes"]`` -> adds ``pixels`` uint8 ``[n, size, size, 3]`` (clips
+    ``[n, T, size, size, 3]``), ``error``, ``error_stage``. Rows that arrive with an ``error`` (e.g.
     unreadable files) keep it and are not decoded.
     """
-    if fit not in FIT_MODES:
-        raise ValueError(f"fit: {fit!r} is not one of {', '.join(FIT_MODES)}")
-    frames, side = clip_size(size)
-    if frames:
-        from pipeline.video import decode_clip
-
-        def decode(data: bytes) -> np.ndarray:
-            return decode_clip(data, frames, side, max_pixels, fit)
+    if decode.frames:
+        from pipeline.video import decode_clip as decode_one
     else:
-
-        def decode(data: bytes) -> np.ndarray:
-            return decode_image(data, side, max_pixels, fit)
-
+        decode_one = decode_image
     data = batch["image_bytes"]
     n = len(data)
     prior = error_mask(batch["error"]) if "error" in batch else np.zeros(n, dtype=bool)
     prior_stage = batch.get("error_stage")
-    shape = (n, frames, side, side, 3) if frames else (n, side, side, 3)
-    pixels = np.zeros(shape, dtype=np.uint8)  # [n, H, W, 3] or [n, T, H, W, 3]
+    pixels = np.zeros(decode.pixels_shape(n), dtype=np.uint8)  # [n, H, W, 3] or [n, T, H, W, 3]
     errors = np.empty(n, dtype=object)
     stages = np.empty(n, dtype=object)
     for i in range(n):
@@ -92,30 +110,19 @@ def decode_batch(
             )
             continue
         try:
-            pixels[i] = decode(data[i])
+            pixels[i] = decode_one(data[i], decode)
         except DecodeError as e:
             errors[i], stages[i] = str(e), DECODE_STAGE
     return {**batch, "pixels": pixels, "error": errors, "error_stage": stages}
-
-
-def clip_size(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """``S`` -> ``(0, S)`` (images); ``(T, S)`` -> ``(T, S)`` (clips of T frames)."""
-    if isinstance(size, int | np.integer):
-        return 0, int(size)
-    t, s = (int(v) for v in size)
-    if t < 1 or s < 1:
-        raise ValueError(f"clip size {tuple(size)}: frames and side must be >= 1")
-    return t, s
 
 
 class DecodeError(ValueError):
     """One image cannot be turned into pixels; the message is the reason stored in errors tables."""
 
 
-def decode_image(
-    data: bytes | None, size: int, max_pixels: int = 50_000_000, fit: str = "auto"
-) -> np.ndarray:
-    """Image file bytes -> uint8 ``[size, size, 3]`` RGB; raises ``DecodeError`` with the reason."""
+def decode_image(data: bytes | None, decode: DecodeOptions) -> np.ndarray:
+    """Image file bytes -> uint8 ``[size, size, 3]`` RGB (``decode.frames`` unused); raises
+    ``DecodeError`` with the reason."""
     if data is None or len(data) == 0:
         raise DecodeError("zero-byte file")
     try:
@@ -123,8 +130,8 @@ def decode_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(bytes(data)))
         w, h = image.size
-        if w * h > max_pixels:
-            raise DecodeError(f"too large: {w}x{h} > max_pixels {max_pixels}")
+        if w * h > decode.max_pixels:
+            raise DecodeError(f"too large: {w}x{h} > max_pixels {decode.max_pixels}")
         image.load()
         image = ImageOps.exif_transpose(image)
         rgb = to_rgb(image)
@@ -141,7 +148,7 @@ def decode_image(
         raise DecodeError(f"undecodable: {text}") from e
     except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the shard
         raise DecodeError(f"undecodable: {type(e).__name__}: {e}") from e
-    return fit_square(rgb, size, fit)
+    return fit_square(rgb, decode.size, decode.fit)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -168,7 +175,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     raise DecodeError(f"unsupported mode: {mode}")
 
 
-def fit_square(image: Image.Image, size: int, fit: str = "auto") -> np.ndarray:
+def fit_square(image: Image.Image, size: int, fit: str) -> np.ndarray:
     """RGB image -> uint8 ``[size, size, 3]`` by the ``fit`` policy of this module."""
     w, h = image.size
     nearly_fits = w <= size and h <= size and 4 * max(w, h) >= 3 * size
@@ -247,15 +254,14 @@ class DecodedImages:
     errors: dict[str, str]  # image_id -> reason, for rows left out
 
 
-def decode_source(
-    cfg: SourceConfig, size: int | tuple[int, int], max_pixels: int = 50_000_000, fit: str = "auto"
-) -> DecodedImages:
-    """Every image (``size=(T, S)``: clip) of a source, without Ray (probe training, evaluation sets)."""
+def decode_source(cfg: SourceConfig, decode: DecodeOptions) -> DecodedImages:
+    """Every image (clip, for ``decode.frames > 0``) of a source, without Ray (probe training, evaluation
+    sets)."""
     from pipeline.sources import list_shards, read_shard
 
     ids, labels, pixels, errors = [], [], [], {}
     for shard in list_shards(cfg):
-        out = decode_table(read_shard(shard), size, max_pixels=max_pixels, fit=fit)
+        out = decode_table(read_shard(shard), decode)
         bad = error_mask(out["error"])
         errors.update({out["image_id"][i]: out["error"][i] for i in np.flatnonzero(bad)})
         ids += [str(x) for x in out["image_id"][~bad]]

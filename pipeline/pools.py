@@ -31,12 +31,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.images import decode_source, pixels_to_device, to_float
+from pipeline.images import FIT, MAX_PIXELS, DecodeOptions, FitMode, decode_source, pixels_to_device, to_float
 from pipeline.ray_utils import RayConfig
 from pipeline.schemas import POOLS_SCHEMA
 from pipeline.search import SearchConfig, TokenSearch, normalize_scores
@@ -47,21 +47,22 @@ from pipeline.stages import (
     TASK_ROWS,
     ShardedJobResult,
     StageFailure,
+    StageSpec,
     batch_shards,
     call_with_retries,
     carry,
     check_reliability,
-    map_stage,
     mark_fatal,
     ok_rows,
     run_sharded_job,
 )
 from pipeline.tracking import MlflowConfig
-from spae.config import from_dict, to_dict
+from spae.config import to_dict
 from spae.scorers import ScorerConfig, build_scorer, describe_scorer
 
 STAGE = "pools"
 FORMAT = "spae-pools-v1"
+SAMPLE_FRAMES = 4  # clips: frames per clip the scorer sees, by default
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,9 @@ class PoolsJobConfig:
     output: str = "outputs/pools"  # local path, file:// or s3://bucket/prefix
     image_size: int = 0  # decode size; 0 = the scorer's input size
     frames: int = 0  # clips: decode T frames per row (video SPAE); 0 = images
-    sample_frames: int = 4  # clips: frames per clip the scorer sees (evenly spread), features averaged
-    fit: Literal["auto", "crop", "pad"] = "auto"  # resize policy, see pipeline.images
-    max_pixels: int = 50_000_000  # larger images become error rows
+    sample_frames: int = SAMPLE_FRAMES  # clips: frames the scorer sees (evenly spread), features averaged
+    fit: FitMode = FIT  # resize policy, see pipeline.images
+    max_pixels: int = MAX_PIXELS  # larger images become error rows
     batch_size: int = 256  # images per actor call
     actors: int = 1
     num_gpus_per_actor: float = 0
@@ -115,29 +116,33 @@ class PoolsJobConfig:
 # ----------------------------------------------------------------------------- the stage (Ray-free)
 
 
+@dataclass(frozen=True)
+class PoolStageConfig:
+    """What a ``PoolStage`` is built from (the job's ``pool_spec`` derives it from its config)."""
+
+    scorer: ScorerConfig
+    vocab: str  # URI of the vocab table (its text features)
+    search: SearchConfig
+    top_k: int  # clamped to the vocabulary size
+    min_threshold: float  # the lowest rho of eq. 4, for n_above_min_threshold
+    sample_frames: int = SAMPLE_FRAMES  # clips: frames per clip the scorer sees
+    retries: int = MODEL_RETRIES  # retries of a failing scorer/search call before the rows are marked fatal
+
+
 class PoolStage:
     """``pixels`` uint8 ``[n, H, W, 3]`` (clips ``[n, T, H, W, 3]``) -> the pool columns of ``POOLS_SCHEMA``
     (+ ``KEEP`` columns)."""
 
-    def __init__(
-        self,
-        scorer: Mapping[str, Any],
-        vocab: str,
-        search: Mapping[str, Any],
-        top_k: int,
-        min_threshold: float,
-        sample_frames: int = 4,
-        retries: int = MODEL_RETRIES,
-    ):
+    def __init__(self, config: PoolStageConfig):
         from pipeline.vocab import load_text_features
 
-        self.retries = retries
-        self.scorer = build_scorer(from_dict(ScorerConfig, dict(scorer)))
-        text_features, _ = load_text_features(vocab)  # [v, d]
-        self.search = TokenSearch(text_features, from_dict(SearchConfig, dict(search)))
-        self.k = min(top_k, len(text_features))
-        self.min_threshold = min_threshold
-        self.sample_frames = sample_frames
+        self.retries = config.retries
+        self.scorer = build_scorer(config.scorer)
+        text_features, _ = load_text_features(config.vocab)  # [v, d]
+        self.search = TokenSearch(text_features, config.search)
+        self.k = min(config.top_k, len(text_features))
+        self.min_threshold = config.min_threshold
+        self.sample_frames = config.sample_frames
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 ``[b, H, W, 3]`` -> ``f_I`` ``[b, d]``; clips ``[b, T, H, W, 3]``: the mean over sampled
@@ -222,7 +227,7 @@ def ensure_probe(cfg: PoolsJobConfig, log: Callable[[str], None] = print) -> boo
         )
     size = cfg.image_size or 32
     frames = _probe_frames(source.uri)
-    data = decode_source(source, (frames, size) if frames else size, max_pixels=cfg.max_pixels, fit=cfg.fit)
+    data = decode_source(source, DecodeOptions(size, frames, fit=cfg.fit, max_pixels=cfg.max_pixels))
     keep = data.labels >= 0
     pixels, labels = data.pixels[keep], data.labels[keep]
     if frames:  # clips: the sampled frames, each with its clip's label
@@ -321,6 +326,28 @@ def job_identity(
     }
 
 
+def pool_spec(cfg: PoolsJobConfig, k: int) -> StageSpec:
+    """The job's model stage: ``PoolStage`` with the top ``k`` (``top_k`` clamped to the vocabulary) on
+    an actor pool."""
+    config = PoolStageConfig(
+        scorer=cfg.scorer,
+        vocab=cfg.vocab,
+        search=cfg.search,
+        top_k=k,
+        min_threshold=cfg.min_threshold,
+        sample_frames=cfg.sample_frames,
+        retries=cfg.model_retries,
+    )
+    return StageSpec(
+        PoolStage,
+        config,
+        actors=cfg.actors,
+        batch_size=cfg.batch_size,
+        num_gpus=cfg.num_gpus_per_actor,
+        num_cpus=cfg.num_cpus_per_actor,
+    )
+
+
 def run_pools_job(
     cfg: PoolsJobConfig, on_commit: Callable[[str], None] | None = None, log: Callable[[str], None] = print
 ) -> PoolsJobResult:
@@ -339,39 +366,15 @@ def run_pools_job(
         log(f"pools: top_k {cfg.top_k} > vocabulary size {card['rows']}; using k={k}")
     size = cfg.image_size or scorer_image_size(cfg.scorer)
     shards = list_shards(cfg.source)
-    stage_kwargs = {
-        "scorer": to_dict(cfg.scorer),
-        "vocab": cfg.vocab,
-        "search": to_dict(cfg.search),
-        "top_k": k,
-        "min_threshold": cfg.min_threshold,
-        "sample_frames": cfg.sample_frames,
-        "retries": cfg.model_retries,
-    }
-    decode_size = (cfg.frames, size) if cfg.frames else size
-
-    def model_stages(ds: Any) -> Any:
-        return map_stage(
-            ds,
-            PoolStage,
-            constructor_kwargs=stage_kwargs,
-            actors=cfg.actors,
-            batch_size=cfg.batch_size,
-            num_gpus=cfg.num_gpus_per_actor,
-            num_cpus=cfg.num_cpus_per_actor,
-        )
-
     start = time.perf_counter()
     result = run_sharded_job(
         shards,
         cfg.output,
         POOLS_SCHEMA,
-        image_size=decode_size,
-        model_stages=model_stages,
+        decode=DecodeOptions(size, cfg.frames, fit=cfg.fit, max_pixels=cfg.max_pixels),
+        stages=[pool_spec(cfg, k)],
         identity=job_identity(cfg, scorer, card, k, size),
         config=to_dict(cfg),
-        max_pixels=cfg.max_pixels,
-        fit=cfg.fit,
         progress=cfg.progress,
         on_commit=on_commit,
         task_rows=max(TASK_ROWS, cfg.batch_size),

@@ -21,13 +21,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from spae.devices import resolve_device
+
 GPU_INSTALL_HINT = "install FAISS with GPU support: pip install 'spae[gpu]' (faiss-gpu, CUDA 12)"
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     backend: Literal["auto", "faiss", "torch"] = "auto"
-    device: str = "auto"  # "auto" -> cuda if available; "cpu", "cuda", "cuda:1"
+    device: str = "auto"  # "auto" -> cuda if available; "cpu", "cuda", "cuda:1" (spae.devices)
     chunk: int = 65536  # vocabulary rows per scoring chunk (torch backend)
 
     def __post_init__(self) -> None:
@@ -81,13 +83,8 @@ class TokenSearch:
             raise ValueError(f"text_features: expected a non-empty [v, d] matrix, got shape {vocab.shape}")
         self.cfg = cfg
         self.v, self.d = vocab.shape
-        device = cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(cfg.device, "search.device")
         on_gpu = self.device.type == "cuda"
-        if on_gpu and not torch.cuda.is_available():
-            raise ValueError(f"search.device: {cfg.device!r} asks for a GPU but torch sees none")
 
         backend = choose_backend(cfg.backend, on_gpu, faiss_has_gpu() if on_gpu else False)
         if backend == "faiss":

@@ -1,12 +1,16 @@
 """The Ray Data wiring of the pipeline, in one place.
 
-Stage classes elsewhere are Ray-free callables (``__init__`` loads the model, ``__call__(batch) ->
-batch`` on numpy dicts) and are unit-tested without a cluster; ``map_stage`` puts one on an actor
-pool. ``run_sharded_job`` is the shape every image job shares::
+Stage classes elsewhere are Ray-free callables (``__init__(config)`` loads the model from its one
+frozen config, ``__call__(batch) -> batch`` on numpy dicts) and are unit-tested without a cluster. A
+``StageSpec`` names one: the class, its config and its resources. ``map_stages`` runs a list of specs
+on Ray Data (``map_stage`` for each: an actor pool, or tasks); ``StageChain`` runs the same list in
+this process (each class built once, called batch by batch). ``run_sharded_job`` is the shape every
+image job shares, and ``run_in_process`` the same job without Ray::
 
     pending input shards -> pieces of <= task_rows rows -> ray.data.from_items (one block a piece)
-        -> read + decode (tasks, one piece per task) -> model stages (actor pools)
-        -> iter_batches on the driver -> ShardWriter (commits each shard once all its rows arrived)
+        -> read + decode (tasks, one piece per task; DecodeOptions) -> model stages (map_stages)
+        -> iter_batches on the driver -> driver_stage -> ShardWriter (commits each shard once all
+           its rows arrived)
 
 Commit as you go, whatever the shard size: each Ray task maps to bounded work. A shard is split into
 pieces of at most ``task_rows`` rows (``shard_piece``), one input row and block each; the read task
@@ -41,14 +45,14 @@ import gc
 import logging
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.images import decode_table
+from pipeline.images import DecodeOptions, decode_table
 from pipeline.progress import bar as progress_bar
 from pipeline.schemas import error_mask
 from pipeline.shards import ShardWriter
@@ -158,10 +162,9 @@ def carry(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: batch[k] for k in KEEP if k in batch}
 
 
-def read_and_decode(
-    batch: dict[str, np.ndarray], image_size: int, max_pixels: int = 50_000_000, fit: str = "auto"
-) -> dict[str, np.ndarray]:
-    """``{"shard": [json]}`` -> one row per image: ``KEEP`` columns + ``pixels`` uint8 ``[n, H, W, 3]``."""
+def read_and_decode(batch: dict[str, np.ndarray], decode: DecodeOptions) -> dict[str, np.ndarray]:
+    """``{"shard": [json]}`` -> one row per image: ``KEEP`` columns + ``pixels`` uint8 ``[n, H, W, 3]``
+    (clips ``[n, T, H, W, 3]``)."""
     tables = []
     for text in batch["shard"]:
         shard = Shard.from_json(str(text))
@@ -169,35 +172,109 @@ def read_and_decode(
         tables.append(
             table.append_column("shard_id", pa.array([shard.shard_id] * table.num_rows, pa.string()))
         )
-    decoded = decode_table(pa.concat_tables(tables), image_size, max_pixels=max_pixels, fit=fit)
+    decoded = decode_table(pa.concat_tables(tables), decode)
     return {**carry(decoded), "pixels": decoded["pixels"]}
 
 
-def map_stage(
-    ds: Any,
-    stage_cls: type,
-    *,
-    constructor_kwargs: Mapping[str, Any] | None = None,
-    actors: int = 1,
-    batch_size: int = 256,
-    num_gpus: float = 0,
-    num_cpus: float = 1,
-) -> Any:
-    """Run a Ray-free stage class on an actor pool of up to ``actors`` (each loads the model once).
+# ----------------------------------------------------------------------------- stage specs and runners
 
-    The pool may shrink to one actor: a cluster that loses a node, or never had room for every actor
-    beside the read tasks, goes on with fewer instead of waiting for resources it lacks."""
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One model stage, typed: ``stage`` is the Ray-free class (``stage(config)`` loads the model once,
+    ``__call__(batch) -> batch``), ``config`` its one frozen config (Ray pickles it to the workers).
+
+    Resources: ``actors`` > 0 runs it on an actor pool of up to that many actors, each with ``num_gpus``
+    GPUs and ``num_cpus`` CPUs; ``actors = 0`` runs it as Ray tasks (cheap CPU work beside the actors,
+    e.g. tokenizing prompts; each worker process builds the stage once). ``batch_size`` rows per call.
+    """
+
+    stage: type
+    config: Any
+    actors: int = 1
+    batch_size: int = 256
+    num_gpus: float = 0
+    num_cpus: float = 1
+
+    def __post_init__(self) -> None:
+        name = getattr(self.stage, "__name__", repr(self.stage))
+        params = getattr(type(self.config), "__dataclass_params__", None)
+        if params is None or not params.frozen:
+            raise TypeError(
+                f"{name}: its config must be a frozen dataclass, got {type(self.config).__name__}"
+            )
+        if self.actors < 0 or self.batch_size < 1 or self.num_gpus < 0 or self.num_cpus < 0:
+            raise ValueError(
+                f"{name}: actors ({self.actors}) >= 0, batch_size ({self.batch_size}) >= 1, num_gpus "
+                f"({self.num_gpus}) >= 0 and num_cpus ({self.num_cpus}) >= 0 are required"
+            )
+        if self.actors == 0:
+            try:
+                hash(self.config)  # a task worker keeps one stage per class and config
+            except TypeError as e:
+                raise TypeError(f"{name}: a task stage's config must be hashable ({e})") from e
+
+    def build(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """The stage itself (loads its model)."""
+        return self.stage(self.config)
+
+
+def map_stage(ds: Any, spec: StageSpec) -> Any:
+    """One spec on a Ray dataset. An actor pool of up to ``spec.actors`` (each builds the stage once)
+    may shrink to one actor: a cluster that loses a node, or never had room for every actor beside the
+    read tasks, goes on with fewer instead of waiting for resources it lacks."""
     import ray
 
+    if spec.actors == 0:
+        return ds.map_batches(
+            _task_stage,
+            fn_kwargs={"spec": spec},
+            num_cpus=spec.num_cpus,
+            num_gpus=spec.num_gpus,
+            batch_size=spec.batch_size,
+            batch_format="numpy",
+        )
     return ds.map_batches(
-        stage_cls,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-        fn_constructor_kwargs=dict(constructor_kwargs or {}),
-        num_gpus=num_gpus,
-        num_cpus=num_cpus,
-        batch_size=batch_size,
+        spec.stage,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=spec.actors),
+        fn_constructor_args=(spec.config,),
+        num_gpus=spec.num_gpus,
+        num_cpus=spec.num_cpus,
+        batch_size=spec.batch_size,
         batch_format="numpy",
     )
+
+
+def map_stages(ds: Any, specs: Sequence[StageSpec]) -> Any:
+    """The specs on a Ray dataset, in order (``map_stage`` for each)."""
+    for spec in specs:
+        ds = map_stage(ds, spec)
+    return ds
+
+
+_TASK_STAGES: dict[tuple[str, str, Any], Any] = {}  # the stages a task worker process has built
+
+
+def _task_stage(batch: dict[str, np.ndarray], spec: StageSpec) -> dict[str, np.ndarray]:
+    """A task stage's call: the worker process builds the stage on its first batch and keeps it (keyed
+    by the class's name and the config: each task unpickles its own copy of the spec)."""
+    key = (spec.stage.__module__, spec.stage.__qualname__, spec.config)
+    if key not in _TASK_STAGES:
+        _TASK_STAGES[key] = spec.build()
+    return _TASK_STAGES[key](batch)
+
+
+class StageChain:
+    """The specs' stages in this process, no Ray: each class built once, then every batch given to
+    ``__call__`` goes through them in order (the caller picks the batches; resources are unused)."""
+
+    def __init__(self, specs: Sequence[StageSpec]):
+        self.stages = [spec.build() for spec in specs]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
 
 
 @dataclass(frozen=True)
@@ -218,12 +295,10 @@ def run_sharded_job(
     output: Location | str,
     schema: pa.Schema,
     *,
-    image_size: int,
-    model_stages: Callable[[Any], Any],
+    decode: DecodeOptions,
+    stages: Sequence[StageSpec],
     identity: Mapping[str, Any],
     config: Mapping[str, Any] | None = None,
-    max_pixels: int = 50_000_000,
-    fit: str = "auto",
     read_cpus: float = 1,
     progress: bool = True,
     on_commit: Callable[[str], None] | None = None,
@@ -236,8 +311,8 @@ def run_sharded_job(
 ) -> ShardedJobResult:
     """Compute the pending shards of ``output`` and commit each exactly once; see the module docstring.
 
-    ``model_stages(ds) -> ds`` adds the job's stages (usually ``map_stage`` calls) after decoding;
-    their output must hold ``KEEP`` and the ``schema`` columns. ``on_commit(shard_id)`` is called
+    Rows are decoded by ``decode``, then go through ``stages`` (``map_stages``), whose output must hold
+    ``KEEP`` and the ``schema`` columns. ``on_commit(shard_id)`` is called
     right after each commit (progress hooks, tests that interrupt a run). ``task_rows``: rows per read
     task at most (give at least the model's batch size). Raises ``JobFailure`` when a stage fails (the
     shards committed before stay), ``TooManyErrors`` when the finished output has more error rows than
@@ -265,12 +340,12 @@ def run_sharded_job(
                 batch_size=1,  # one piece per task
                 batch_format="numpy",
                 num_cpus=read_cpus,
-                fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "fit": fit},
+                fn_kwargs={"decode": decode},
                 # a remote-args function keeps Ray Data from fusing the reads into the actor stage,
                 # whose bundles would then hold batch_size pieces (see the module docstring)
                 ray_remote_args_fn=lambda: {"num_cpus": read_cpus},
             )
-        ds = model_stages(ds)
+        ds = map_stages(ds, stages)
         bar = progress_bar(sum(s.num_rows for s in todo), "images", "img", progress)
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         failure: BaseException | None = None
@@ -307,6 +382,49 @@ def run_sharded_job(
     seconds = time.perf_counter() - start
     manifest = writer.finish(extra=manifest_extra)
     check_error_fraction(writer.out.uri, manifest, max_error_fraction)  # after the commits: they are real
+    return ShardedJobResult(manifest, len(shards), len(todo), rows, seconds)
+
+
+def run_in_process(
+    shards: list[Shard],
+    output: Location | str,
+    schema: pa.Schema,
+    *,
+    decode: DecodeOptions,
+    stages: Sequence[StageSpec],
+    identity: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+    on_commit: Callable[[str], None] | None = None,
+    manifest_extra: Mapping[str, Any] | None = None,
+    sidecars: Callable[[str, pa.Table], Mapping[str, bytes]] | None = None,
+    max_error_fraction: float = MAX_ERROR_FRACTION,
+    retry_errors: bool = False,
+    driver_stage: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    read_cpus: float = 1,
+    progress: bool = True,
+    task_rows: int = TASK_ROWS,
+) -> ShardedJobResult:
+    """``run_sharded_job`` without Ray, for small inputs and debugging: the same decoding, the same
+    stages (``StageChain``: each built once, here), the same driver stage and exactly-once commits.
+    Shards are computed one at a time, each as one batch; the arguments that only shape the Ray run
+    (``read_cpus``, ``progress``, ``task_rows``) are accepted and unused."""
+    del read_cpus, progress, task_rows
+    writer = ShardWriter(
+        output, shards, schema, identity=identity, config=config, sidecars=sidecars, on_commit=on_commit
+    )
+    todo = writer.pending(retry_errors=retry_errors)
+    chain = StageChain(stages) if todo else None
+    start, rows = time.perf_counter(), 0
+    for shard in todo:
+        batch = chain(read_and_decode({"shard": np.array([shard.to_json()], dtype=object)}, decode))
+        reason = fatal_reason(batch)
+        if reason is not None:
+            raise stopped(writer, len(todo), reason)
+        writer.add(driver_stage(batch) if driver_stage is not None else batch)
+        rows += shard.num_rows
+    seconds = time.perf_counter() - start
+    manifest = writer.finish(extra=manifest_extra)
+    check_error_fraction(writer.out.uri, manifest, max_error_fraction)
     return ShardedJobResult(manifest, len(shards), len(todo), rows, seconds)
 
 

@@ -11,8 +11,10 @@ batch is retried ``model_retries`` times, then the job fails with the reason and
 committed (``pipeline.stages``). ``max_error_fraction`` fails a job with too many error rows;
 ``retry_errors=true`` recomputes the shards of an existing corpus that have error rows.
 
-``TokenizeStage`` is Ray-free: it loads the tokenizer once and maps a numpy batch (``KEEP`` columns
-+ ``pixels``) to corpus columns (``words=False``: the token ids only; ``WordsStage`` adds the rest).
+``TokenizeStage`` is Ray-free: built from its ``TokenizeStageConfig``, it loads the tokenizer once and
+maps a numpy batch (``KEEP`` columns + ``pixels``) to corpus columns (``words=False``: the token ids
+only; ``WordsStage`` adds the rest). The job hands ``tokenize_spec`` (a ``pipeline.stages.StageSpec``)
+to ``run_sharded_job``, or, with ``in_process=true``, the same spec to ``run_in_process``.
 The driver then checks the corpus (counts, token histograms and utilization per layer, a round trip
 on a sample: the emitted ids are re-derived with the library and decoded, PSNR against the
 originals) and logs everything to one MLflow run per output.
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,32 +45,37 @@ from pipeline.corpus import (
     tokens_column,
     words_column,
 )
-from pipeline.images import FIT_MODES, decode_table, pixels_to_device, to_float
+from pipeline.images import (
+    FIT,
+    FIT_MODES,
+    MAX_PIXELS,
+    DecodeOptions,
+    FitMode,
+    decode_table,
+    pixels_to_device,
+    to_float,
+)
 from pipeline.ray_utils import RayConfig, init_ray
-from pipeline.shards import ShardWriter
 from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
 from pipeline.stages import (
     MAX_ERROR_FRACTION,
     MODEL_RETRIES,
     TASK_ROWS,
-    ShardedJobResult,
     StageFailure,
+    StageSpec,
     batch_shards,
     call_with_retries,
     carry,
     check_error_fraction,
     check_reliability,
-    fatal_reason,
-    map_stage,
     mark_fatal,
-    read_and_decode,
+    run_in_process,
     run_sharded_job,
-    stopped,
 )
 from pipeline.storage import resolve
 from pipeline.tracking import MlflowConfig, log_params_flat, start_run, tracking_dir
-from pipeline.video import decode_size
 from spae.config import to_dict
+from spae.devices import resolve_device
 from spae.encode_options import EncodeOptions
 from spae.fonts import add_stand_in_legend, legible, words_font
 
@@ -86,12 +92,12 @@ class TokenizeJobConfig:
     batch_size: int = 64
     actors: int = 1
     num_gpus_per_actor: float = 0.0
-    device: str = "auto"  # "auto" = cuda when the actor sees a GPU, else cpu
+    device: str = "auto"  # "auto" = cuda when the actor sees a GPU, else cpu (spae.devices)
     # how the encoder runs (spae.encode_options.EncodeOptions): fp32 eager by default, the training
     # forward's tokens; encode.compile=true / encode.dtype=bfloat16 are faster on a GPU (docs/BENCHMARKS.md)
     encode: EncodeOptions = field(default_factory=EncodeOptions)
-    fit: str = "auto"  # pipeline.images fit policy
-    max_pixels: int = 50_000_000
+    fit: FitMode = FIT  # pipeline.images fit policy
+    max_pixels: int = MAX_PIXELS  # larger images become error rows
     roundtrip_sample: int = 8  # images decoded back for the round-trip check (0 = skip)
     run_name: str = ""  # MLflow run name; "" = derived from the output URI (a re-run resumes it)
     progress: bool = True
@@ -133,16 +139,13 @@ _DOWNLOADS: dict[str, Path] = {}
 
 def load_tokenizer(uri: str, device: str = "cpu") -> Any:
     """``SPAETokenizer`` from a local folder, ``s3://`` prefix (copied once per process) or MLflow URI."""
-    import torch
-
     from spae.tokenizer import SPAETokenizer
 
     if not uri:
         raise ValueError(
             "tokenizer: empty; give a save_pretrained folder (local or s3://) or runs:/, models:/"
         )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))
     path: str | Path = uri
     if uri.startswith("s3://"):
         if uri not in _DOWNLOADS:
@@ -177,6 +180,19 @@ def resolve_layers(layers: Sequence[int], pyramid: Any) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- the stage
 
 
+@dataclass(frozen=True)
+class TokenizeStageConfig:
+    """What a ``TokenizeStage`` is built from (the job's ``tokenize_spec`` derives it from its config)."""
+
+    tokenizer: str  # save_pretrained folder (local, s3://) or an MLflow URI (runs:/, models:/)
+    layers: tuple[int, ...] = ()  # pyramid layers to emit (1-indexed); () = all
+    device: str = "auto"  # spae.devices.resolve_device
+    words: bool = True  # also words_l<l> and text (False: ids only, WordsStage on the driver)
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+    retries: int = MODEL_RETRIES  # retries of a failing encode call before the rows are marked fatal
+    fail_at: str = ""  # test hook: a shard id or image id whose batches fail encode
+
+
 class TokenizeStage:
     """Ray-free: ``KEEP`` columns + ``pixels`` uint8 ``[n, H, W, 3]`` (clips of a video tokenizer:
     ``[n, T, H, W, 3]``) -> ``KEEP`` + corpus columns.
@@ -191,22 +207,13 @@ class TokenizeStage:
     job then builds words and text with ``WordsStage`` on the driver, off the GPU actor.
     """
 
-    def __init__(
-        self,
-        tokenizer: str,
-        layers: Sequence[int] = (),
-        device: str = "auto",
-        words: bool = True,
-        encode: EncodeOptions | None = None,
-        retries: int = MODEL_RETRIES,
-        fail_at: str = "",
-    ):
-        self.retries = retries
-        self.fail_at = fail_at
-        self.tokenizer = load_tokenizer(tokenizer, device)
-        self.tokenizer.encode_options = encode or EncodeOptions()
-        self.layers = resolve_layers(layers, self.tokenizer.pyramid)
-        self.words = WordsStage(self.tokenizer.vocabulary.words, self.layers) if words else None
+    def __init__(self, config: TokenizeStageConfig):
+        self.retries = config.retries
+        self.fail_at = config.fail_at
+        self.tokenizer = load_tokenizer(config.tokenizer, config.device)
+        self.tokenizer.encode_options = config.encode
+        self.layers = resolve_layers(config.layers, self.tokenizer.pyramid)
+        self.words = WordsStage(self.tokenizer.vocabulary.words, self.layers) if config.words else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = carry(batch)
@@ -284,39 +291,23 @@ class WordsStage:
         return out
 
 
-def tokenize_stages(
-    ds: Any,
-    tokenizer: str,
-    layers: Sequence[int],
-    *,
-    device: str = "auto",
-    actors: int = 1,
-    batch_size: int = 64,
-    num_gpus: float = 0,
-    encode: EncodeOptions | None = None,
-    retries: int = MODEL_RETRIES,
-    fail_at: str = "",
-) -> Any:
-    """The model stage on a Ray dataset of decoded rows: ``TokenizeStage`` (token ids only) on an actor
-    pool. Words and text are built on the driver by ``WordsStage`` (``run_sharded_job``'s
-    ``driver_stage``): as Ray Data tasks they were starved by the read tasks on the 2-CPU test cluster
-    (``backpressured: ResourceBudget``) and held every actor output until the end, so a fault at 83% of
-    a 3-shard job had committed 0 shards; on the driver, 2."""
-    return map_stage(
-        ds,
-        TokenizeStage,
-        constructor_kwargs={
-            "tokenizer": tokenizer,
-            "layers": tuple(layers),
-            "device": device,
-            "words": False,
-            "encode": encode,
-            "retries": retries,
-            "fail_at": fail_at,
-        },
-        actors=actors,
-        batch_size=batch_size,
-        num_gpus=num_gpus,
+def tokenize_spec(cfg: TokenizeJobConfig, layers: Sequence[int]) -> StageSpec:
+    """The job's model stage: ``TokenizeStage`` emitting token ids only, on an actor pool. Words and text
+    are built on the driver by ``WordsStage`` (``run_sharded_job``'s ``driver_stage``): as Ray Data tasks
+    they were starved by the read tasks on the 2-CPU test cluster (``backpressured: ResourceBudget``)
+    and held every actor output until the end, so a fault at 83% of a 3-shard job had committed 0
+    shards; on the driver, 2."""
+    config = TokenizeStageConfig(
+        tokenizer=cfg.tokenizer,
+        layers=tuple(layers),
+        device=cfg.device,
+        words=False,
+        encode=cfg.encode,
+        retries=cfg.model_retries,
+        fail_at=cfg.fail_encode_at,
+    )
+    return StageSpec(
+        TokenizeStage, config, actors=cfg.actors, batch_size=cfg.batch_size, num_gpus=cfg.num_gpus_per_actor
     )
 
 
@@ -365,6 +356,7 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
     out = resolve(cfg.output)
     tokenizer = load_tokenizer(cfg.tokenizer, "cpu")
     layers = resolve_layers(cfg.layers, tokenizer.pyramid)
+    decode = DecodeOptions.for_model(tokenizer.config, fit=cfg.fit, max_pixels=cfg.max_pixels)
     shards = list_shards(cfg.source)
     fingerprint = tokenizer.fingerprint()
     card = dict(tokenizer.codebook.card)
@@ -397,20 +389,6 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
             )
         return jsonl_sidecar(shard_id, table)
 
-    def stages(ds: Any) -> Any:
-        return tokenize_stages(
-            ds,
-            cfg.tokenizer,
-            layers,
-            device=cfg.device,
-            actors=cfg.actors,
-            batch_size=cfg.batch_size,
-            num_gpus=cfg.num_gpus_per_actor,
-            encode=cfg.encode,
-            retries=cfg.model_retries,
-            fail_at=cfg.fail_encode_at,
-        )
-
     run_name = run_name_for(cfg, out.uri)
     tags = {
         "spae.job": "tokenize",
@@ -429,12 +407,10 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
             shards,
             out,
             corpus_schema(layers),
-            image_size=decode_size(tokenizer.config),
-            model_stages=stages,
+            decode=decode,
+            stages=[tokenize_spec(cfg, layers)],
             identity=identity,
             config=to_dict(cfg),
-            max_pixels=cfg.max_pixels,
-            fit=cfg.fit,
             progress=cfg.progress,
             manifest_extra=manifest_extra,
             sidecars=sidecars,
@@ -457,7 +433,11 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
         counts = token_counts(out, layers, len(tokenizer.vocabulary))
         for l, c in counts.items():
             metrics.update(_usage_metrics(l, c))
-        check = roundtrip_check(tokenizer, out, shards, layers, cfg) if cfg.roundtrip_sample else None
+        check = (
+            roundtrip_check(tokenizer, out, shards, layers, decode, cfg.roundtrip_sample)
+            if cfg.roundtrip_sample
+            else None
+        )
         if check is not None:
             metrics.update(check.metrics)
         if run is not None:
@@ -472,64 +452,6 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
             metrics=metrics,
             run_id=run.info.run_id if run is not None else None,
         )
-
-
-def run_in_process(
-    shards: list[Shard],
-    output: Any,
-    schema: pa.Schema,
-    *,
-    image_size: int | tuple[int, int],
-    model_stages: Any,
-    identity: dict[str, Any],
-    config: dict[str, Any],
-    max_pixels: int,
-    fit: str,
-    progress: bool,
-    manifest_extra: dict[str, Any],
-    sidecars: Any,
-    task_rows: int = TASK_ROWS,
-    max_error_fraction: float = MAX_ERROR_FRACTION,
-    retry_errors: bool = False,
-    driver_stage: Any = None,
-) -> ShardedJobResult:
-    """``run_sharded_job`` without Ray: the same stages and the same exactly-once commits, in this process.
-
-    ``model_stages`` and ``driver_stage`` are ignored; the stage (words included) is built from the
-    constructor kwargs of ``TokenizeStage`` that the caller bound into ``config``. Shards are computed
-    one at a time (``task_rows`` unused).
-    """
-    del model_stages, progress, task_rows, driver_stage
-    writer = ShardWriter(output, shards, schema, identity=identity, config=config, sidecars=sidecars)
-    todo = writer.pending(retry_errors=retry_errors)
-    encode = EncodeOptions(**config["encode"])
-    stage = (
-        TokenizeStage(
-            config["tokenizer"],
-            tuple(identity["layers"]),
-            config["device"],
-            encode=encode,
-            retries=config["model_retries"],
-            fail_at=config["fail_encode_at"],
-        )
-        if todo
-        else None
-    )
-    start, rows = time.perf_counter(), 0
-    for shard in todo:
-        batch = read_and_decode(
-            {"shard": np.array([shard.to_json()], dtype=object)}, image_size, max_pixels=max_pixels, fit=fit
-        )
-        out = stage(batch)
-        reason = fatal_reason(out)
-        if reason is not None:
-            raise stopped(writer, len(todo), reason)
-        writer.add(out)
-        rows += shard.num_rows
-    seconds = time.perf_counter() - start
-    manifest = writer.finish(extra=manifest_extra)
-    check_error_fraction(writer.out.uri, manifest, max_error_fraction)
-    return ShardedJobResult(manifest, len(shards), len(todo), rows, seconds)
 
 
 def _shards_digest(shards: list[Shard]) -> str:
@@ -571,14 +493,14 @@ class RoundTrip:
 
 
 def roundtrip_check(
-    tokenizer: Any, out: Any, shards: list[Shard], layers: Sequence[int], cfg: TokenizeJobConfig
+    tokenizer: Any, out: Any, shards: list[Shard], layers: Sequence[int], decode: DecodeOptions, count: int
 ) -> RoundTrip | None:
-    """Re-derive a sample's ids with the library, compare with the corpus, decode them, PSNR."""
+    """Re-derive the ids of ``count`` rows (decoded as the job did) with the library, compare with the
+    corpus, decode them, PSNR."""
     import torch
 
     from spae.metrics import psnr
 
-    size = decode_size(tokenizer.config)
     sample, originals = [], []
     for shard in shards:  # the first committed rows in shard order
         part = out.join(f"{PART_PREFIX}{shard.shard_id}.parquet")
@@ -587,14 +509,14 @@ def roundtrip_check(
         table = pq.read_table(part.path, filesystem=part.fs)
         if table.num_rows == 0:
             continue
-        take = table.slice(0, cfg.roundtrip_sample - sum(t.num_rows for t in sample))
+        take = table.slice(0, count - sum(t.num_rows for t in sample))
         raw = read_shard(shard)
         index = {iid: i for i, iid in enumerate(raw.column("image_id").to_pylist())}
         raw = raw.take(pa.array([index[i] for i in take.column("image_id").to_pylist()], pa.int64()))
-        decoded = decode_table(raw, size, max_pixels=cfg.max_pixels, fit=cfg.fit)  # the sampled rows only
+        decoded = decode_table(raw, decode)  # the sampled rows only
         sample.append(take)
         originals.append(decoded["pixels"])
-        if sum(t.num_rows for t in sample) >= cfg.roundtrip_sample:
+        if sum(t.num_rows for t in sample) >= count:
             break
     if not sample:
         return None
@@ -717,8 +639,9 @@ __all__ = [
     "TokenizeJobConfig",
     "TokenizeResult",
     "TokenizeStage",
+    "TokenizeStageConfig",
     "WordsStage",
-    "tokenize_stages",
+    "tokenize_spec",
     "load_tokenizer",
     "run_tokenize_job",
 ]

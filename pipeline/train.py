@@ -15,7 +15,7 @@ of the same listing; ``pipeline.evaluate.check_pools_cover`` refuses another lis
 compete with the training workers for CPUs; the shard-aligned join needs neither.
 
 Clips: a video model (``model.num_frames > 0``, presets ``tiny3d``, ``moving-mnist``, ``kinetics``)
-reads clips of ``num_frames`` frames (``pipeline.video.decode_size``) for training and evaluation,
+reads clips of ``num_frames`` frames (``DecodeOptions.for_model``) for training and evaluation,
 with the same pools, codebook and trainer; its discriminator is ``spae.networks3d.Discriminator3D``,
 the perceptual loss and the evaluation's PSNR/SSIM are taken per frame.
 
@@ -59,12 +59,12 @@ from pipeline.evaluate import (
     read_pools_part,
     shard_pixels,
 )
+from pipeline.images import DecodeOptions
 from pipeline.progress import BoardPoster, follow, start_board
 from pipeline.ray_utils import RayConfig
 from pipeline.sources import Shard, SourceConfig, list_shards
 from pipeline.storage import resolve
 from pipeline.tracking import MlflowConfig, resolve_tracking_uri
-from pipeline.video import decode_size
 from spae.config import from_dict, to_dict
 from spae.losses import LossConfig, check_semantic_layers, loss_preset
 from spae.model import SPAEConfig
@@ -165,19 +165,19 @@ def preset_base(name: str) -> dict[str, Any]:
 
 
 def read_joined_shards(
-    batch: dict[str, np.ndarray], pools: str, size: int | tuple[int, int], fit: str
+    batch: dict[str, np.ndarray], pools: str, decode: DecodeOptions
 ) -> dict[str, np.ndarray]:
     """``{"shard": [json]}`` -> decoded images joined with their pools (rows without a pool are dropped).
 
-    Columns: ``label`` (-1 = none), ``pixels`` uint8 [n, H, W, 3] (``size = S``) or [n, T, H, W, 3]
-    (clips, ``size = (T, S)``), ``pool_ids`` int64 [n, k] (-1 = padding), ``pool_scores`` float32 [n, k]
+    Columns: ``label`` (-1 = none), ``pixels`` uint8 [n, H, W, 3] or [n, T, H, W, 3] (clips,
+    ``decode.frames > 0``), ``pool_ids`` int64 [n, k] (-1 = padding), ``pool_scores`` float32 [n, k]
     (NaN = padding).
     """
     loc = resolve(pools)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "pixels", "pool_ids", "pool_scores")}
     for text in batch["shard"]:
         shard = Shard.from_json(str(text))
-        part = shard_pixels(shard, size, fit)
+        part = shard_pixels(shard, decode)
         table = read_pools_part(loc, shard.shard_id, ["image_id", "topk_ids", "topk_scores"])
         rows = join_on_image_id(part["image_id"], table)
         keep = rows >= 0
@@ -203,7 +203,7 @@ def check_data(cfg: TrainJobConfig) -> tuple[list[Shard], dict[str, Any]]:
     shards = list_shards(cfg.data.images)
     for key, listed in (("data.images.uri", shards), ("data.eval.uri", list_shards(cfg.data.eval))):
         if listed:  # clips for a video model, images for an image model
-            check_source_kind(listed[0], decode_size(cfg.model), key)
+            check_source_kind(listed[0], train_decode(cfg), key)
     manifest = check_pools_cover(shards, cfg.data.pools)
     card_loc = resolve(cfg.data.vocab).join(CARD)
     if not card_loc.exists():
@@ -220,6 +220,11 @@ def check_data(cfg: TrainJobConfig) -> tuple[list[Shard], dict[str, Any]]:
     return shards, card
 
 
+def train_decode(cfg: TrainJobConfig) -> DecodeOptions:
+    """How training and evaluation images are decoded: the model's inputs, the data's fit policy."""
+    return DecodeOptions.for_model(cfg.model, fit=cfg.data.fit)
+
+
 def build_dataset(cfg: TrainJobConfig, shards: list[Shard]) -> Any:
     import ray
 
@@ -228,7 +233,7 @@ def build_dataset(cfg: TrainJobConfig, shards: list[Shard]) -> Any:
         read_joined_shards,
         batch_size=1,
         batch_format="numpy",
-        fn_kwargs={"pools": cfg.data.pools, "size": decode_size(cfg.model), "fit": cfg.data.fit},
+        fn_kwargs={"pools": cfg.data.pools, "decode": train_decode(cfg)},
     )
 
 
@@ -273,7 +278,7 @@ class _Rank0:
     def load_eval(self, vocab: Any) -> None:
         cfg = self.cfg
         self.eval_data = load_eval_data(
-            cfg.data.eval, decode_size(cfg.model), cfg.data.eval_pools, cfg.data.fit, cfg.eval_images
+            cfg.data.eval, train_decode(cfg), cfg.data.eval_pools, cfg.eval_images
         )
         self.text_features = vocab.text_features if cfg.data.eval_pools else None
         words = class_words(self.eval_data)

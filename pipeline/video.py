@@ -10,9 +10,9 @@ cell, or a generated Moving MNIST clip) and is recognised by its content:
 - anything else (mp4, webm, mkv, mov, avi, ...) is handed to PyAV (``pip install av``), imported
   lazily: without it those rows become errors saying so.
 
-``decode_clip`` keeps the FIRST ``frames`` frames (stride 1) and fits each one to ``size x size``
-with ``pipeline.images.fit_square`` (the image policy). A clip with fewer frames is an error row
-(``too short: N frames < T``), as are zero-byte, undecodable and truncated files.
+``decode_clip`` keeps the FIRST ``frames`` frames (stride 1) of its ``DecodeOptions`` and fits each
+one to ``size x size`` with ``pipeline.images.fit_square`` (the image policy). A clip with fewer frames
+is an error row (``too short: N frames < T``), as are zero-byte, undecodable and truncated files.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageSequence
 
-from pipeline.images import DecodeError, decode_image, fit_square, to_rgb
+from pipeline.images import DecodeError, DecodeOptions, decode_image, fit_square, to_rgb
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".npy")
 NPY_MAGIC = b"\x93NUMPY"
@@ -62,25 +62,25 @@ def clip_npy(frames: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_clip(
-    data: bytes | None, frames: int, size: int, max_pixels: int = 50_000_000, fit: str = "auto"
-) -> np.ndarray:
+def decode_clip(data: bytes | None, decode: DecodeOptions) -> np.ndarray:
     """Clip bytes -> uint8 ``[frames, size, size, 3]``; raises ``DecodeError`` with the reason."""
+    if decode.frames < 1:
+        raise ValueError(f"decode_clip: DecodeOptions.frames must be >= 1 for a clip, got {decode.frames}")
     if data is None or len(data) == 0:
         raise DecodeError("zero-byte file")
-    data = bytes(data)
+    data, frames = bytes(data), decode.frames
     if data.startswith(NPY_MAGIC):
         images = _npy_frames(data, frames)
     elif data.startswith(FRAMES_MAGIC):
         parts = unpack_frames(data)
         _check_length(len(parts), frames)
-        return np.stack([decode_image(p, size, max_pixels, fit) for p in parts[:frames]])
+        return np.stack([decode_image(p, decode) for p in parts[:frames]])
     elif data[:6] in (b"GIF87a", b"GIF89a"):
-        images = _gif_frames(data, frames, max_pixels)
+        images = _gif_frames(data, frames, decode.max_pixels)
     else:
-        images = _av_frames(data, frames, max_pixels)
+        images = _av_frames(data, frames, decode.max_pixels)
     _check_length(len(images), frames)
-    return np.stack([fit_square(im, size, fit) for im in images[:frames]])  # [T, S, S, 3]
+    return np.stack([fit_square(im, decode.size, decode.fit) for im in images[:frames]])  # [T, S, S, 3]
 
 
 def _check_length(n: int, frames: int) -> None:
@@ -191,14 +191,6 @@ def clip_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
         for packet in stream.encode():
             out.mux(packet)
     return buf.getvalue()
-
-
-def decode_size(model_cfg: object) -> int | tuple[int, int]:
-    """What ``pipeline.images.decode_batch`` takes for a model's inputs: ``image_size`` for an image
-    model, ``(num_frames, image_size)`` for a video one (``spae.model.SPAEConfig``)."""
-    frames = int(getattr(model_cfg, "num_frames", 0) or 0)
-    size = int(model_cfg.image_size)  # type: ignore[attr-defined]
-    return (frames, size) if frames else size
 
 
 def clip_panels(

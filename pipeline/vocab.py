@@ -3,8 +3,9 @@
 ::
 
     codebook (load_codebook) -> token rows, grouped into shards of ``shard_size`` rows
-        -> add_prompt_tokens (open_clip: the prompts tokenized by tasks on the CPUs)
+        -> PromptTokensStage (open_clip: the prompts tokenized by tasks on the CPUs)
         -> TextFeatureStage on an actor pool (GPU or CPU; each actor loads the scorer once)
+           (both built from one TextFeatureConfig: text_feature_specs, pipeline.stages.map_stages)
         -> driver: + codebook columns -> ShardWriter (one ``part-<shard>.parquet`` each, exactly once)
         -> vocab_card.json
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +37,11 @@ from pipeline.progress import bar as progress_bar
 from pipeline.ray_utils import RayConfig
 from pipeline.shards import CommittedPart, ShardError, ShardWriter, part_name, read_output
 from pipeline.sources import Shard, SourceConfig
+from pipeline.stages import StageSpec, map_stages
 from pipeline.storage import Location, resolve
 from pipeline.tracking import MlflowConfig
 from spae.codebook import CodebookConfig, FrozenCodebook
-from spae.config import from_dict, to_dict
+from spae.config import to_dict
 from spae.scorers import (
     ScorerConfig,
     build_scorer,
@@ -52,6 +54,7 @@ from spae.scorers import (
 
 CARD = "vocab_card.json"
 FORMAT = "spae-vocab-v1"
+PROMPT_BATCH = 2048  # prompts per text-encoder call (tokens x templates), by default
 
 VOCAB_SCHEMA = pa.schema(
     [
@@ -71,7 +74,7 @@ class VocabJobConfig:
     scorer: ScorerConfig = field(default_factory=lambda: ScorerConfig(kind="open_clip"))
     output: str = "outputs/vocab"  # local path, file:// or s3://bucket/prefix
     batch_size: int = 256  # tokens per actor call
-    prompt_batch: int = 2048  # prompts per text-encoder call (tokens x templates)
+    prompt_batch: int = PROMPT_BATCH  # prompts per text-encoder call (tokens x templates)
     actors: int = 1  # actor pool size
     num_gpus_per_actor: float = 0
     num_cpus_per_actor: float = 1
@@ -93,17 +96,26 @@ class VocabJobConfig:
 # ----------------------------------------------------------------------------- the stage (Ray-free)
 
 
+@dataclass(frozen=True)
+class TextFeatureConfig:
+    """What the vocab job's stages are built from (``text_feature_specs``)."""
+
+    scorer: ScorerConfig
+    templates: tuple[str, ...]  # eq. 5's prompt templates, "{}" where the word goes
+    prompt_batch: int = PROMPT_BATCH  # prompts per text-encoder call
+
+
 class TextFeatureStage:
     """``{"word": [n]} -> + "text_feature" float16 [n, d]``: eq. 5 with the scorer's text tower.
 
-    With a ``prompt_tokens`` column (``[n, t, context]`` int, from ``add_prompt_tokens``) the prompts
+    With a ``prompt_tokens`` column (``[n, t, context]`` int, from ``PromptTokensStage``) the prompts
     are not tokenized here: the features are the same, and the actor only runs the text tower.
     """
 
-    def __init__(self, scorer: Mapping[str, Any], templates: Sequence[str], prompt_batch: int = 2048):
-        self.scorer = build_scorer(from_dict(ScorerConfig, dict(scorer)))
-        self.templates = list(templates)
-        self.prompt_batch = prompt_batch
+    def __init__(self, config: TextFeatureConfig):
+        self.scorer = build_scorer(config.scorer)
+        self.templates = list(config.templates)
+        self.prompt_batch = config.prompt_batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = dict(batch)
@@ -120,59 +132,45 @@ class TextFeatureStage:
 
 
 PROMPT_TOKENS = "prompt_tokens"
-_TOKENIZERS: dict[str, Any] = {}  # one text tokenizer per scorer, per worker process
 
 
-def add_prompt_tokens(
-    batch: dict[str, np.ndarray], scorer: Mapping[str, Any], templates: Sequence[str]
-) -> dict[str, np.ndarray]:
+class PromptTokensStage:
     """CPU stage before ``TextFeatureStage``: + ``prompt_tokens`` int32 ``[n, t, context]``, every word
-    in every template through the scorer's text tokenizer (Ray runs it on the other CPUs, overlapped
-    with the GPU actor)."""
-    cfg = from_dict(ScorerConfig, dict(scorer))
-    key = json.dumps(to_dict(cfg), sort_keys=True)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = text_tokenizer(cfg)
-    ids = prompt_token_ids(_TOKENIZERS[key], [str(w) for w in batch["word"]], templates)  # [n, t, context]
-    return {**batch, PROMPT_TOKENS: ids.to(torch.int32).numpy()}
+    in every template through the scorer's text tokenizer (Ray runs it as tasks on the other CPUs,
+    overlapped with the GPU actor). Only for scorers with a separate text tokenizer (open_clip)."""
+
+    def __init__(self, config: TextFeatureConfig):
+        self.tokenizer = text_tokenizer(config.scorer)
+        if self.tokenizer is None:
+            raise ValueError(f"scorer.kind={config.scorer.kind!r} has no separate text tokenizer")
+        self.templates = list(config.templates)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        words = [str(w) for w in batch["word"]]
+        ids = prompt_token_ids(self.tokenizer, words, self.templates)  # [n, t, context]
+        return {**batch, PROMPT_TOKENS: ids.to(torch.int32).numpy()}
 
 
-def text_feature_stages(
-    ds: Any,
-    scorer: Mapping[str, Any],
-    templates: Sequence[str],
-    *,
-    prompt_batch: int = 2048,
-    actors: int = 1,
-    batch_size: int = 256,
-    num_gpus: float = 0,
-    num_cpus: float = 1,
-    stage_cls: type = TextFeatureStage,
-) -> Any:
-    """The job's model stages on a Ray dataset of word rows: for an open_clip scorer, ``add_prompt_tokens``
-    as tasks (the prompts tokenized on the other CPUs, overlapped), then ``stage_cls`` on an actor pool."""
-    from pipeline.stages import map_stage
-
-    if scorer.get("kind") == "open_clip":  # it has a text_tokenizer: keep the BPE off the actor
-        ds = ds.map_batches(
-            add_prompt_tokens,
-            fn_kwargs={"scorer": dict(scorer), "templates": list(templates)},
-            batch_size=batch_size,
-            batch_format="numpy",
+def text_feature_specs(
+    cfg: VocabJobConfig, templates: Sequence[str], stage_cls: type = TextFeatureStage
+) -> list[StageSpec]:
+    """The job's model stages on word rows: for an open_clip scorer, ``PromptTokensStage`` as tasks (the
+    prompts tokenized on the other CPUs, overlapped), then ``stage_cls`` on an actor pool."""
+    config = TextFeatureConfig(cfg.scorer, tuple(templates), cfg.prompt_batch)
+    specs = []
+    if cfg.scorer.kind == "open_clip":  # it has a text_tokenizer: keep the BPE off the actor
+        specs.append(StageSpec(PromptTokensStage, config, actors=0, batch_size=cfg.batch_size))
+    specs.append(
+        StageSpec(
+            stage_cls,
+            config,
+            actors=cfg.actors,
+            batch_size=cfg.batch_size,
+            num_gpus=cfg.num_gpus_per_actor,
+            num_cpus=cfg.num_cpus_per_actor,
         )
-    return map_stage(
-        ds,
-        stage_cls,
-        constructor_kwargs={
-            "scorer": dict(scorer),
-            "templates": list(templates),
-            "prompt_batch": prompt_batch,
-        },
-        actors=actors,
-        batch_size=batch_size,
-        num_gpus=num_gpus,
-        num_cpus=num_cpus,
     )
+    return specs
 
 
 # ----------------------------------------------------------------------------- shards
@@ -300,16 +298,7 @@ def run_vocab_job(
     if todo:
         rows = _shard_rows(codebook, todo)
         ds = ray.data.from_items(rows, override_num_blocks=max(len(todo), min(cfg.actors * 2, len(rows))))
-        ds = text_feature_stages(
-            ds,
-            to_dict(cfg.scorer),
-            templates,
-            prompt_batch=cfg.prompt_batch,
-            actors=cfg.actors,
-            batch_size=cfg.batch_size,
-            num_gpus=cfg.num_gpus_per_actor,
-            num_cpus=cfg.num_cpus_per_actor,
-        )
+        ds = map_stages(ds, text_feature_specs(cfg, templates))
         bar = progress_bar(len(rows), "vocab", "tok", cfg.progress)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

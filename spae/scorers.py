@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spae.codebook import minilm_folder
+from spae.devices import resolve_device
 
 Precision = Literal["fp32", "fp16", "bf16"]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -50,16 +51,10 @@ class ScorerConfig:
     arch: str = "ViT-L-14"  # open_clip architecture name
     pretrained: str = ""  # open_clip tag or checkpoint path; "" = random weights (tests / speed runs only)
     precision: Precision = "fp32"
-    device: str = "auto"  # "auto" -> cuda if available, else cpu
+    device: str = "auto"  # "auto" -> cuda if available, else cpu (spae.devices)
     probe_path: str = ""  # label probe: a folder written by LabelProbeScorer.save
     templates: str = "imagenet80"  # "imagenet80", "simple", or a text file with one "{}" template a line
     renormalize_text: bool = False  # re-normalise eq. 5's template mean (see module docstring)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ----------------------------------------------------------------------------- interface
@@ -244,7 +239,7 @@ class OpenCLIPScorer(SemanticScorer):
         import open_clip
 
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, "scorer.device")
         self.renormalize_text = cfg.renormalize_text
         pretrained = (cfg.pretrained or None) if not cfg.arch.startswith("local-dir:") else None
         with torch.random.fork_rng(devices=[]):
@@ -405,7 +400,7 @@ class LabelProbeScorer(SemanticScorer):
         encoder: SentenceEncoder | None = None,
         renormalize_text: bool | None = None,
     ):
-        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.device = resolve_device(device, "scorer.device")
         self.net = net.to(self.device).eval()
         feats = class_features.float()
         if not torch.allclose(feats.norm(dim=-1), torch.ones(feats.shape[0]), atol=1e-6):

@@ -23,7 +23,13 @@ from pipeline.stages import (
     fatal_reason,
     shard_pieces,
 )
-from pipeline.tokenize import INJECTED_DEVICE_ERROR, TokenizeJobConfig, TokenizeStage, run_tokenize_job
+from pipeline.tokenize import (
+    INJECTED_DEVICE_ERROR,
+    TokenizeJobConfig,
+    TokenizeStage,
+    TokenizeStageConfig,
+    run_tokenize_job,
+)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +119,7 @@ def test_a_model_fault_is_retried_then_marks_the_batch_fatal(tokenizer_dir):
     calls.clear()
     with pytest.raises(StageFailure, match="x failed 2 times; last error: RuntimeError: CUDA out of memory"):
         call_with_retries(flaky, "x", retries=1, delay_s=0)
-    stage = TokenizeStage(str(tokenizer_dir), layers=(1,), retries=0, fail_at="img-1")
+    stage = TokenizeStage(TokenizeStageConfig(str(tokenizer_dir), layers=(1,), retries=0, fail_at="img-1"))
     batch = {
         "shard_id": np.array(["00000"] * 2, dtype=object),
         "image_id": np.array(["img-0", "img-1"], dtype=object),

@@ -15,6 +15,7 @@ from pipeline.evaluate import (
     load_eval_data,
     run_evaluate,
 )
+from pipeline.images import DecodeOptions
 from pipeline.sources import SourceConfig, list_shards, read_shard
 from spae.codebook import FrozenCodebook
 from spae.config import replace
@@ -129,7 +130,7 @@ def test_evaluate_metrics_and_files(tmp_path):
 def test_relevance_and_label_accuracy_by_hand(tmp_path):
     """A tokenizer whose layer-1 token we know: relevance and accuracy follow from the pools by hand."""
     tok = tiny_tokenizer()
-    data = load_eval_data(EVAL, 16, write_pools(tmp_path / "pools", EVAL), limit=8)
+    data = load_eval_data(EVAL, DecodeOptions(16), write_pools(tmp_path / "pools", EVAL), limit=8)
     text = torch.zeros(len(WORDS), 8)
     text[:, 0] = 1.0  # every token scores 1 against an image feature on axis 0, 0 otherwise
     rows = class_token_rows([[w, str(i)] for i, w in enumerate(MNIST_CLASS_WORDS)], tok.vocabulary.words)
@@ -222,7 +223,7 @@ def test_label_accuracy_of_a_one_layer_vq_baseline_uses_its_most_frequent_word(t
         pyramid={"layer_sizes": [[4, 4]]},
     )
     tok = SPAETokenizer.from_config(cfg, tiny_codebook())
-    data = load_eval_data(EVAL, 16, write_pools(tmp_path / "pools", EVAL), limit=8)
+    data = load_eval_data(EVAL, DecodeOptions(16), write_pools(tmp_path / "pools", EVAL), limit=8)
     rows = class_token_rows([[w, str(i)] for i, w in enumerate(MNIST_CLASS_WORDS)], tok.vocabulary.words)
     m = evaluate_tokenizer(tok, data, torch.zeros(len(WORDS), 8), rows, batch_size=4)
     ids = tok.encode(data.images).layer_ids(1).flatten(1)  # [b, 16]
@@ -247,8 +248,10 @@ def test_digit_folders_score_the_top_word_against_the_digits_words(tmp_path):
         (tmp_path / "digits" / str(labels[i])).mkdir(parents=True, exist_ok=True)
         (tmp_path / "digits" / str(labels[i]) / f"{i:03d}.png").write_bytes(buf.getvalue())
     tok = tiny_tokenizer()
-    by_name = load_eval_data(SourceConfig(uri=str(tmp_path / "digits")), 16)
-    by_digit = load_eval_data(SourceConfig(uri=str(tmp_path / "digits"), label_words="mnist"), 16)
+    by_name = load_eval_data(SourceConfig(uri=str(tmp_path / "digits")), DecodeOptions(16))
+    by_digit = load_eval_data(
+        SourceConfig(uri=str(tmp_path / "digits"), label_words="mnist"), DecodeOptions(16)
+    )
     names, digits = class_words(by_name), class_words(by_digit)
     assert names == [[c] for c in by_name.classes]
     assert digits == [[MNIST_CLASS_WORDS[int(c)], c] for c in by_digit.classes]
@@ -265,3 +268,15 @@ def test_digit_folders_score_the_top_word_against_the_digits_words(tmp_path):
         assert m["label_word_accuracy/l1"] == pytest.approx(hits / len(data))
     seven = by_digit.classes.index("7")  # folder "7" is scored against the rows of "seven" and "7"
     assert class_token_rows(digits, tok.vocabulary.words)[seven] == {WORDS.index("seven"), WORDS.index("7")}
+
+
+def test_evaluate_decodes_with_its_max_pixels(tmp_path):
+    tok = tiny_tokenizer()
+    folder = tok.save_pretrained(tmp_path / "tok")
+    cfg = EvaluateJobConfig(
+        tokenizer=str(folder), source=EVAL, limit=4, picture_images=0, output=str(tmp_path / "eval")
+    )
+    assert run_evaluate(cfg).metrics["images"] == 4
+    small = EvaluateJobConfig(**{**cfg.__dict__, "max_pixels": 28 * 28 - 1})  # MNIST is 28 x 28
+    with pytest.raises(ValueError, match="no decodable images"):
+        run_evaluate(small)

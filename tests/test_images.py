@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import decode_batch, decode_image
+from pipeline.images import DecodeOptions, decode_batch, decode_image
 from spae.data import load_mnist, mnist_images
 
 
@@ -40,7 +40,7 @@ def test_broken_images_get_reasons_and_the_rest_decodes():
         "error": np.array([None, None, None, None, None, "unreadable: PermissionError"], dtype=object),
         "error_stage": np.array([None, None, None, None, None, "read"], dtype=object),
     }
-    out = decode_batch(batch, size=24, max_pixels=100_000)
+    out = decode_batch(batch, DecodeOptions(24, max_pixels=100_000))
     assert out["pixels"].shape == (6, 24, 24, 3) and out["pixels"].dtype == np.uint8
     np.testing.assert_array_equal(out["pixels"][0], np.asarray(noise(24, 24)))
     assert out["error"][0] is None
@@ -68,7 +68,7 @@ def test_broken_images_get_reasons_and_the_rest_decodes():
     ids=["L", "RGBA", "RGBA-transparent", "LA", "P", "1", "I;16"],
 )
 def test_modes_become_rgb(image, rgb):
-    pixels = decode_image(encode(image), size=16)
+    pixels = decode_image(encode(image), DecodeOptions(16))
     assert pixels.shape == (16, 16, 3)
     np.testing.assert_array_equal(pixels[8, 8], rgb)
 
@@ -76,26 +76,28 @@ def test_modes_become_rgb(image, rgb):
 def test_cmyk_jpeg_and_tiff():
     cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red
     for fmt in ("JPEG", "TIFF"):
-        pixel = decode_image(encode(cmyk, fmt), size=16)[8, 8].astype(int)
+        pixel = decode_image(encode(cmyk, fmt), DecodeOptions(16))[8, 8].astype(int)
         assert pixel[0] > 240 and pixel[1] < 15 and pixel[2] < 15, (fmt, pixel)
 
 
 def test_mnist_pads_like_the_library_and_large_images_are_cropped():
     images, _ = load_mnist("test")
     images = images[:1].copy()
-    pixels = decode_image(encode(Image.fromarray(images[0], mode="L")), size=32)
+    pixels = decode_image(encode(Image.fromarray(images[0], mode="L")), DecodeOptions(32))
     expected = (mnist_images(images[:1], 32)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     np.testing.assert_array_equal(pixels, expected)
     # 28 -> 224 upsamples instead of padding a tiny digit
-    big = decode_image(encode(Image.fromarray(images[0], mode="L")), size=224)
+    big = decode_image(encode(Image.fromarray(images[0], mode="L")), DecodeOptions(224))
     rows = np.flatnonzero(big.any(axis=(1, 2)))
     assert rows[-1] - rows[0] > 112
     # a wide image: shorter side to size, centre crop keeps the middle
     wide = np.zeros((20, 60, 3), np.uint8)
     wide[:, 20:40] = 255
-    out = decode_image(encode(Image.fromarray(wide)), size=20)
+    out = decode_image(encode(Image.fromarray(wide)), DecodeOptions(20))
     assert out[:, 2:18].min() == 255 and out[:, 0].max() == 255
-    assert decode_image(encode(Image.fromarray(wide)), size=30, fit="pad")[:5].max() == 0  # bars top/bottom
+    assert (
+        decode_image(encode(Image.fromarray(wide)), DecodeOptions(30, fit="pad"))[:5].max() == 0
+    )  # bars top/bottom
 
 
 def test_decode_source_keeps_good_rows_and_reports_the_rest(tmp_path):
@@ -106,7 +108,7 @@ def test_decode_source_keeps_good_rows_and_reports_the_rest(tmp_path):
     (tmp_path / "a" / "1.png").write_bytes(encode(Image.new("L", (32, 32), 9)))
     (tmp_path / "a" / "2.png").write_bytes(b"")
     (tmp_path / "3.png").write_bytes(encode(Image.new("RGB", (32, 32), (1, 2, 3))))
-    data = decode_source(SourceConfig(uri=str(tmp_path)), size=32)
+    data = decode_source(SourceConfig(uri=str(tmp_path)), DecodeOptions(32))
     assert data.image_ids == ["3.png", "a/1.png"]
     assert data.labels.tolist() == [-1, 0]
     assert data.pixels[0, 0, 0].tolist() == [1, 2, 3] and data.pixels[1, 0, 0].tolist() == [9, 9, 9]
@@ -134,3 +136,31 @@ def test_pixels_to_device_is_to_float_bit_for_bit():
     assert torch.equal(pixels_to_device(read_only, "cpu"), torch.from_numpy(to_float(images)))
     with pytest.raises(ValueError, match="uint8"):
         pixels_to_device(images.astype(np.float32), "cpu")
+
+
+def test_decode_options_define_the_defaults_once_and_check_their_fields():
+    from pipeline.video import clip_npy
+    from spae.model import preset
+
+    opts = DecodeOptions(32)
+    assert (opts.frames, opts.fit, opts.max_pixels) == (0, "auto", 50_000_000)
+    assert opts.pixels_shape(5) == (5, 32, 32, 3)
+    assert DecodeOptions(16, frames=4).pixels_shape(2) == (2, 4, 16, 16, 3)
+    for bad, message in (
+        ({"fit": "stretch"}, "fit: 'stretch' is not one of auto, crop, pad"),
+        ({"size": 0}, "size: must be >= 1"),
+        ({"frames": -1}, "frames: must be >= 0"),
+        ({"max_pixels": 0}, "max_pixels: must be >= 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            DecodeOptions(**{"size": 8, **bad})
+    # a model's inputs: images for an image model, clips of its frames for a video model
+    assert DecodeOptions.for_model(preset("mnist")) == DecodeOptions(32)
+    video = DecodeOptions.for_model(preset("tiny3d"), fit="pad", max_pixels=1000)
+    assert video == DecodeOptions(16, frames=4, fit="pad", max_pixels=1000)
+    # the options alone make a batch of images or of clips
+    clip = clip_npy(np.zeros((4, 8, 8), np.uint8))
+    out = decode_batch({"image_bytes": np.array([clip], dtype=object)}, video)
+    assert out["pixels"].shape == (1, 4, 16, 16, 3) and out["error"][0] is None
+    still = decode_batch({"image_bytes": np.array([clip], dtype=object)}, DecodeOptions(16))
+    assert still["error"][0].startswith("undecodable")  # an npy clip is not an image file

@@ -13,14 +13,13 @@ import torch
 from PIL import Image
 from vocab_helpers import write_hand_vocab
 
-from pipeline.images import decode_batch, to_float
-from pipeline.pools import PoolsJobConfig, PoolStage, ensure_probe, run_pools_job
+from pipeline.images import DecodeOptions, decode_batch, to_float
+from pipeline.pools import PoolsJobConfig, PoolStage, PoolStageConfig, ensure_probe, run_pools_job
 from pipeline.search import SearchConfig
 from pipeline.shards import read_errors, read_manifest, read_output
 from pipeline.sources import SourceConfig, list_shards, mnist_class_words, read_shard
 from pipeline.storage import resolve
 from pipeline.vocab import load_vocab
-from spae.config import to_dict
 from spae.data import load_mnist
 from spae.scorers import LabelProbeScorer, ProbeNet, ScorerConfig
 
@@ -98,7 +97,7 @@ def brute_force(source: SourceConfig, scorer: ScorerConfig, vocab_uri: str) -> d
     for shard in list_shards(source):
         table = read_shard(shard)
         rows = {c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}
-        decoded = decode_batch(rows, probe.image_size)
+        decoded = decode_batch(rows, DecodeOptions(probe.image_size))
         ok = np.array([e is None for e in decoded["error"]])
         f = probe.embed_images(torch.from_numpy(to_float(decoded["pixels"][ok]))).double().numpy()
         s = f @ text.T  # [b, v]  s'(I, k), eq. 4's score
@@ -145,11 +144,15 @@ def test_backends_agree_in_process(probe_cfg, tmp_path):
     """The Ray-free stage: FAISS-CPU and torch give the same pools for 64 digits."""
     write_vocab(str(tmp_path / "vocab"), probe_cfg)
     images, _ = load_mnist("test")
-    batch = decode_batch({"image_bytes": np.array([_png(x) for x in images[:64]], dtype=object)}, 32)
+    batch = decode_batch(
+        {"image_bytes": np.array([_png(x) for x in images[:64]], dtype=object)}, DecodeOptions(32)
+    )
     batch = {**batch, "shard_id": np.array(["00000"] * 64), "image_id": np.arange(64).astype(str)}
     outs = {}
     for backend in ("faiss", "torch"):
-        stage = PoolStage(to_dict(probe_cfg), str(tmp_path / "vocab"), {"backend": backend}, K, RHO)
+        stage = PoolStage(
+            PoolStageConfig(probe_cfg, str(tmp_path / "vocab"), SearchConfig(backend=backend), K, RHO)
+        )
         outs[backend] = stage(batch)
     a, b = outs["faiss"], outs["torch"]
     np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
@@ -167,9 +170,13 @@ def test_a_failing_scorer_is_retried_then_stops_never_error_rows(probe_cfg, tmp_
     monkeypatch.setattr(stages, "RETRY_DELAY_S", 0.0)
     write_vocab(str(tmp_path / "vocab"), probe_cfg)
     images, _ = load_mnist("test")
-    batch = decode_batch({"image_bytes": np.array([_png(x) for x in images[:4]], dtype=object)}, 32)
+    batch = decode_batch(
+        {"image_bytes": np.array([_png(x) for x in images[:4]], dtype=object)}, DecodeOptions(32)
+    )
     batch = {**batch, "shard_id": np.array(["00007"] * 4), "image_id": np.arange(4).astype(str)}
-    stage = PoolStage(to_dict(probe_cfg), str(tmp_path / "vocab"), {"backend": "torch"}, K, RHO, retries=2)
+    stage = PoolStage(
+        PoolStageConfig(probe_cfg, str(tmp_path / "vocab"), SearchConfig(backend="torch"), K, RHO, retries=2)
+    )
     good = stage(batch)
     embed, calls = stage.scorer.embed_images, []
 

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
+from pipeline.images import DecodeOptions
 from pipeline.shards import ShardError, ShardWriter, pending, read_errors, read_manifest, read_output
 from pipeline.sources import SourceConfig, list_shards
 from pipeline.stages import carry, ok_rows, read_and_decode
@@ -37,7 +38,9 @@ def run(output: str, cfg: SourceConfig, fail_after: int | None = None, batch: in
     shards = list_shards(cfg)
     writer = ShardWriter(output, shards, SCHEMA, identity=IDENTITY, config={"uri": cfg.uri})
     todo = writer.pending()
-    decoded = [mean_stage(read_and_decode({"shard": np.array([s.to_json()])}, image_size=8)) for s in todo]
+    decoded = [
+        mean_stage(read_and_decode({"shard": np.array([s.to_json()])}, DecodeOptions(8))) for s in todo
+    ]
     rows = {k: np.concatenate([d[k] for d in decoded]) for k in decoded[0]} if decoded else {}
     n = len(rows.get("shard_id", []))
     order = np.argsort(np.arange(n) + np.random.default_rng(0).uniform(0, 8, n))  # shards interleave
@@ -106,7 +109,7 @@ def test_kill_then_rerun_gives_every_image_once_and_a_finished_rerun_writes_noth
 def test_incomplete_and_overfull_shards_are_errors_naming_the_shard(folder, tmp_path):
     shards = list_shards(SourceConfig(uri=str(folder), shard_size=5))
     writer = ShardWriter(str(tmp_path / "out"), shards, SCHEMA, identity=IDENTITY)
-    rows = mean_stage(read_and_decode({"shard": np.array([shards[1].to_json()])}, image_size=8))
+    rows = mean_stage(read_and_decode({"shard": np.array([shards[1].to_json()])}, DecodeOptions(8)))
     writer.add({k: v[:3] for k, v in rows.items()})
     assert not list((tmp_path / "out").glob("part-*"))  # nothing visible before the shard is complete
     with pytest.raises(ShardError, match="shard 00001 has 3 of 5 rows"):
@@ -157,7 +160,7 @@ def test_a_failed_commit_leaves_no_sidecar_without_its_parquet(folder, tmp_path,
             sidecars=lambda sid, table: {f"part-{sid}.jsonl": f"{table.num_rows}\n".encode()},
         )
 
-    rows = [mean_stage(read_and_decode({"shard": np.array([s.to_json()])}, image_size=8)) for s in shards]
+    rows = [mean_stage(read_and_decode({"shard": np.array([s.to_json()])}, DecodeOptions(8))) for s in shards]
     real_move = ShardWriter._move
 
     def move_then_die(self, tmp, name):

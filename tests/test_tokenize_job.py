@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline.corpus import ids_from_table, parse_jsonl, read_corpus
-from pipeline.images import decode_batch, decode_table, to_float
+from pipeline.images import DecodeOptions, decode_batch, decode_table, to_float
 from pipeline.shards import ShardError, read_errors, read_manifest
 from pipeline.sources import SourceConfig, list_shards, read_shard
 from pipeline.stages import TooManyErrors
@@ -22,6 +22,7 @@ from pipeline.tokenize import (
     InjectedFailure,
     TokenizeJobConfig,
     TokenizeStage,
+    TokenizeStageConfig,
     load_tokenizer,
     run_tokenize_job,
 )
@@ -53,7 +54,7 @@ def upload(folder: Path, uri: str) -> str:
 def library_and_corpus_rows(tokenizer, raw, table):
     """The library's token pyramid of a read shard's images, and the corpus rows of those images in
     the shard's order."""
-    pixels = decode_table(raw, tokenizer.config.image_size)["pixels"]
+    pixels = decode_table(raw, DecodeOptions(tokenizer.config.image_size))["pixels"]
     ref = tokenizer.encode(torch.from_numpy(to_float(pixels)))
     rows = {iid: i for i, iid in enumerate(table.column("image_id").to_pylist())}
     return ref, table.take([rows[i] for i in raw.column("image_id").to_pylist()])
@@ -71,7 +72,7 @@ def _png(mode: str, size: tuple[int, int], value) -> bytes:
 
 
 def test_stage_encodes_ok_rows_and_passes_errors(tokenizer_dir):
-    stage = TokenizeStage(str(tokenizer_dir), layers=(1, 2))
+    stage = TokenizeStage(TokenizeStageConfig(str(tokenizer_dir), layers=(1, 2)))
     pixels = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
     batch = {
         "shard_id": np.array(["00000"] * 3, dtype=object),
@@ -216,7 +217,7 @@ def test_bad_images_go_to_errors(ray_cluster, tokenizer_dir, tmp_path):
     # the good images are tokenized like the library does it (all three are the same picture)
     tokenizer = load_tokenizer(str(tokenizer_dir))
     pixels = decode_batch(
-        {"image_bytes": np.array([(src / "cls" / "good0.png").read_bytes()], dtype=object)}, 16
+        {"image_bytes": np.array([(src / "cls" / "good0.png").read_bytes()], dtype=object)}, DecodeOptions(16)
     )
     ref = tokenizer.encode(torch.from_numpy(to_float(pixels["pixels"])), layers=(1, 2)).to_text()[0]
     texts = dict(zip(table.column("image_id").to_pylist(), table.column("text").to_pylist(), strict=True))
@@ -369,8 +370,8 @@ def test_ids_only_stage_then_words_equals_the_whole_stage(tokenizer_dir):
         "error_stage": np.array([None, None, "decode", None], dtype=object),
         "pixels": pixels,
     }
-    whole = TokenizeStage(str(tokenizer_dir))(batch)
-    ids_only = TokenizeStage(str(tokenizer_dir), words=False)
+    whole = TokenizeStage(TokenizeStageConfig(str(tokenizer_dir)))(batch)
+    ids_only = TokenizeStage(TokenizeStageConfig(str(tokenizer_dir), words=False))
     part = ids_only(batch)
     assert "text" not in part and "words_l1" not in part
     split = WordsStage(ids_only.tokenizer.vocabulary.words, ids_only.layers)(part)  # the job's two stages
@@ -417,5 +418,7 @@ def test_encode_options_reach_the_stage_and_the_job_identity(tokenizer_dir, tmp_
         TokenizeJobConfig(**{**cfg.__dict__, "encode": EncodeOptions(), "output": str(tmp_path / "d")})
     )
     assert "encode" not in read_manifest(str(tmp_path / "d"))["identity"]
-    stage = TokenizeStage(str(tokenizer_dir), encode=bf16)  # what the Ray job's actors are built with
+    stage = TokenizeStage(
+        TokenizeStageConfig(str(tokenizer_dir), encode=bf16)
+    )  # what the Ray job's actors are built with
     assert stage.tokenizer.encode_options == bf16

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.images import DecodeError, decode_batch, to_float
+from pipeline.images import DecodeError, DecodeOptions, decode_batch, to_float
 from pipeline.sources import SourceConfig, list_shards, read_shard
 from pipeline.video import clip_gif, clip_mp4, clip_npy, decode_clip
 from spae.video import MovingMnistConfig, moving_mnist
@@ -32,7 +32,7 @@ def test_moving_mnist_source_rows_decode_to_the_generated_clips():
     ids = table.column("image_id").to_pylist()
     assert ids[0] == f"mmnist-valid-000002-d{want.labels[0, 0]}{want.labels[0, 1]}"
     assert table.column("label").to_pylist() == [int(x) for x in want.labels[:, 0]]
-    out = decode_batch(_rows(table), (6, 32))
+    out = decode_batch(_rows(table), DecodeOptions(32, frames=6))
     assert out["pixels"].shape == (2, 6, 32, 32, 3) and not any(out["error"])
     assert np.array_equal(out["pixels"][..., 0], want.clips)
     assert to_float(out["pixels"]).shape == (2, 3, 6, 32, 32)
@@ -59,7 +59,7 @@ def test_folder_of_videos_with_corrupt_and_short_files_gives_error_rows(tmp_path
     (tmp_path / "f.webm").write_bytes(b"")
     (tmp_path / "g.npy").write_bytes(clip_npy(clips[1])[:100])  # truncated
     (shard,) = list_shards(SourceConfig(uri=str(tmp_path)))
-    out = decode_batch(_rows(read_shard(shard)), (8, 32))
+    out = decode_batch(_rows(read_shard(shard)), DecodeOptions(32, frames=8))
     reasons = dict(zip(out["image_id"], out["error"], strict=True))
     assert reasons["a.gif"] is None and reasons["b.npy"] is None
     assert np.array_equal(out["pixels"][0], clips[0]) and np.array_equal(out["pixels"][1], clips[1])
@@ -74,7 +74,7 @@ def test_folder_of_videos_with_corrupt_and_short_files_gives_error_rows(tmp_path
     assert reasons["g.npy"].startswith(("truncated", "undecodable"))
     assert set(out["error_stage"][3:]) == {"decode"}
     # the same folder read as images: a GIF gives its first frame, an mp4 is not an image
-    still = decode_batch(_rows(read_shard(shard)), 32)
+    still = decode_batch(_rows(read_shard(shard)), DecodeOptions(32))
     assert still["error"][0] is None and still["error"][2].startswith("undecodable")
 
 
@@ -93,11 +93,16 @@ def test_parquet_frame_tensors_and_frame_lists(tmp_path):
     pq.write_table(pa.table({"clip": lists}), tmp_path / "frames.parquet")
     for name, ok in (("tensors", [True, True]), ("frames", [True, False])):
         (shard,) = list_shards(SourceConfig(uri=str(tmp_path / f"{name}.parquet"), image_column="clip"))
-        out = decode_batch(_rows(read_shard(shard)), (4, 32))
+        out = decode_batch(_rows(read_shard(shard)), DecodeOptions(32, frames=4))
         assert [e is None for e in out["error"]] == ok
         assert np.array_equal(out["pixels"][0, ..., 0], clips[0])
     assert out["error"][1] == "too short: 1 frames < 4"
-    assert decode_clip(clip_npy(clips[0]), 2, 32).shape == (2, 32, 32, 3)  # the first T frames
+    assert decode_clip(clip_npy(clips[0]), DecodeOptions(32, frames=2)).shape == (
+        2,
+        32,
+        32,
+        3,
+    )  # the first T frames
 
 
 def test_clip_report_panels_render_frame_strips_and_3d_grids():
@@ -135,7 +140,14 @@ def test_video_files_without_pyav_become_error_rows_naming_it(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
     with pytest.raises(DecodeError, match=r"needs PyAV \(pip install av\)"):
-        decode_clip(b"\x00\x00\x00\x18ftypisom" + bytes(64), 4, 16)
+        decode_clip(b"\x00\x00\x00\x18ftypisom" + bytes(64), DecodeOptions(16, frames=4))
     clip = moving_mnist("train", 0, 1, MovingMnistConfig(frames=4, size=16, digit_size=8)).clips[0]
-    assert decode_clip(clip_npy(clip), 4, 16).shape == (4, 16, 16, 3)  # npy and GIF need no PyAV
-    assert decode_clip(clip_gif(np.repeat(clip[..., None], 3, axis=-1)), 4, 16).shape == (4, 16, 16, 3)
+    assert decode_clip(clip_npy(clip), DecodeOptions(16, frames=4)).shape == (
+        4,
+        16,
+        16,
+        3,
+    )  # npy and GIF need no PyAV
+    assert decode_clip(
+        clip_gif(np.repeat(clip[..., None], 3, axis=-1)), DecodeOptions(16, frames=4)
+    ).shape == (4, 16, 16, 3)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from vocab_helpers import write_hand_vocab
 
-from pipeline.pools import PoolsJobConfig, PoolStage, ensure_probe, run_pools_job
+from pipeline.pools import PoolsJobConfig, PoolStage, PoolStageConfig, ensure_probe, run_pools_job
 from pipeline.search import SearchConfig
 from pipeline.shards import read_errors, read_manifest, read_output
 from pipeline.sources import SourceConfig
@@ -19,7 +19,6 @@ from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
 from pipeline.tracking import MlflowConfig
 from pipeline.video import clip_gif, clip_npy
 from spae.codebook import FrozenCodebook
-from spae.config import to_dict
 from spae.data import MNIST_CLASS_WORDS
 from spae.model import SPAE, preset
 from spae.scorers import LabelProbeScorer, ProbeNet, ScorerConfig
@@ -64,7 +63,9 @@ def test_clip_pools_average_sampled_frame_features(probe_cfg, tmp_path):
         "image_id": np.array(["a", "b", "c"]),
     }
     stage = PoolStage(
-        to_dict(probe_cfg), str(tmp_path / "vocab"), {"backend": "torch"}, K, 0.5, sample_frames=4
+        PoolStageConfig(
+            probe_cfg, str(tmp_path / "vocab"), SearchConfig(backend="torch"), K, 0.5, sample_frames=4
+        )
     )
     out = stage(batch)
     probe = LabelProbeScorer.load(probe_cfg.probe_path, device="cpu")

@@ -18,6 +18,7 @@ from pipeline.evaluate import (
     load_eval_data,
     run_evaluate,
 )
+from pipeline.images import DecodeOptions
 from pipeline.sources import SourceConfig
 from pipeline.storage import resolve
 from pipeline.train import (
@@ -28,7 +29,6 @@ from pipeline.train import (
     preset_base,
     run_train_job,
 )
-from pipeline.video import decode_size
 from spae.checkpoint import CONFIG_JSON, STATE_JSON, STATE_TENSORS, load_train_state
 from spae.config import load_config, replace
 from spae.losses import PerceptualLoss
@@ -68,7 +68,7 @@ def test_perceptual_loss_of_a_clip_is_the_mean_over_its_frames(tmp_path):
 
 def test_evaluate_tokenizer_on_clips_averages_over_frames(tmp_path):
     tok = tiny3d_tokenizer()
-    data = load_eval_data(TEST, decode_size(tok.config), write_pools(tmp_path / "pools", TEST))
+    data = load_eval_data(TEST, DecodeOptions.for_model(tok.config), write_pools(tmp_path / "pools", TEST))
     assert tuple(data.images.shape) == (6, 3, 4, 16, 16) and data.frames == 4
     rows = class_token_rows(class_words(data), tok.vocabulary.words)  # MNIST words: first digit's label
 

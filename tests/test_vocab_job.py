@@ -13,9 +13,15 @@ import torch
 from pipeline.shards import read_manifest
 from pipeline.storage import resolve
 from pipeline.tracking import MlflowConfig
-from pipeline.vocab import CARD, TextFeatureStage, VocabJobConfig, load_vocab, run_vocab_job
+from pipeline.vocab import (
+    CARD,
+    TextFeatureConfig,
+    TextFeatureStage,
+    VocabJobConfig,
+    load_vocab,
+    run_vocab_job,
+)
 from spae.codebook import CodebookConfig, load_codebook
-from spae.config import to_dict
 from spae.scorers import ScorerConfig, build_scorer, prompt_templates, token_text_features
 
 TINY_CLIP = {
@@ -57,7 +63,7 @@ def _listing(uri: str) -> dict[str, tuple[int, int]]:
 
 
 def test_text_feature_stage_without_ray(scorer_cfg: ScorerConfig) -> None:
-    stage = TextFeatureStage(to_dict(scorer_cfg), ["a photo of a {}.", "{}"], prompt_batch=3)
+    stage = TextFeatureStage(TextFeatureConfig(scorer_cfg, ("a photo of a {}.", "{}"), prompt_batch=3))
     batch = {"word": np.array(["seven", "7", "cat"], dtype=object), "token_id": np.arange(3)}
     out = stage(batch)
     assert out["text_feature"].shape == (3, 32) and out["text_feature"].dtype == np.float16
@@ -156,12 +162,13 @@ def test_cli_logs_to_mlflow_and_config_errors_exit_2(
 
 
 def test_text_feature_stage_on_prompt_tokens_made_elsewhere(scorer_cfg: ScorerConfig) -> None:
-    from pipeline.vocab import PROMPT_TOKENS, add_prompt_tokens
+    from pipeline.vocab import PROMPT_TOKENS, PromptTokensStage
 
     templates = ["a photo of a {}.", "{}", "art of the {}"]
-    stage = TextFeatureStage(to_dict(scorer_cfg), templates, prompt_batch=4)
+    config = TextFeatureConfig(scorer_cfg, tuple(templates), prompt_batch=4)
+    stage = TextFeatureStage(config)
     batch = {"word": np.array(["seven", "7", "cat", "##ing", "x-"], dtype=object), "token_id": np.arange(5)}
-    tokenized = add_prompt_tokens(batch, to_dict(scorer_cfg), templates)  # the CPU stage of the job
+    tokenized = PromptTokensStage(config)(batch)  # the CPU stage of the job
     assert tokenized[PROMPT_TOKENS].shape == (5, 3, 77) and tokenized[PROMPT_TOKENS].dtype == np.int32
     out = stage(tokenized)
     assert PROMPT_TOKENS not in out  # not carried to the driver
