@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from bench.common import device_line, pick_device, random_codebook, sync
-from pipeline.images import decode_image
+from pipeline.images import DecodeOptions, decode_image
 from pipeline.webdataset import read_tar_range, scan_tar
 from spae.encode_options import EncodeOptions
 from spae.model import SPAE, preset
@@ -217,8 +217,9 @@ def decode_tar(path: str, size: int) -> int:
         samples = scan_tar(f, os.path.getsize(path))
     with open(path, "rb") as f:
         rows = read_tar_range(f, len(samples))
+    options = DecodeOptions(size=size)  # the job's defaults
     for row in rows:
-        decode_image(row.image, size)
+        decode_image(row.image, options)
     return len(rows)
 
 
