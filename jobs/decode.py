@@ -85,9 +85,9 @@ def read_texts(cfg: DecodeConfig) -> list[str]:
 
 def run_decode(cfg: DecodeConfig) -> list[DecodedImage]:
     """Decode what ``cfg`` names; writes PNGs and ``decode_report.json`` under ``cfg.output``."""
-    from pipeline.corpus import deepest_decodable, read_corpus, read_manifest, select_rows, token_pyramid
+    from pipeline.contracts import CorpusManifest, load_tokenizer
+    from pipeline.corpus import deepest_decodable, read_corpus, select_rows, token_pyramid
     from pipeline.storage import resolve
-    from pipeline.tokenize import load_tokenizer
     from spae.report import image_png
 
     texts = read_texts(cfg)
@@ -96,18 +96,15 @@ def run_decode(cfg: DecodeConfig) -> list[DecodedImage]:
         raise ValueError("nothing to decode: give corpus= with image_ids=/rows=, or text= / text_file=")
     if want_rows and not cfg.corpus:
         raise ValueError("image_ids= / rows= need corpus= (a corpus folder)")
-    manifest = read_manifest(cfg.corpus) if cfg.corpus else None
-    tok_uri = cfg.tokenizer or (manifest["tokenizer"]["uri"] if manifest else "")
+    manifest = CorpusManifest.read(cfg.corpus) if cfg.corpus else None
+    tok_uri = cfg.tokenizer or (manifest.tokenizer_uri if manifest else "")
     if not tok_uri:
         raise ValueError(
             "tokenizer: required for free text without corpus= (a save_pretrained folder or URI)"
         )
     tokenizer = load_tokenizer(tok_uri)
-    if manifest and tokenizer.fingerprint() != manifest["tokenizer"]["fingerprint"]:
-        raise ValueError(
-            f"tokenizer {tok_uri} (fingerprint {tokenizer.fingerprint()[:12]}) is not the one that wrote "
-            f"{cfg.corpus} ({manifest['tokenizer']['fingerprint'][:12]}); its token ids would decode to noise"
-        )
+    if manifest:
+        manifest.check_tokenizer(tokenizer, tok_uri, cfg.corpus)
     spec = tokenizer.pyramid
     full = cfg.up_to_layer or spec.num_layers
     if full not in spec.covering_layers:
@@ -135,7 +132,7 @@ def run_decode(cfg: DecodeConfig) -> list[DecodedImage]:
 
     if want_rows:
         table = select_rows(read_corpus(cfg.corpus), list(cfg.image_ids), list(cfg.rows))
-        layers = tuple(int(l) for l in manifest["layers"])
+        layers = manifest.layers
         prefix = cfg.up_to_layer or deepest_decodable(layers, spec.covering_layers)
         if prefix is not None and all(l in layers for l in range(1, prefix + 1)):
             images = tokenizer.decode(token_pyramid(table, tokenizer, layers), up_to_layer=prefix)

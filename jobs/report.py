@@ -98,17 +98,17 @@ def _pick_rows(cfg: ReportConfig) -> tuple[Any, list[str]]:
 
 
 def _originals(
-    manifest: dict, image_ids: list[str], shard_ids: list[str], size: int | tuple[int, int], fit: str
+    manifest: Any, image_ids: list[str], shard_ids: list[str], size: int | tuple[int, int], fit: str
 ) -> np.ndarray:
     """The source images of the rows, decoded as the tokenize job did: uint8 [k, H, W, 3]
     (``size=(T, S)``: clips [k, T, S, S, 3])."""
     from pipeline.images import decode_table
-    from pipeline.sources import SourceConfig, list_shards, read_shard
-    from spae.config import from_dict
+    from pipeline.sources import list_shards, read_shard
 
-    source = from_dict(SourceConfig, manifest["config"]["source"])
-    shards = {s.shard_id: s for s in list_shards(source)}
-    max_pixels = int(manifest["config"].get("max_pixels", 50_000_000))
+    if manifest.source is None:
+        raise ValueError(f"{manifest.uri}: no config.source recorded; the originals cannot be read")
+    shards = {s.shard_id: s for s in list_shards(manifest.source)}
+    max_pixels = manifest.max_pixels
     wanted = set(image_ids)
     pixels: dict[str, np.ndarray] = {}
     for shard_id in dict.fromkeys(shard_ids):
@@ -142,10 +142,11 @@ def _pool_scores(pools: str, image_ids: list[str]) -> dict[str, dict[int, float]
 def run_report(cfg: ReportConfig) -> ReportResult:
     import torch
 
-    from pipeline.corpus import read_manifest, token_pyramid, tokens_column, words_column
+    from pipeline.contracts import CorpusManifest, load_tokenizer
+    from pipeline.corpus import token_pyramid, tokens_column, words_column
     from pipeline.images import to_float
     from pipeline.storage import resolve
-    from pipeline.tokenize import load_tokenizer, token_counts
+    from pipeline.tokenize import token_counts
     from pipeline.video import decode_size
     from spae.metrics import psnr
     from spae.report import (
@@ -163,18 +164,18 @@ def run_report(cfg: ReportConfig) -> ReportResult:
 
     if not cfg.corpus:
         raise ValueError("corpus: required (a corpus folder written by spae tokenize)")
-    manifest = read_manifest(cfg.corpus)
-    tokenizer = load_tokenizer(cfg.tokenizer or manifest["tokenizer"]["uri"])
-    if tokenizer.fingerprint() != manifest["tokenizer"]["fingerprint"]:
-        raise ValueError(f"the tokenizer given is not the one that wrote {cfg.corpus} (fingerprints differ)")
+    manifest = CorpusManifest.read(cfg.corpus)
+    tok_uri = cfg.tokenizer or manifest.tokenizer_uri
+    tokenizer = load_tokenizer(tok_uri)
+    manifest.check_tokenizer(tokenizer, tok_uri, cfg.corpus)
     spec = tokenizer.pyramid
-    layers = tuple(int(l) for l in manifest["layers"])
+    layers = manifest.layers
     table, shard_ids = _pick_rows(cfg)
     image_ids = table.column("image_id").to_pylist()
     size = decode_size(tokenizer.config)  # S, or (T, S) for clips
     frames, side = size if isinstance(size, tuple) else (0, size)
     try:
-        originals = _originals(manifest, image_ids, shard_ids, size, manifest["config"].get("fit", "auto"))
+        originals = _originals(manifest, image_ids, shard_ids, size, manifest.fit)
         missing_source = ""
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # input moved or unreachable (StorageError)
         shape = (len(image_ids), *((frames,) if frames else ()), side, side, 3)
@@ -210,21 +211,20 @@ def run_report(cfg: ReportConfig) -> ReportResult:
         label = None if labels[i] is None else str(labels[i])
         original = frame_strip(originals[i], STRIP_FRAMES) if frames else originals[i]
         panels.append(PyramidPanel(iid, original, tuple(grids), recons, label))
-    title = cfg.title or f"Token pyramids of {manifest['output']}"
+    title = cfg.title or f"Token pyramids of {manifest.output}"
     out = resolve(cfg.output)
     gifs: list[str] = []
     if frames:  # the clips as GIFs next to the page, shown by it
         panels, gifs = _write_gifs(cfg, out, panels, originals, decodes, missing_source, side)
     png = out.join("pyramids.png")
     png.write_bytes(figure_png(panels, title=title))
-    tok = manifest["tokenizer"]
-    card = tok["codebook_card"]
+    card = manifest.codebook_card
     meta = {
-        "corpus": manifest["output"],
-        "input": manifest["input"]["uri"],
-        "tokenizer": f"{tok['uri']} (fingerprint {tok['fingerprint'][:12]})",
+        "corpus": manifest.output,
+        "input": manifest.input_uri,
+        "tokenizer": f"{manifest.tokenizer_uri} (fingerprint {manifest.tokenizer_fingerprint[:12]})",
         "codebook": f"{card.get('source', '')} ({card.get('size', '?')} tokens, {card.get('hash', '')[:12]})",
-        "rows": f"{manifest['rows_written']} written, {manifest['errors']} errors",
+        "rows": f"{manifest.rows_written} written, {manifest.errors} errors",
         "shading": shading
         + (f" (pools {cfg.pools})" if cfg.pools else " of each token in its layer, corpus-wide"),
     }

@@ -21,11 +21,9 @@ originals) and logs everything to one MLflow run per output.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.contracts import load_tokenizer
 from pipeline.corpus import (
     JSONL_SUFFIX,
     PART_PREFIX,
@@ -126,43 +125,6 @@ INJECTED_DEVICE_ERROR = "CUDA error: an illegal memory access was encountered (i
 
 
 # ----------------------------------------------------------------------------- the tokenizer
-
-
-_DOWNLOADS: dict[str, Path] = {}
-
-
-def load_tokenizer(uri: str, device: str = "cpu") -> Any:
-    """``SPAETokenizer`` from a local folder, ``s3://`` prefix (copied once per process) or MLflow URI."""
-    import torch
-
-    from spae.tokenizer import SPAETokenizer
-
-    if not uri:
-        raise ValueError(
-            "tokenizer: empty; give a save_pretrained folder (local or s3://) or runs:/, models:/"
-        )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    path: str | Path = uri
-    if uri.startswith("s3://"):
-        if uri not in _DOWNLOADS:
-            _DOWNLOADS[uri] = _download_folder(uri)
-        path = _DOWNLOADS[uri]
-    return SPAETokenizer.from_pretrained(path, map_location=device).eval()
-
-
-def _download_folder(uri: str) -> Path:
-    src = resolve(uri)
-    files = [loc for loc in src.list(recursive=True) if not loc.is_dir()]
-    if not files:
-        raise FileNotFoundError(f"tokenizer {uri}: no files under this prefix")
-    dest = Path(tempfile.mkdtemp(prefix="spae-tokenizer-"))
-    base = src.path.rstrip("/") + "/"
-    for loc in files:
-        target = dest / loc.path[len(base) :]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(loc.read_bytes())
-    return dest
 
 
 def resolve_layers(layers: Sequence[int], pyramid: Any) -> tuple[int, ...]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_evaluate import DIM, tiny_codebook, write_pools, write_vocab
 
+from pipeline.contracts import load_tokenizer
 from pipeline.sources import SourceConfig
 from pipeline.storage import resolve
 from pipeline.train import TrainJobConfig, preset_base, run_train_job
@@ -152,7 +153,7 @@ def test_train_job_ddp_failure_resume_s3_mlflow(ray_cluster, s3_prefix, mlflow_s
     # the logged model loads and encodes, by run and by registry
     images = torch.rand(2, 3, 16, 16)
     for uri in (f"runs:/{result.run_id}/tokenizer", "models:/spae-tiny/1"):
-        tok = SPAETokenizer.from_pretrained(uri)
+        tok = load_tokenizer(uri)
         pyramid = tok.encode(images)
         assert len(tok.to_text(pyramid)) == 2 and pyramid.layer_ids(1).shape == (2, 1, 1)
 

@@ -10,14 +10,8 @@ import pytest
 import torch
 from test_evaluate import DIM, WORDS, tiny_codebook, write_pools, write_vocab
 
-from pipeline.evaluate import (
-    EvaluateJobConfig,
-    class_token_rows,
-    class_words,
-    evaluate_tokenizer,
-    load_eval_data,
-    run_evaluate,
-)
+from pipeline.evaluate import EvaluateJobConfig, run_evaluate
+from pipeline.evaluator import class_token_rows, class_words, evaluate_tokenizer, load_eval_data
 from pipeline.sources import SourceConfig
 from pipeline.storage import resolve
 from pipeline.train import (
