@@ -175,6 +175,11 @@ def read_corpus(uri: str | Location, columns: Sequence[str] | None = None) -> pa
     return pa.concat_tables(tables)
 
 
+def safe_name(text: str) -> str:
+    """A file stem for an image id (or any text): runs of characters other than ``A-Za-z0-9._-`` -> ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "image"
+
+
 def select_rows(table: pa.Table, image_ids: Sequence[str] = (), rows: Sequence[int] = ()) -> pa.Table:
     """Rows by image id (in the order asked) and/or by row index; ``ValueError`` names what is missing."""
     picked: list[int] = []
