@@ -3,7 +3,7 @@
 ::
 
     source shards -> read + decode (tasks) -> PoolStage on an actor pool (scorer + TokenSearch)
-        -> driver: ShardWriter (one part-<shard>.parquet each, exactly once) -> _manifest.json
+        -> driver: ShardWriter (one part-<shard>.parquet each, exactly once) -> .spae/manifest.json
 
 Per image (``POOLS_SCHEMA``): the image feature ``f_I(I)`` (float16), ``s_min`` / ``s_max`` of
 ``s'(I, k) = f_I(I) . f'_T(k)`` over the WHOLE vocabulary, the top-K token ids (codebook rows) and

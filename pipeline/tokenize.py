@@ -2,10 +2,10 @@
 
     input shards -> read + decode (tasks) -> TokenizeStage, ids only (actor pool, CPU or GPU)
         -> on the driver: WordsStage (words and text), then ShardWriter: per shard, errors, then
-           part-<id>.jsonl, then part-<id>.parquet
+           .spae/jsonl/part-<id>.jsonl, then part-<id>.parquet
            (all uploaded to _tmp/ first; the Parquet part is the commit marker: pipeline.shards)
 
-Read and decode failures of an image are error rows (``_errors.parquet``); an exception of
+Read and decode failures of an image are error rows (``.spae/errors.pq``); an exception of
 ``encode`` is not a property of the images (out of memory, a device or storage fault, a bug): the
 batch is retried ``model_retries`` times, then the job fails with the reason and that shard is not
 committed (``pipeline.stages``). ``max_error_fraction`` fails a job with too many error rows;

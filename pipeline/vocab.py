@@ -6,7 +6,7 @@
         -> add_prompt_tokens (open_clip: the prompts tokenized by tasks on the CPUs)
         -> TextFeatureStage on an actor pool (GPU or CPU; each actor loads the scorer once)
         -> driver: + codebook columns -> ShardWriter (one ``part-<shard>.parquet`` each, exactly once)
-        -> vocab_card.json
+        -> .spae/vocab_card.json (pipeline.contracts.VocabCard)
 
 Output table (one row per codebook row, ``token_id`` order): ``token_id`` (codebook row),
 ``llm_id``, ``token``, ``word`` (display text), ``embedding`` (the codebook vector, list<float32>),
@@ -403,7 +403,7 @@ def load_text_features(uri: str | Location) -> tuple[Tensor, VocabCard]:
 
 
 def load_vocab(uri: str | Location) -> VocabTable:
-    """Read ``vocab_card.json`` and every part under ``uri``; checks the rows against the card."""
+    """Read the vocab card and every part under ``uri``; checks the rows against the card."""
     table, card = _read_table(uri)
     return VocabTable(
         text_features=torch.from_numpy(_list_matrix(table.column("text_feature"), np.float32)),
