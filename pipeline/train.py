@@ -470,7 +470,7 @@ def _pyfunc_class() -> type:
         (array) -> pyramid text per image.
 
         The weights are the ``save_pretrained`` folder under the model's ``artifacts/tokenizer``;
-        ``SPAETokenizer.from_pretrained("runs:/<id>/tokenizer")`` or ``("models:/<name>/<v>")`` loads
+        ``pipeline.contracts.load_tokenizer("runs:/<id>/tokenizer")`` or ``("models:/<name>/<v>")`` loads
         them directly (safetensors, no pickle).
         """
 
