@@ -176,12 +176,16 @@ def _get(
 
 @dataclass(frozen=True)
 class VocabCard:
-    """``vocab_card.json`` of a vocab table (``pipeline.vocab``): the codebook card, the scorer, the rows."""
+    """``vocab_card.json`` of a vocab table (``pipeline.vocab``): the codebook card, the scorer, the rows.
+
+    ``rows`` and ``job_digest`` are required (every reader checks them); the codebook's ``hash`` and
+    ``dim`` are checked where they are used (``codebook_hash``, ``codebook_dim``): a table built by hand
+    for the pools stage only needs its rows and scorer."""
 
     uri: str  # the card file
     codebook: dict[str, Any]  # FrozenCodebook.card: hash, dim, size, source, ...
     rows: int
-    dim: int  # text feature dimension d
+    dim: int | None  # text feature dimension d
     job_digest: str
     scorer: dict[str, Any]  # {} = not recorded
     templates: tuple[str, ...]
@@ -190,22 +194,19 @@ class VocabCard:
 
     @property
     def codebook_hash(self) -> str:
-        return self.codebook["hash"]
+        return _get(self.codebook, "hash", str, f"{self.uri} (codebook)")
 
     @property
     def codebook_dim(self) -> int:
-        return int(self.codebook["dim"])
+        return _get(self.codebook, "dim", int, f"{self.uri} (codebook)")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> VocabCard:
-        codebook = _get(data, "codebook", dict, where)
-        _get(data, "codebook.hash", str, where)
-        _get(data, "codebook.dim", int, where)
         return cls(
             uri=where,
-            codebook=dict(codebook),
+            codebook=dict(_get(data, "codebook", dict, where, {})),
             rows=_get(data, "rows", int, where),
-            dim=_get(data, "dim", int, where),
+            dim=_get(data, "dim", int, where, None),
             job_digest=_get(data, "job_digest", str, where),
             scorer=dict(_get(data, "scorer", dict, where, {})),
             templates=tuple(_get(data, "templates", list, where, [])),

@@ -56,6 +56,9 @@ def test_each_contract_reads_either_layout(tmp_path):
     pools.check_vocab(card, "/p")
     with pytest.raises(ValueError, match="vocab digest d1 .32 rows. but the vocab table has digest d2"):
         pools.check_vocab(VocabCard.from_dict({**CARD, "job_digest": "d2"}, "card"), "/p")
+    hand_built = VocabCard.from_dict({**CARD, "codebook": {"dim": 16}}, "hand/vocab_card.json")
+    with pytest.raises(ContractError, match=r"hand/vocab_card.json \(codebook\): field 'hash' is missing"):
+        assert hand_built.codebook_hash  # checked where it is used (evaluation, training)
     corpus = CorpusManifest.read(_write(tmp_path / "c", ".spae/manifest.json", CORPUS))
     assert corpus.layers == (1, 2) and corpus.fit == "pad" and corpus.max_pixels == 50_000_000
     assert corpus.source is not None and corpus.source.shard_size == 8
@@ -65,7 +68,6 @@ def test_each_contract_reads_either_layout(tmp_path):
     ("cls", "data", "field"),
     [
         (VocabCard, {k: v for k, v in CARD.items() if k != "rows"}, "'rows' is missing"),
-        (VocabCard, {**CARD, "codebook": {"dim": 16}}, "'codebook.hash' is missing"),
         (VocabCard, {**CARD, "rows": "32"}, "'rows' must be int, found '32'"),
         (PoolsManifest, {**POOLS, "identity": {"vocab_rows": 32}}, "'identity.vocab_job_digest' is missing"),
         (PoolsManifest, {**POOLS, "shards": [{"shard_id": "0"}]}, r"shards\[0\]\): field 'input_digest'"),

@@ -11,7 +11,6 @@ from pipeline.sources import SourceConfig
 from pipeline.storage import resolve
 from pipeline.train import TrainJobConfig, preset_base, run_train_job
 from spae.config import ConfigError, load_config, replace
-from spae.tokenizer import SPAETokenizer
 
 TRAIN = SourceConfig(uri="mnist://train?limit=64", shard_size=32)
 EVAL = SourceConfig(uri="mnist://test?limit=16", shard_size=16)
@@ -143,7 +142,7 @@ def test_train_job_ddp_failure_resume_s3_mlflow(ray_cluster, s3_prefix, mlflow_s
 
     assert len(logged_models()) == 2
     fingerprint = client.get_run(result.run_id).data.tags["spae.tokenizer_fingerprint"]
-    assert fingerprint == SPAETokenizer.from_pretrained(again.tokenizer).fingerprint()
+    assert fingerprint == load_tokenizer(again.tokenizer).fingerprint()
     rerun = run_train_job(
         replace(cfg, steps=7, eval_every=0, register_model="", optim={"total_steps": 0}), log=lambda *_: None
     )
