@@ -6,14 +6,12 @@ A video tokenizer (``num_frames > 0``) decodes each row or text to a clip, writt
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 from jobs.common import job_parser, parse_job_config, run_main
+from pipeline.decode import DecodeConfig, DecodedImage, run_decode
 
 SUMMARY = "corpus rows or free text (an LLM's answer) -> PNG images, with a report of unknown words"
 
@@ -33,132 +31,7 @@ The tokenizer defaults to the corpus's own.
 """
 
 
-@dataclass(frozen=True)
-class DecodeConfig:
-    corpus: str = ""  # a corpus folder (spae tokenize output), local or s3://
-    image_ids: tuple[str, ...] = ()  # corpus rows by image id
-    rows: tuple[int, ...] = ()  # corpus rows by index (in shard order)
-    text: str | None = None  # free text of one image: "[L1] w [L2] w w w w ..." ("" decodes too)
-    text_file: str = ""  # one image per non-empty line; .jsonl: the "text" field of each line
-    tokenizer: str = ""  # "" = the tokenizer named in the corpus manifest
-    output: str = "decoded"  # folder for <name>.png and decode_report.json (local or s3://)
-    up_to_layer: int = 0  # decode the prefix 1..l; 0 = the deepest covering prefix
-    scale: int = 1  # PNG upscaling (nearest neighbour), for small images
-    video_format: str = "gif"  # clips (video tokenizer): "gif" or "mp4" (PyAV)
-    fps: int = 8  # clips: frames per second of the written animation
-
-    def __post_init__(self) -> None:
-        if self.up_to_layer < 0 or self.scale < 1:
-            raise ValueError(f"up_to_layer ({self.up_to_layer}) must be >= 0 and scale ({self.scale}) >= 1")
-        if self.video_format not in ("gif", "mp4") or self.fps < 1:
-            raise ValueError(f"video_format={self.video_format!r} must be gif or mp4, fps={self.fps} >= 1")
-
-
 CONFIG_CLASS = DecodeConfig
-
-
-@dataclass
-class DecodedImage:
-    name: str  # file stem
-    origin: str  # "corpus:<image_id>" or "text:<i>"
-    prefix: int  # layers 1..prefix decoded
-    png: str  # URI written (a .png image; for clips the .gif / .mp4 animation)
-    report: dict[str, Any] = field(default_factory=dict)  # ParseReport.to_dict() (text) or {}
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "image"
-
-
-def read_texts(cfg: DecodeConfig) -> list[str]:
-    texts = [cfg.text] if cfg.text is not None else []
-    if cfg.text_file:
-        from pipeline.storage import resolve
-
-        data = resolve(cfg.text_file).read_text()
-        if cfg.text_file.endswith(".jsonl"):
-            texts += [json.loads(line)["text"] for line in data.splitlines() if line.strip()]
-        else:
-            texts += [line for line in data.splitlines() if line.strip()]
-    return texts
-
-
-def run_decode(cfg: DecodeConfig) -> list[DecodedImage]:
-    """Decode what ``cfg`` names; writes PNGs and ``decode_report.json`` under ``cfg.output``."""
-    from pipeline.corpus import deepest_decodable, read_corpus, read_manifest, select_rows, token_pyramid
-    from pipeline.storage import resolve
-    from pipeline.tokenize import load_tokenizer
-    from spae.report import image_png
-
-    texts = read_texts(cfg)
-    want_rows = bool(cfg.image_ids or cfg.rows)
-    if not texts and not want_rows:
-        raise ValueError("nothing to decode: give corpus= with image_ids=/rows=, or text= / text_file=")
-    if want_rows and not cfg.corpus:
-        raise ValueError("image_ids= / rows= need corpus= (a corpus folder)")
-    manifest = read_manifest(cfg.corpus) if cfg.corpus else None
-    tok_uri = cfg.tokenizer or (manifest["tokenizer"]["uri"] if manifest else "")
-    if not tok_uri:
-        raise ValueError(
-            "tokenizer: required for free text without corpus= (a save_pretrained folder or URI)"
-        )
-    tokenizer = load_tokenizer(tok_uri)
-    if manifest and tokenizer.fingerprint() != manifest["tokenizer"]["fingerprint"]:
-        raise ValueError(
-            f"tokenizer {tok_uri} (fingerprint {tokenizer.fingerprint()[:12]}) is not the one that wrote "
-            f"{cfg.corpus} ({manifest['tokenizer']['fingerprint'][:12]}); its token ids would decode to noise"
-        )
-    spec = tokenizer.pyramid
-    full = cfg.up_to_layer or spec.num_layers
-    if full not in spec.covering_layers:
-        raise ValueError(
-            f"up_to_layer={full} is not a decodable prefix; allowed: {list(spec.covering_layers)}"
-        )
-    out = resolve(cfg.output)
-    done: list[DecodedImage] = []
-
-    def write(name: str, origin: str, image: Any, prefix: int, report: dict) -> None:
-        if image.dim() == 4:  # a clip [3, T, H, W]
-            from pipeline.video import clip_gif, clip_mp4
-            from spae.video import clips_to_uint8
-
-            frames = clips_to_uint8(image[None])[0]  # [T, H, W, 3]
-            frames = frames.repeat(cfg.scale, axis=1).repeat(cfg.scale, axis=2)
-            data = (
-                clip_gif(frames, fps=cfg.fps) if cfg.video_format == "gif" else clip_mp4(frames, fps=cfg.fps)
-            )
-            target = out.join(f"{name}.{cfg.video_format}")
-        else:
-            data, target = image_png(image, scale=cfg.scale), out.join(f"{name}.png")
-        target.write_bytes(data)
-        done.append(DecodedImage(name, origin, prefix, target.uri, report))
-
-    if want_rows:
-        table = select_rows(read_corpus(cfg.corpus), list(cfg.image_ids), list(cfg.rows))
-        layers = tuple(int(l) for l in manifest["layers"])
-        prefix = cfg.up_to_layer or deepest_decodable(layers, spec.covering_layers)
-        if prefix is not None and all(l in layers for l in range(1, prefix + 1)):
-            images = tokenizer.decode(token_pyramid(table, tokenizer, layers), up_to_layer=prefix)
-            reports = [{} for _ in range(table.num_rows)]
-        else:  # the corpus lacks deep layers: fill them from coarser ones, as for free text
-            prefix = full
-            pyramid, parsed = tokenizer.from_text(table.column("text").to_pylist(), layers=range(1, full + 1))
-            images = tokenizer.decode(pyramid, up_to_layer=prefix)
-            reports = [r.to_dict() for r in parsed]
-        for iid, image, report in zip(table.column("image_id").to_pylist(), images, reports, strict=True):
-            write(_safe_name(iid), f"corpus:{iid}", image, prefix, report)
-    if texts:
-        pyramid, parsed = tokenizer.from_text(texts, layers=range(1, full + 1))
-        images = tokenizer.decode(pyramid, up_to_layer=full)
-        for i, (image, report) in enumerate(zip(images, parsed, strict=True)):
-            write(f"text-{i:03d}", f"text:{i}", image, full, report.to_dict())
-    summary = {
-        "tokenizer": tok_uri,
-        "fingerprint": tokenizer.fingerprint(),
-        "images": [d.__dict__ for d in done],
-    }
-    out.join("decode_report.json").write_text(json.dumps(summary, indent=2))
-    return done
 
 
 def describe(item: DecodedImage) -> str:

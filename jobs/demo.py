@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from jobs.common import job_parser, parse_job_config, run_main
+from pipeline.contracts import meta_file
 from pipeline.ray_utils import RayConfig
 from spae.config import to_dict
 
@@ -111,7 +112,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
             "vocab",
             "vocab",
             {"codebook": to_dict(model.codebook), "scorer": scorer, "output": str(out / "vocab"), **common},
-            lambda: (out / "vocab" / "vocab_card.json").exists(),
+            lambda: meta_file(str(out / "vocab"), "vocab_card").exists(),
         ),
         *[
             Stage(
@@ -125,7 +126,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
                     **frames,
                     **common,
                 },
-                lambda split=split: (out / f"pools-{split}" / "_manifest.json").exists(),
+                lambda split=split: meta_file(str(out / f"pools-{split}"), "manifest").exists(),
             )
             for split, src in (("train", train_src), ("test", test_src))
         ],
@@ -182,7 +183,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
                 **({"num_gpus_per_actor": 1.0, **device} if cfg.use_gpu else {}),
                 **common,
             },
-            lambda: (out / "corpus" / cfg.name / "_manifest.json").exists(),
+            lambda: meta_file(str(out / "corpus" / cfg.name), "manifest").exists(),
         ),
         Stage(
             "report",

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from jobs.common import job_parser, parse_job_config, run_main
+from pipeline.contracts import meta_file
 from pipeline.pools import PoolsJobConfig, run_pools_job
 from pipeline.stages import JobFailure
 from pipeline.tracking import tracking_dir
@@ -25,7 +26,7 @@ examples:
 Sources: mnist://train|valid|test[?limit=N], a folder of images (labels from class subfolders),
 Parquet files with an image-bytes column (source.image_column), or an s3:// prefix of either.
 Re-running a finished job is a no-op; an interrupted one computes only the missing shards.
-Failed images go to <output>/_errors.parquet; counts to <output>/_manifest.json. More error rows than
+Failed images go to <output>/.spae/errors.pq; counts to <output>/.spae/manifest.json. More error rows than
 max_error_fraction (default 0.05) exit 1 after committing; retry_errors=true recomputes those shards.
 A failing scorer (device, memory) is retried model_retries times, then the job exits 1 naming the cause.
 """
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if result.probe_trained:
         print(f"label probe trained and saved to {cfg.scorer.probe_path}")
-    print(f"errors:   {result.output.rstrip('/')}/_errors.parquet")
+    print(f"errors:   {meta_file(result.output, 'errors').uri}")
     return 0
 
 

@@ -21,7 +21,8 @@ examples:
 
 The tokenizer is a save_pretrained folder (local or s3://) or an MLflow model URI (runs:/, models:/).
 The corpus (docs/CORPUS.md): part-<shard>.parquet (image_id, source, label, tokens_l<l>, words_l<l>,
-text "[L1] w [L2] w w w w ..."), part-<shard>.jsonl, _manifest.json, _errors.parquet.
+text "[L1] w [L2] w w w w ..."), .spae/jsonl/part-<shard>.jsonl,
+.spae/manifest.json, .spae/errors.pq and the dataset card .spae/README.md (docs/CORPUS.md).
 Re-running a finished job writes nothing; an interrupted one computes only the missing shards.
 A failing encode (device, memory, storage) is retried model_retries times, then the job exits 1 naming
 the cause (that shard is not committed; re-run to resume). More error rows than max_error_fraction

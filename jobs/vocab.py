@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from jobs.common import job_parser, parse_job_config, run_main
+from pipeline.contracts import meta_file
 from pipeline.tracking import tracking_dir
 from pipeline.vocab import CARD, VocabJobConfig, run_vocab_job
 
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"vocab table: {result.output} ({result.rows} tokens, d={result.card['dim']}, "
         f"{result.shards_run}/{result.shards_total} shards computed now, {result.tokens_per_s:.0f} tokens/s)"
     )
-    print(f"card:        {result.output.rstrip('/')}/{CARD}")
+    print(f"card:        {meta_file(result.output, 'vocab_card').uri}")
     return 0
 
 

@@ -2,10 +2,12 @@
 
 A corpus folder (local or ``s3://``) holds, per input shard ``<id>``:
 
-- ``part-<id>.jsonl``: one ``{"image_id", "label", "text"}`` object a line (committed first);
+- ``.spae/jsonl/part-<id>.jsonl``: one ``{"image_id", "label", "text"}`` object a line (committed first);
 - ``part-<id>.parquet``: the rows (committed last: its presence marks the shard complete);
 
-and ``_manifest.json`` and ``_errors.parquet`` (see docs/CORPUS.md).
+and ``.spae/manifest.json``, ``.spae/errors.pq`` and the dataset card ``.spae/README.md`` (see
+docs/CORPUS.md; a corpus of the old layout keeps ``part-<id>.jsonl``, ``_manifest.json`` and
+``_errors.parquet`` beside its parts, and is read the same way).
 
 Row columns: ``image_id`` (unique across the corpus), ``source``, ``label`` (null if none),
 ``tokens_l<l>`` (list<int32>: codebook rows of layer ``l``, serialization order of eq. 1, i.e.
@@ -28,10 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.contracts import PARQUET_SUFFIX, PART_PREFIX, read_manifest_dict
 from pipeline.storage import Location, resolve
 
-PART_PREFIX = "part-"
-PARQUET_SUFFIX = ".parquet"
 JSONL_SUFFIX = ".jsonl"
 _TOKENS_RE = re.compile(r"^tokens_l(\d+)$")
 
@@ -174,6 +175,11 @@ def read_corpus(uri: str | Location, columns: Sequence[str] | None = None) -> pa
     return pa.concat_tables(tables)
 
 
+def safe_name(text: str) -> str:
+    """A file stem for an image id (or any text): runs of characters other than ``A-Za-z0-9._-`` -> ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "image"
+
+
 def select_rows(table: pa.Table, image_ids: Sequence[str] = (), rows: Sequence[int] = ()) -> pa.Table:
     """Rows by image id (in the order asked) and/or by row index; ``ValueError`` names what is missing."""
     picked: list[int] = []
@@ -191,11 +197,8 @@ def select_rows(table: pa.Table, image_ids: Sequence[str] = (), rows: Sequence[i
 
 
 def read_manifest(uri: str | Location) -> dict[str, Any]:
-    loc = resolve(uri) if isinstance(uri, str) else uri
-    manifest = loc.join("_manifest.json")
-    if not manifest.exists():
-        raise FileNotFoundError(f"{loc.uri}: no _manifest.json; is this a corpus folder?")
-    return json.loads(manifest.read_text())
+    """The corpus manifest as written (either layout); ``CorpusManifest.read`` is its typed view."""
+    return read_manifest_dict(uri, "is this a corpus folder?")
 
 
 def token_pyramid(table: pa.Table, tokenizer: Any, layers: Sequence[int] | None = None) -> Any:

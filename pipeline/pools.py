@@ -3,7 +3,7 @@
 ::
 
     source shards -> read + decode (tasks) -> PoolStage on an actor pool (scorer + TokenSearch)
-        -> driver: ShardWriter (one part-<shard>.parquet each, exactly once) -> _manifest.json
+        -> driver: ShardWriter (one part-<shard>.parquet each, exactly once) -> .spae/manifest.json
 
 Per image (``POOLS_SCHEMA``): the image feature ``f_I(I)`` (float16), ``s_min`` / ``s_max`` of
 ``s'(I, k) = f_I(I) . f'_T(k)`` over the WHOLE vocabulary, the top-K token ids (codebook rows) and
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.contracts import VocabCard
 from pipeline.images import FIT, MAX_PIXELS, DecodeOptions, FitMode, decode_source, pixels_to_device, to_float
 from pipeline.ray_utils import RayConfig
 from pipeline.schemas import POOLS_SCHEMA
@@ -307,17 +308,15 @@ def check_same_space(
         )
 
 
-def job_identity(
-    cfg: PoolsJobConfig, scorer: Mapping[str, Any], vocab_card: Mapping[str, Any], k: int, size: int
-):
+def job_identity(cfg: PoolsJobConfig, scorer: Mapping[str, Any], vocab_card: VocabCard, k: int, size: int):
     """What determines the pools' content (the job digest of every part)."""
     clips = {"frames": cfg.frames, "sample_frames": cfg.sample_frames} if cfg.frames else {}
     return {
         **clips,
         "format": FORMAT,
         "scorer": dict(scorer),
-        "vocab_job_digest": vocab_card.get("job_digest", ""),
-        "vocab_rows": vocab_card.get("rows"),
+        "vocab_job_digest": vocab_card.job_digest,
+        "vocab_rows": vocab_card.rows,
         "top_k": k,
         "min_threshold": cfg.min_threshold,
         "image_size": size,
@@ -352,18 +351,13 @@ def run_pools_job(
     cfg: PoolsJobConfig, on_commit: Callable[[str], None] | None = None, log: Callable[[str], None] = print
 ) -> PoolsJobResult:
     """Compute the missing shards of ``cfg.output``; Ray must be initialised (``init_ray``)."""
-    import json
-
-    from pipeline.storage import resolve
-    from pipeline.vocab import CARD
-
     trained = ensure_probe(cfg, log)
     scorer = describe_scorer(cfg.scorer)
-    card = json.loads(resolve(cfg.vocab).join(CARD).read_text())
-    check_same_space(card.get("scorer"), scorer, cfg.vocab)
-    k = min(cfg.top_k, int(card["rows"]))
+    card = VocabCard.read(cfg.vocab)
+    check_same_space(card.scorer, scorer, cfg.vocab)
+    k = min(cfg.top_k, card.rows)
     if k < cfg.top_k:
-        log(f"pools: top_k {cfg.top_k} > vocabulary size {card['rows']}; using k={k}")
+        log(f"pools: top_k {cfg.top_k} > vocabulary size {card.rows}; using k={k}")
     size = cfg.image_size or scorer_image_size(cfg.scorer)
     shards = list_shards(cfg.source)
     start = time.perf_counter()
@@ -380,7 +374,7 @@ def run_pools_job(
         task_rows=max(TASK_ROWS, cfg.batch_size),
         max_error_fraction=cfg.max_error_fraction,
         retry_errors=cfg.retry_errors,
-        manifest_extra={"stage": STAGE, "vocab": cfg.vocab, "vocab_card": card.get("job_digest", "")},
+        manifest_extra={"stage": STAGE, "vocab": cfg.vocab, "vocab_card": card.job_digest},
     )
     log(
         f"pools: {result.shards_run}/{result.shards_total} shards computed now, {result.rows_run} images "

@@ -1,13 +1,18 @@
 """Exactly-once output for sharded jobs: one ``part-<shard_id>.parquet`` per input shard.
 
-Layout under an output URI (local or ``s3://``)::
+Layout under an output URI (local or ``s3://``; ``pipeline.contracts.Layout``, docs/CORPUS.md)::
 
-    part-00000.parquet ...     one file per input shard, visible only complete: the commit point
-    part-00000.<ext> ...       sidecars of that shard (e.g. the corpus's JSONL twin), committed before it
-    _errors/part-00000.parquet failed rows of that shard (only when it has any)
-    _errors.parquet            all failed rows (image_id, path, stage, reason), merged at the end
-    _manifest.json             input, counts, shard list, config, job identity
-    _tmp/                      files being written; committed by a move
+    part-00000.parquet ...          one file per input shard, visible only complete: the commit point
+    .spae/<ext>/part-00000.<ext>    sidecars of that shard (e.g. the corpus's JSONL twin), committed before it
+    .spae/errors/part-00000.pq      failed rows of that shard (only when it has any; Parquet)
+    .spae/errors.pq                 all failed rows (image_id, path, stage, reason), merged at the end
+    .spae/manifest.json             input, counts, shard list, config, job identity
+    .spae/README.md                 the dataset card: schema, counts, identity, config, command
+    _tmp/                           files being written; committed by a move
+
+So pandas, pyarrow.dataset, DuckDB (``<folder>/**/*.parquet``) and Hugging Face ``datasets`` read the
+folder as exactly its data rows. An output of the old layout (``_manifest.json``, ``_errors.parquet``,
+``_errors/``, sidecars beside the parts) is read, and resumed, in its own layout.
 
 ``ShardWriter`` runs on the driver. It receives output batches (numpy dicts carrying ``shard_id``,
 ``image_id``, ``path``, ``error``, ``error_stage`` and the output columns) in any order, buffers rows
@@ -16,9 +21,9 @@ errors). The commit protocol: every file of the shard (errors, sidecars, data) i
 complete under ``_tmp/``; then they are moved into place in that order, the data Parquet last. So a
 ``part-<id>.parquet`` is the shard's commit marker: its sidecars and errors are complete and in place
 whenever it is visible, and a reader of sidecars (JSONL) takes only those whose Parquet twin exists
-(``committed_sidecars``), or reads after ``_manifest.json`` is written. A commit that fails half way
+(``committed_sidecars``), or reads after the manifest is written. A commit that fails half way
 deletes the files it moved (best effort), and the next run's ``pending`` deletes whatever such a
-failure left (any ``part-<id>.*`` or ``_errors/part-<id>.parquet`` of a shard without its Parquet).
+failure left (any sidecar ``part-<id>.*`` or errors file of a shard without its Parquet).
 
 The data file's footer records the input digest, the job digest and the counts, so a re-run skips
 committed shards, recomputes missing ones, and refuses to mix outputs of a changed input or a
@@ -36,6 +41,8 @@ import contextlib
 import hashlib
 import io
 import json
+import shlex
+import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -47,13 +54,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.contracts import Layout, layout_of, read_manifest_dict, top_entries
 from pipeline.schemas import ERRORS_SCHEMA, error_mask, to_table
 from pipeline.sources import Shard, source_info
 from pipeline.storage import Location, resolve
 
-MANIFEST = "_manifest.json"
-ERRORS = "_errors.parquet"
-ERRORS_DIR = "_errors"
 TMP_DIR = "_tmp"
 META_PREFIX = b"spae."
 
@@ -120,10 +125,12 @@ def committed_sidecars(output: Location | str, suffix: str) -> list[Location]:
     """Sidecar files ``part-<id><suffix>`` whose shard is committed (its Parquet exists), sorted:
     what a reader of sidecars (e.g. the JSONL twins of a corpus) should read while a job may run."""
     out = resolve(output) if isinstance(output, str) else output
+    folder = layout_of(out).sidecar_dir(suffix)
     names = _names(out)
+    sidecars = _names(out.join(folder)) if folder else names
     return [
-        out.join(n)
-        for n in sorted(names)
+        out.join(folder, n) if folder else out.join(n)
+        for n in sorted(sidecars)
         if n.startswith("part-") and n.endswith(suffix) and n[: -len(suffix)] + ".parquet" in names
     ]
 
@@ -196,6 +203,15 @@ class ShardWriter:
         self._buffers: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
         self._counts: dict[str, int] = defaultdict(int)
         self._replacing: set[str] = set()  # committed shards recomputed now (pending(retry_errors=True))
+        self._layout: Layout | None = None
+
+    @property
+    def layout(self) -> Layout:
+        """The output's layout, decided once (``pipeline.contracts.layout_of``): an old output is resumed
+        in the old layout, anything else is written in the new one."""
+        if self._layout is None:
+            self._layout = layout_of(self.out)
+        return self._layout
 
     def pending(self, retry_errors: bool = False) -> list[Shard]:
         """``pending`` for this output; deletes what failed commits of the pending shards left
@@ -207,19 +223,30 @@ class ShardWriter:
         return todo
 
     def _clean_orphans(self, shard_ids: set[str]) -> list[str]:
-        """Delete ``part-<id>.*`` and ``_errors/part-<id>.parquet`` of shards without a Parquet part."""
+        """Delete the sidecars ``part-<id>.*`` and the errors file of shards without a Parquet part."""
         if not shard_ids:
             return []
+        layout = self.layout
         names = _names(self.out)
-        errors = _names(self.out.join(ERRORS_DIR))
+        errors = _names(self.out.join(layout.errors_dir))
+        folders = [""]  # where sidecars live: beside the parts (old), under .spae/<ext>/ (new)
+        if layout.meta_dir:
+            meta = self.out.join(layout.meta_dir)
+            folders = [
+                f"{layout.meta_dir}/{n}"
+                for n, is_dir in sorted(top_entries(meta).items())
+                if is_dir and f"{layout.meta_dir}/{n}" != layout.errors_dir
+            ]
+        listed = {folder: (names if not folder else _names(self.out.join(folder))) for folder in folders}
         orphans = []
         for shard_id in sorted(shard_ids):
             if part_name(shard_id) in names:
                 continue
             stem = f"part-{shard_id}."
-            orphans += sorted(n for n in names if n.startswith(stem))
-            if part_name(shard_id) in errors:
-                orphans.append(f"{ERRORS_DIR}/{part_name(shard_id)}")
+            for folder, found in listed.items():
+                orphans += sorted(f"{folder}/{n}" if folder else n for n in found if n.startswith(stem))
+            if f"part-{shard_id}{layout.errors_ext}" in errors:
+                orphans.append(layout.errors_part(shard_id))
         for name in orphans:
             self._delete(name)
         return orphans
@@ -292,8 +319,10 @@ class ShardWriter:
             "spae.rows_in": str(shard.num_rows),
             "spae.errors": str(len(bad)),
         }
-        files = [(f"{ERRORS_DIR}/{part_name(shard_id)}", _parquet_bytes(err))] if len(bad) else []
-        files += list((self.sidecars(shard_id, data) if self.sidecars else {}).items())
+        layout = self.layout
+        files = [(layout.errors_part(shard_id), _parquet_bytes(err))] if len(bad) else []
+        sidecars = self.sidecars(shard_id, data) if self.sidecars else {}
+        files += [(layout.sidecar(name), blob) for name, blob in sidecars.items()]
         data = data.replace_schema_metadata({**(data.schema.metadata or {}), **meta})
         files.append((part_name(shard_id), _parquet_bytes(data)))  # the commit point of the shard: last
         self._commit_files(shard_id, files)
@@ -407,14 +436,23 @@ class ShardWriter:
             **(extra or {}),
         }
         manifest = json.loads(json.dumps(manifest, default=str))
-        manifest_loc = self.out.join(MANIFEST)
-        if not self.committed and manifest_loc.exists() and json.loads(manifest_loc.read_text()) == manifest:
+        layout = self.layout
+        manifest_loc = self.out.join(layout.manifest)
+        card_loc = self.out.join(layout.card) if layout.card else None
+        if (
+            not self.committed
+            and manifest_loc.exists()
+            and json.loads(manifest_loc.read_text()) == manifest
+            and (card_loc is None or card_loc.exists())
+        ):
             return manifest  # a re-run of a finished job: nothing to write
         self._check_unique(parts)
-        errors = [_read_table(self.out, f"{ERRORS_DIR}/{part_name(p.shard_id)}") for p in parts if p.errors]
+        errors = [_read_table(self.out, layout.errors_part(p.shard_id)) for p in parts if p.errors]
         merged = pa.concat_tables(errors) if errors else ERRORS_SCHEMA.empty_table()
-        self._put(ERRORS, merged.cast(ERRORS_SCHEMA))
+        self._put(layout.errors, merged.cast(ERRORS_SCHEMA))
         manifest_loc.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if card_loc is not None:
+            card_loc.write_text(dataset_card(manifest, self.schema, layout, command()))
         self._clean_tmp()
         return manifest
 
@@ -425,7 +463,7 @@ class ShardWriter:
             ids = _read_table(self.out, part_name(p.shard_id), columns=["image_id"])
             names = ids.column("image_id").to_pylist()
             if p.errors:
-                err = _read_table(self.out, f"{ERRORS_DIR}/{part_name(p.shard_id)}", columns=["image_id"])
+                err = _read_table(self.out, self.layout.errors_part(p.shard_id), columns=["image_id"])
                 names += err.column("image_id").to_pylist()
             for name in names:
                 if name in seen:
@@ -444,8 +482,8 @@ class ShardWriter:
 
 
 def read_manifest(output: Location | str) -> dict[str, Any]:
-    out = resolve(output) if isinstance(output, str) else output
-    return json.loads(out.join(MANIFEST).read_text())
+    """The manifest of an output (either layout), as written (the typed views are in pipeline.contracts)."""
+    return read_manifest_dict(output)
 
 
 def read_output(output: Location | str, columns: list[str] | None = None) -> pa.Table:
@@ -457,8 +495,73 @@ def read_output(output: Location | str, columns: list[str] | None = None) -> pa.
 
 
 def read_errors(output: Location | str) -> pa.Table:
+    """All failed rows of a finished output (either layout)."""
     out = resolve(output) if isinstance(output, str) else output
-    return _read_table(out, ERRORS)
+    return _read_table(out, layout_of(out).errors)
+
+
+def command() -> str:
+    """The command line of this process, as the dataset card records it."""
+    return shlex.join(sys.argv)
+
+
+def dataset_card(manifest: Mapping[str, Any], schema: pa.Schema, layout: Layout, cmd: str) -> str:
+    """The README.md of an output: what it holds, its schema, counts, identity, config and command."""
+    kinds = {"text": "corpus", "topk_ids": "pools", "text_feature": "vocab"}  # a column only it has
+    kind = next((k for column, k in kinds.items() if column in schema.names), "output")
+    tokenizer = manifest.get("tokenizer") or {}
+    lines = [
+        f"# spae {kind}: {manifest['output']}",
+        "",
+        f"Written by `spae` from `{manifest['input'].get('uri', '')}`. The data rows are the Parquet files",
+        "`part-<shard>.parquet` at the top of this folder; read the folder with pandas, pyarrow, DuckDB",
+        "(`read_parquet('<folder>/**/*.parquet')`) or `datasets.load_dataset('parquet', data_dir=<folder>)`.",
+        f"This card, the manifest (`{layout.manifest}`) and the failed rows (`{layout.errors}`, Parquet)",
+        f"live under `{layout.meta_dir}/`, which those readers skip (docs/CORPUS.md).",
+        "",
+        "## Counts",
+        "",
+        "| rows in | rows out | errors | shards |",
+        "|---|---|---|---|",
+        f"| {manifest['rows_in']} | {manifest['rows_written']} | {manifest['errors']} "
+        f"| {len(manifest['shards'])} |",
+        "",
+        "## Schema",
+        "",
+        "| column | type |",
+        "|---|---|",
+        *[f"| `{f.name}` | `{f.type}` |" for f in schema],
+        "",
+        "## Identity",
+        "",
+        f"- job digest: `{manifest['job_digest']}`",
+    ]
+    if tokenizer:
+        lines += [
+            f"- tokenizer: `{tokenizer.get('uri', '')}`, fingerprint `{tokenizer.get('fingerprint', '')}`",
+            f"- codebook: `{(tokenizer.get('codebook_card') or {}).get('hash', '')}`",
+            f"- layers: {manifest.get('layers')}",
+        ]
+    lines += [
+        "",
+        "```json",
+        json.dumps(manifest["identity"], indent=2, sort_keys=True),
+        "```",
+        "",
+        "## Made by",
+        "",
+        "```",
+        cmd,
+        "```",
+        "",
+        "with this config:",
+        "",
+        "```json",
+        json.dumps(manifest["config"], indent=2, sort_keys=True),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -473,6 +576,4 @@ def _read_table(out: Location, name: str, columns: list[str] | None = None) -> p
 
 
 def _names(out: Location) -> set[str]:
-    selector = pafs.FileSelector(out.path.rstrip("/"), recursive=False, allow_not_found=True)
-    infos = out.call("list", lambda: out.fs.get_file_info(selector))
-    return {info.base_name for info in infos if info.type == pafs.FileType.File}
+    return {name for name, is_dir in top_entries(out).items() if not is_dir}

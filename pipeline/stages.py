@@ -28,7 +28,7 @@ committed at a fault at 85% of 10,000 images); a model call that gives up theref
 instead of raising (below), and the driver commits everything before them (8 of 8).
 
 Rows carry ``KEEP`` columns end to end; rows with an ``error`` pass through the model stages
-untouched (``ok_rows`` tells a stage which rows to compute) and land in ``_errors.parquet``. Error
+untouched (``ok_rows`` tells a stage which rows to compute) and land in ``.spae/errors.pq``. Error
 rows are per-image data errors only (read, decode: ``pipeline.images``). A model stage that raises
 (out of memory, a device or storage fault, a bug) is retried ``model_retries`` times on the same
 batch (``call_with_retries``), then gives up: it marks the batch's rows ``FATAL_STAGE`` (``mark_fatal``;
@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
+from pipeline.contracts import meta_file
 from pipeline.images import DecodeOptions, decode_table
 from pipeline.progress import bar as progress_bar
 from pipeline.schemas import error_mask
@@ -443,7 +444,7 @@ def check_error_fraction(uri: str, manifest: Mapping[str, Any], max_error_fracti
         raise TooManyErrors(
             f"{uri}: {errors} of {rows_in} images ({errors / rows_in:.1%}) are error rows, more than "
             f"max_error_fraction={max_error_fraction:g}; the reasons are in "
-            f"{uri.rstrip('/')}/_errors.parquet. "
+            f"{meta_file(uri, 'errors').uri}. "
             "Fix the input and re-run with retry_errors=true, or raise max_error_fraction."
         )
 

@@ -2,10 +2,10 @@
 
     input shards -> read + decode (tasks) -> TokenizeStage, ids only (actor pool, CPU or GPU)
         -> on the driver: WordsStage (words and text), then ShardWriter: per shard, errors, then
-           part-<id>.jsonl, then part-<id>.parquet
+           .spae/jsonl/part-<id>.jsonl, then part-<id>.parquet
            (all uploaded to _tmp/ first; the Parquet part is the commit marker: pipeline.shards)
 
-Read and decode failures of an image are error rows (``_errors.parquet``); an exception of
+Read and decode failures of an image are error rows (``.spae/errors.pq``); an exception of
 ``encode`` is not a property of the images (out of memory, a device or storage fault, a bug): the
 batch is retried ``model_retries`` times, then the job fails with the reason and that shard is not
 committed (``pipeline.stages``). ``max_error_fraction`` fails a job with too many error rows;
@@ -23,10 +23,8 @@ originals) and logs everything to one MLflow run per output.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.contracts import load_tokenizer
 from pipeline.corpus import (
     JSONL_SUFFIX,
     PART_PREFIX,
@@ -75,7 +74,6 @@ from pipeline.stages import (
 from pipeline.storage import resolve
 from pipeline.tracking import MlflowConfig, log_params_flat, start_run, tracking_dir
 from spae.config import to_dict
-from spae.devices import resolve_device
 from spae.encode_options import EncodeOptions
 from spae.fonts import add_stand_in_legend, legible, words_font
 
@@ -132,40 +130,6 @@ INJECTED_DEVICE_ERROR = "CUDA error: an illegal memory access was encountered (i
 
 
 # ----------------------------------------------------------------------------- the tokenizer
-
-
-_DOWNLOADS: dict[str, Path] = {}
-
-
-def load_tokenizer(uri: str, device: str = "cpu") -> Any:
-    """``SPAETokenizer`` from a local folder, ``s3://`` prefix (copied once per process) or MLflow URI."""
-    from spae.tokenizer import SPAETokenizer
-
-    if not uri:
-        raise ValueError(
-            "tokenizer: empty; give a save_pretrained folder (local or s3://) or runs:/, models:/"
-        )
-    device = str(resolve_device(device))
-    path: str | Path = uri
-    if uri.startswith("s3://"):
-        if uri not in _DOWNLOADS:
-            _DOWNLOADS[uri] = _download_folder(uri)
-        path = _DOWNLOADS[uri]
-    return SPAETokenizer.from_pretrained(path, map_location=device).eval()
-
-
-def _download_folder(uri: str) -> Path:
-    src = resolve(uri)
-    files = [loc for loc in src.list(recursive=True) if not loc.is_dir()]
-    if not files:
-        raise FileNotFoundError(f"tokenizer {uri}: no files under this prefix")
-    dest = Path(tempfile.mkdtemp(prefix="spae-tokenizer-"))
-    base = src.path.rstrip("/") + "/"
-    for loc in files:
-        target = dest / loc.path[len(base) :]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(loc.read_bytes())
-    return dest
 
 
 def resolve_layers(layers: Sequence[int], pyramid: Any) -> tuple[int, ...]:

@@ -10,7 +10,7 @@
                 the final tokenizer (save_pretrained) to storage and as an MLflow model
 
 Join: images and pools are joined per input shard (the pools job writes one part per input shard
-of the same listing; ``pipeline.evaluate.check_pools_cover`` refuses another listing). Ray Data's
+of the same listing; ``pipeline.contracts.PoolsManifest`` refuses another listing). Ray Data's
 ``Dataset.join`` needs the ``polars`` package (not a dependency) and a hash shuffle whose actors
 compete with the training workers for CPUs; the shard-aligned join needs neither.
 
@@ -43,10 +43,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.evaluate import (
+from pipeline.contracts import PoolsManifest, VocabCard, check_pools_cover
+from pipeline.evaluator import (
     EvalData,
-    check_pools_cover,
-    check_pools_vocab,
     check_source_kind,
     class_token_rows,
     class_words,
@@ -55,7 +54,6 @@ from pipeline.evaluate import (
     list_matrix,
     load_eval_data,
     picture,
-    pools_manifest,
     read_pools_part,
     shard_pixels,
 )
@@ -196,26 +194,21 @@ def read_joined_shards(
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def check_data(cfg: TrainJobConfig) -> tuple[list[Shard], dict[str, Any]]:
+def check_data(cfg: TrainJobConfig) -> tuple[list[Shard], VocabCard]:
     """Fail fast on the driver: pools cover the image shards and refer to the vocab table's rows."""
-    from pipeline.vocab import CARD
-
     shards = list_shards(cfg.data.images)
     for key, listed in (("data.images.uri", shards), ("data.eval.uri", list_shards(cfg.data.eval))):
         if listed:  # clips for a video model, images for an image model
             check_source_kind(listed[0], train_decode(cfg), key)
     manifest = check_pools_cover(shards, cfg.data.pools)
-    card_loc = resolve(cfg.data.vocab).join(CARD)
-    if not card_loc.exists():
-        raise FileNotFoundError(f"{cfg.data.vocab}: no {CARD}; run the vocab job (spae vocab) first")
-    card = json.loads(card_loc.read_text())
-    check_pools_vocab(manifest, card, cfg.data.pools)
+    card = VocabCard.read(cfg.data.vocab)
+    manifest.check_vocab(card, cfg.data.pools)
     if cfg.data.eval_pools:
-        check_pools_vocab(pools_manifest(cfg.data.eval_pools), card, cfg.data.eval_pools)
-    if int(card["codebook"]["dim"]) != cfg.model.network.latent_dim:
+        PoolsManifest.read(cfg.data.eval_pools).check_vocab(card, cfg.data.eval_pools)
+    if card.codebook_dim != cfg.model.network.latent_dim:
         raise ValueError(
             f"model.network.latent_dim={cfg.model.network.latent_dim} but the vocab table's codebook has "
-            f"dimension {card['codebook']['dim']}"
+            f"dimension {card.codebook_dim}"
         )
     return shards, card
 
@@ -486,7 +479,7 @@ def _pyfunc_class() -> type:
         (array) -> pyramid text per image.
 
         The weights are the ``save_pretrained`` folder under the model's ``artifacts/tokenizer``;
-        ``SPAETokenizer.from_pretrained("runs:/<id>/tokenizer")`` or ``("models:/<name>/<v>")`` loads
+        ``pipeline.contracts.load_tokenizer("runs:/<id>/tokenizer")`` or ``("models:/<name>/<v>")`` loads
         them directly (safetensors, no pickle).
         """
 
@@ -549,7 +542,7 @@ def run_train_job(cfg: TrainJobConfig, log: Any = print) -> TrainJobResult:
     )
     log(f"train: {cfg.name}: {cfg.loss.describe()}")
     log(
-        f"train: {len(shards)} image shards, codebook {card['codebook']['hash'][:12]} ({card['rows']} rows), "
+        f"train: {len(shards)} image shards, codebook {card.codebook_hash[:12]} ({card.rows} rows), "
         f"{cfg.num_workers} workers x batch {cfg.batch_size}, {cfg.steps} steps -> {storage.uri}/{cfg.name}"
     )
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}

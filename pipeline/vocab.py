@@ -7,7 +7,7 @@
         -> TextFeatureStage on an actor pool (GPU or CPU; each actor loads the scorer once)
            (both built from one TextFeatureConfig: text_feature_specs, pipeline.stages.map_stages)
         -> driver: + codebook columns -> ShardWriter (one ``part-<shard>.parquet`` each, exactly once)
-        -> vocab_card.json
+        -> .spae/vocab_card.json (pipeline.contracts.VocabCard)
 
 Output table (one row per codebook row, ``token_id`` order): ``token_id`` (codebook row),
 ``llm_id``, ``token``, ``word`` (display text), ``embedding`` (the codebook vector, list<float32>),
@@ -33,6 +33,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from pipeline.contracts import VocabCard
 from pipeline.progress import bar as progress_bar
 from pipeline.ray_utils import RayConfig
 from pipeline.shards import CommittedPart, ShardError, ShardWriter, part_name, read_output
@@ -326,7 +327,7 @@ def run_vocab_job(
         "job_digest": manifest["job_digest"],
         "shards": [s["file"] for s in manifest["shards"]],
     }
-    card_loc = out.join(CARD)
+    card_loc = out.join(writer.layout.vocab_card)
     if not card_loc.exists() or json.loads(card_loc.read_text()) != json.loads(json.dumps(card)):
         card_loc.write_text(json.dumps(card, indent=2))
     return VocabJobResult(out.uri, card, len(codebook), len(shards), len(todo), tokens_run, seconds)
@@ -355,38 +356,35 @@ class VocabTable:
     words: list[str]
     tokens: list[str]
     llm_ids: list[int]
-    card: dict[str, Any]
+    card: VocabCard
 
     def __len__(self) -> int:
         return len(self.words)
 
     def codebook(self) -> FrozenCodebook:
-        card = {k: v for k, v in self.card["codebook"].items() if k not in ("size", "dim", "hash")}
+        card = {k: v for k, v in self.card.codebook.items() if k not in ("size", "dim", "hash")}
         cb = FrozenCodebook(self.embeddings, self.tokens, self.words, self.llm_ids, card)
-        if cb.hash != self.card["codebook"]["hash"]:
+        if cb.hash != self.card.codebook_hash:
             raise ValueError(
-                f"vocab table: codebook hash {cb.hash[:12]} != card {self.card['codebook']['hash'][:12]}"
+                f"vocab table: codebook hash {cb.hash[:12]} != card {self.card.codebook_hash[:12]}"
             )
         return cb
 
 
-def _read_table(uri: str | Location, columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+def _read_table(uri: str | Location, columns: list[str] | None = None) -> tuple[pa.Table, VocabCard]:
     """The card, and the parts' ``columns`` (all if None) in ``token_id`` order, checked against the card."""
     out = resolve(uri) if isinstance(uri, str) else uri
-    card_loc = out.join(CARD)
-    if not card_loc.exists():
-        raise FileNotFoundError(f"{out.uri}: no {CARD}; run the vocab job (spae vocab) first")
-    card = json.loads(card_loc.read_text())
+    card = VocabCard.read(out)
     table = read_output(out, columns=columns).sort_by("token_id")
     ids = table.column("token_id").to_numpy()
-    if len(ids) != card["rows"] or not np.array_equal(ids, np.arange(card["rows"])):
+    if len(ids) != card.rows or not np.array_equal(ids, np.arange(card.rows)):
         raise ValueError(
-            f"{out.uri}: {len(ids)} rows with token ids not 0..{card['rows'] - 1} (card says {card['rows']})"
+            f"{out.uri}: {len(ids)} rows with token ids not 0..{card.rows - 1} (card says {card.rows})"
         )
     return table, card
 
 
-def load_text_features(uri: str | Location) -> tuple[Tensor, dict[str, Any]]:
+def load_text_features(uri: str | Location) -> tuple[Tensor, VocabCard]:
     """Only the text features ``[v, d]`` (eq. 5) and the card: what the pools stage and evaluation need,
     without reading the codebook's embeddings and words."""
     table, card = _read_table(uri, columns=["token_id", "text_feature"])
@@ -394,7 +392,7 @@ def load_text_features(uri: str | Location) -> tuple[Tensor, dict[str, Any]]:
 
 
 def load_vocab(uri: str | Location) -> VocabTable:
-    """Read ``vocab_card.json`` and every part under ``uri``; checks the rows against the card."""
+    """Read the vocab card and every part under ``uri``; checks the rows against the card."""
     table, card = _read_table(uri)
     return VocabTable(
         text_features=torch.from_numpy(_list_matrix(table.column("text_feature"), np.float32)),

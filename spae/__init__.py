@@ -3,7 +3,7 @@
 Public names are exported lazily (PEP 562), so ``import spae.config`` stays light (no torch)::
 
     from spae import SPAETokenizer, preset
-    tok = SPAETokenizer.from_pretrained("path/or/runs:/<id>/tokenizer")
+    tok = SPAETokenizer.from_pretrained("path/to/tokenizer")  # a local save_pretrained folder
     pyramid = tok.encode(images)                 # images [b, 3, H, W] in [0, 1]
     text = tok.to_text(pyramid)                  # ["[L1] seven [L2] ...", ...]
     images = tok.decode(tok.from_text(text)[0])

@@ -580,9 +580,9 @@ class SPAETokenizer(nn.Module):
         codebook: FrozenCodebook | None = None,
         map_location: str | torch.device = "cpu",
     ) -> SPAETokenizer:
-        """Load a folder written by ``save_pretrained``: a local path, ``file://``, or an MLflow
-        artifact URI (``s3://``, ``runs:/``, ``models:/``, downloaded with mlflow, imported lazily).
-        A given ``codebook`` must have the saved codebook's hash."""
+        """Load a folder written by ``save_pretrained``: a local path or ``file://`` (the folder or one
+        above it). Remote URIs (``s3://``, MLflow ``runs:/``, ``models:/``) are fetched by the pipeline
+        (``pipeline.contracts.load_tokenizer``). A given ``codebook`` must have the saved codebook's hash."""
         folder = _find_folder(_resolve(path_or_uri))
         meta = json.loads((folder / CONFIG_JSON).read_text())
         if meta.get("format") != FORMAT:
@@ -630,15 +630,15 @@ def _encoder_fn(encoder: nn.Module, dtype: str):
 
 
 def _resolve(path_or_uri: str | Path) -> Path:
+    """A local path (or ``file://``) as a ``Path``; any other URI scheme is refused."""
     uri = str(path_or_uri)
     if uri.startswith("file://"):
         return Path(uri[len("file://") :])
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/", uri) and not re.match(r"^[a-zA-Z]:[\\/]", uri):
-        try:
-            import mlflow  # lazy: spae never imports mlflow at module level
-        except ImportError as e:
-            raise ValueError(f"loading {uri!r} needs mlflow (pip install mlflow)") from e
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        raise ValueError(
+            f"tokenizer {uri!r}: from_pretrained takes a local folder; load remote tokenizers (s3://, "
+            "runs:/, models:/) with pipeline.contracts.load_tokenizer"
+        )
     return Path(uri)
 
 

@@ -38,7 +38,8 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def _parts(out, suffix: str) -> list[str]:
-    return sorted(p.name[: -len(suffix)] for p in out.glob(f"part-*{suffix}"))
+    folder = out / ".spae" / "jsonl" if suffix == ".jsonl" else out  # the JSONL twins: docs/CORPUS.md
+    return sorted(p.name[: -len(suffix)] for p in folder.glob(f"part-*{suffix}"))
 
 
 def test_default_shards_commit_as_they_go_and_a_rerun_after_85_percent_computes_the_rest(
@@ -99,7 +100,7 @@ def test_a_device_fault_fails_the_cli_with_one_line_and_commits_nothing_of_that_
     assert last.startswith("spae tokenize: ") and "job stopped after committing" in last
     assert INJECTED_DEVICE_ERROR in last and "tokenize (shard 00001) failed 2 times" in last
     assert "part-00001" not in _parts(out, ".parquet") and "part-00001" not in _parts(out, ".jsonl")
-    assert not (out / "_errors").exists()  # a device fault is never an image's error
+    assert not (out / ".spae" / "errors").exists()  # a device fault is never an image's error
     assert tokenize_cli.main(args) == 0  # without the fault the re-run completes the corpus
     ids = read_corpus(str(out), columns=["image_id"]).column("image_id").to_pylist()
     assert sorted(ids) == [f"mnist-test-{i:06d}" for i in range(96)]

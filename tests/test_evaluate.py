@@ -6,15 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.evaluate import (
-    EvaluateJobConfig,
-    check_pools_cover,
-    class_token_rows,
-    class_words,
-    evaluate_tokenizer,
-    load_eval_data,
-    run_evaluate,
-)
+from pipeline.contracts import check_pools_cover
+from pipeline.evaluate import EvaluateJobConfig, run_evaluate
+from pipeline.evaluator import class_token_rows, class_words, evaluate_tokenizer, load_eval_data
 from pipeline.images import DecodeOptions
 from pipeline.sources import SourceConfig, list_shards, read_shard
 from spae.codebook import FrozenCodebook

@@ -266,6 +266,7 @@ def test_worker_node_killed_mid_tokenize_and_mid_train(cluster, s3_prefix, tmp_p
     manifest = read_manifest(output)
     assert manifest["rows_in"] == manifest["rows_written"] + manifest["errors"] == TOKENIZE_IMAGES
     parts = [loc.path for loc in resolve(output).list() if loc.path.rsplit("/", 1)[-1].startswith("part-")]
+    parts += [loc.path for loc in resolve(output).join(".spae", "jsonl").list()]
     assert sum(p.endswith(".parquet") for p in parts) == sum(p.endswith(".jsonl") for p in parts) == 20
     logs = "".join(f.read_text() for f in sorted(tmp_path.glob("tokenize*.log")))
     retried = logs.count("TokenizeStage)).submit failed. There are infinite retries remaining")

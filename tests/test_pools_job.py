@@ -216,8 +216,8 @@ def test_mnist_pools_on_s3_match_brute_force_and_resume(ray_cluster, probe_cfg, 
         run_pools_job(cfg, on_commit=kill_after_two, log=lambda _: None)
     first = mtimes(output)
     parts = sorted(p for p in first if p.rsplit("/", 2)[-2:][0] == "pools" and "/part-" in p)
-    assert 2 <= len(parts) < 4 and not any(p.endswith("_manifest.json") for p in first)
-    assert not any("/_errors/" in p for p in first)  # MNIST decodes without errors
+    assert 2 <= len(parts) < 4 and not any(p.endswith("/.spae/manifest.json") for p in first)
+    assert not any("/.spae/errors/" in p for p in first)  # MNIST decodes without errors
 
     result = run_pools_job(cfg, log=lambda _: None)
     assert result.run.shards_run == 4 - len(parts)  # only the missing shards

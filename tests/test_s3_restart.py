@@ -95,7 +95,7 @@ def test_s3_restart_mid_commit_ends_in_a_complete_corpus(
         assert read_manifest(out_uri)["rows_written"] == 96
         names = [loc.path.rsplit("restart/corpus/", 1)[1] for loc in resolve(out_uri).list(recursive=True)]
         files = sorted(n for n in names if "." in n.rsplit("/", 1)[-1])
-        parts = sorted(n for n in files if n.startswith("part-"))
+        parts = sorted(n.rsplit("/", 1)[-1] for n in files if n.startswith(("part-", ".spae/jsonl/part-")))
         assert parts == sorted([f"part-{i:05d}.{ext}" for i in range(6) for ext in ("jsonl", "parquet")])
         assert not [n for n in files if n.startswith("_tmp") or ".tmp-" in n]  # no orphan, no temp file
     finally:

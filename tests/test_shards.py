@@ -78,7 +78,7 @@ def test_kill_then_rerun_gives_every_image_once_and_a_finished_rerun_writes_noth
         run(str(out), cfg, fail_after=2)
     done = sorted(p.name for p in out.glob("part-*.parquet"))
     assert 2 <= len(done) < 5  # only complete shards are visible
-    assert not (out / "_manifest.json").exists()
+    assert not (out / ".spae" / "manifest.json").exists()
     before = files(out)
     writer = run(str(out), cfg)
     assert len(writer.committed) == 5 - len(done)  # only the missing shards were computed
@@ -141,7 +141,8 @@ def test_output_on_s3(folder, s3_prefix):
     assert manifest["rows_written"] + manifest["errors"] == 25
     assert read_output(s3_prefix).num_rows == 23
     names = [loc.name for loc in resolve(s3_prefix).list()]
-    assert "_tmp" not in names and "_errors.parquet" in names
+    assert "_tmp" not in names and ".spae" in names
+    assert resolve(s3_prefix).join(".spae", "errors.pq").exists()  # the failed rows, merged
 
 
 def test_a_failed_commit_leaves_no_sidecar_without_its_parquet(folder, tmp_path, monkeypatch):
@@ -171,20 +172,20 @@ def test_a_failed_commit_leaves_no_sidecar_without_its_parquet(folder, tmp_path,
     monkeypatch.setattr(ShardWriter, "_move", move_then_die)
     with pytest.raises(OSError, match="went away"):
         writer().add(rows[0])  # shard 00000 holds a bad image: errors file, JSONL, then Parquet
-    assert not list(out.glob("part-*")) and not list(out.glob("_errors/*"))  # rolled back
+    assert not list(out.glob("part-*")) and not list(out.glob(".spae/*/*"))  # rolled back
 
     monkeypatch.setattr(ShardWriter, "_delete", lambda self, name: None)  # a death with no rollback
     with pytest.raises(OSError):
         writer().add(rows[0])
-    assert [p.name for p in out.glob("part-*")] == ["part-00000.jsonl"] and list(out.glob("_errors/*"))
+    assert not list(out.glob("part-*")) and list(out.glob(".spae/errors/*"))
+    assert [p.name for p in out.glob(".spae/jsonl/part-*")] == ["part-00000.jsonl"]
     monkeypatch.undo()
     w = writer()
     assert [s.shard_id for s in w.pending()] == ["00000", "00001", "00002"]
-    assert not list(out.glob("part-*")) and not list(out.glob("_errors/*"))  # orphans deleted
+    assert not list(out.glob("part-*")) and not list(out.glob(".spae/*/*"))  # orphans deleted
     for r in rows:
         w.add(r)
     manifest = w.finish()
-    assert sorted(p.name for p in out.glob("part-*")) == sorted(
-        f"part-{s.shard_id}.{ext}" for s in shards for ext in ("jsonl", "parquet")
-    )
+    names = [p.name for p in [*out.glob("part-*"), *out.glob(".spae/jsonl/part-*")]]
+    assert sorted(names) == sorted(f"part-{s.shard_id}.{ext}" for s in shards for ext in ("jsonl", "parquet"))
     assert manifest["rows_written"] + manifest["errors"] == 25

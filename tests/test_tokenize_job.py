@@ -111,9 +111,10 @@ def test_tokenize_mnist_to_s3_exactly_once(ray_cluster, s3_prefix, mlflow_server
     with pytest.raises(InjectedFailure):
         run_tokenize_job(TokenizeJobConfig(**{**cfg.__dict__, "fail_after_shards": 2}))
     names = {loc.name for loc in resolve(out_uri).list()}
+    jsonl = {loc.name for loc in resolve(out_uri).join(".spae", "jsonl").list()}
     parts = {n[: -len(".parquet")] for n in names if n.startswith("part-") and n.endswith(".parquet")}
-    assert len(parts) == 2 and {n[: -len(".jsonl")] for n in names if n.endswith(".jsonl")} == parts
-    assert "_manifest.json" not in names
+    assert len(parts) == 2 and {n[: -len(".jsonl")] for n in jsonl if n.endswith(".jsonl")} == parts
+    assert not resolve(out_uri).join(".spae", "manifest.json").exists()
 
     result = run_tokenize_job(cfg)  # the re-run computes only what is missing
     assert (result.shards_total, result.shards_run) == (8, 8 - len(parts))
@@ -144,7 +145,7 @@ def test_tokenize_mnist_to_s3_exactly_once(ray_cluster, s3_prefix, mlflow_server
     out = resolve(out_uri)
     for s in manifest["shards"]:
         part = pq.read_table(out.join(s["file"]).path, filesystem=out.fs)
-        lines = parse_jsonl(out.join(s["file"].replace(".parquet", ".jsonl")).read_bytes())
+        lines = parse_jsonl(out.join(".spae", "jsonl", s["file"].replace(".parquet", ".jsonl")).read_bytes())
         assert [r["text"] for r in lines] == part.column("text").to_pylist()
         assert [r["image_id"] for r in lines] == part.column("image_id").to_pylist()
     assert result.metrics["roundtrip/ids_match"] == 1.0 and np.isfinite(result.metrics["roundtrip/psnr"])
@@ -232,7 +233,7 @@ def test_bad_images_go_to_errors(ray_cluster, tokenizer_dir, tmp_path):
     assert retried.shards_run == 3  # every shard had an error row
     errors = {r["image_id"] for r in read_errors(str(out)).to_pylist()}
     assert errors == {"cls/truncated.png", "cls/huge.png"}
-    assert sorted(p.name for p in (out / "_errors").iterdir()) == ["part-00001.parquet"]
+    assert sorted(p.name for p in (out / ".spae" / "errors").iterdir()) == ["part-00001.pq"]
     ids = read_corpus(str(out)).column("image_id").to_pylist()
     assert len(ids) == 7 and {"cls/zero.png", "cls/corrupt.png"} <= set(ids)
 
@@ -253,18 +254,19 @@ def test_retry_errors_recomputes_the_shards_with_error_rows(ray_cluster, tokeniz
     run_tokenize_job(cfg)
     good = pq.read_table(out / "part-00001.parquet")
     _fake_old_bug(out, "00001", good, bad_ids=["mnist-test-000009", "mnist-test-000012"])
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-0000[02].*")}
+    shard_files = [*out.glob("part-0000[02].*"), *out.glob(".spae/jsonl/part-0000[02].*")]
+    before = {p.name: p.stat().st_mtime_ns for p in shard_files}
     with pytest.raises(TooManyErrors, match=r"2 of 24 images"):
         run_tokenize_job(replace(cfg, max_error_fraction=0.01))  # finish rewrites the manifest: 2 errors
     result = run_tokenize_job(replace(cfg, retry_errors=True))
     assert (result.shards_run, result.rows_run) == (1, 8)
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-0000[02].*")} == before  # kept
+    assert {p.name: p.stat().st_mtime_ns for p in shard_files} == before  # kept
     again = pq.read_table(out / "part-00001.parquet")
     assert again.drop_columns([]).equals(good.replace_schema_metadata(again.schema.metadata))
-    assert not (out / "_errors" / "part-00001.parquet").exists() and read_errors(str(out)).num_rows == 0
-    assert [r["image_id"] for r in parse_jsonl((out / "part-00001.jsonl").read_bytes())] == again.column(
-        "image_id"
-    ).to_pylist()
+    assert not (out / ".spae" / "errors" / "part-00001.pq").exists() and read_errors(str(out)).num_rows == 0
+    assert [
+        r["image_id"] for r in parse_jsonl((out / ".spae" / "jsonl" / "part-00001.jsonl").read_bytes())
+    ] == again.column("image_id").to_pylist()
     ids = read_corpus(str(out)).column("image_id").to_pylist()
     assert sorted(ids) == [f"mnist-test-{i:06d}" for i in range(24)]
     assert read_manifest(str(out))["errors"] == 0
@@ -281,7 +283,7 @@ def _fake_old_bug(out: Path, shard_id: str, table, bad_ids: list[str]) -> None:
     keep = pa.array([i not in bad_ids for i in table.column("image_id").to_pylist()])
     meta = dict(table.schema.metadata)
     meta[b"spae.errors"] = str(len(bad_ids)).encode()
-    (out / "_errors").mkdir(exist_ok=True)
+    (out / ".spae" / "errors").mkdir(exist_ok=True)
     pq.write_table(
         pa.table(
             {
@@ -292,10 +294,10 @@ def _fake_old_bug(out: Path, shard_id: str, table, bad_ids: list[str]) -> None:
             },
             schema=ERRORS_SCHEMA,
         ),
-        out / "_errors" / f"part-{shard_id}.parquet",
+        out / ".spae" / "errors" / f"part-{shard_id}.pq",
     )
     kept = table.filter(keep)
-    (out / f"part-{shard_id}.jsonl").write_bytes(jsonl_bytes(kept))
+    (out / ".spae" / "jsonl" / f"part-{shard_id}.jsonl").write_bytes(jsonl_bytes(kept))
     pq.write_table(kept.replace_schema_metadata(meta), out / f"part-{shard_id}.parquet")
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from test_evaluate import DIM, tiny_codebook, write_pools, write_vocab
 
+from pipeline.contracts import load_tokenizer
 from pipeline.sources import SourceConfig
 from pipeline.storage import resolve
 from pipeline.train import TrainJobConfig, preset_base, run_train_job
 from spae.config import ConfigError, load_config, replace
-from spae.tokenizer import SPAETokenizer
 
 TRAIN = SourceConfig(uri="mnist://train?limit=64", shard_size=32)
 EVAL = SourceConfig(uri="mnist://test?limit=16", shard_size=16)
@@ -142,7 +142,7 @@ def test_train_job_ddp_failure_resume_s3_mlflow(ray_cluster, s3_prefix, mlflow_s
 
     assert len(logged_models()) == 2
     fingerprint = client.get_run(result.run_id).data.tags["spae.tokenizer_fingerprint"]
-    assert fingerprint == SPAETokenizer.from_pretrained(again.tokenizer).fingerprint()
+    assert fingerprint == load_tokenizer(again.tokenizer).fingerprint()
     rerun = run_train_job(
         replace(cfg, steps=7, eval_every=0, register_model="", optim={"total_steps": 0}), log=lambda *_: None
     )
@@ -152,7 +152,7 @@ def test_train_job_ddp_failure_resume_s3_mlflow(ray_cluster, s3_prefix, mlflow_s
     # the logged model loads and encodes, by run and by registry
     images = torch.rand(2, 3, 16, 16)
     for uri in (f"runs:/{result.run_id}/tokenizer", "models:/spae-tiny/1"):
-        tok = SPAETokenizer.from_pretrained(uri)
+        tok = load_tokenizer(uri)
         pyramid = tok.encode(images)
         assert len(tok.to_text(pyramid)) == 2 and pyramid.layer_ids(1).shape == (2, 1, 1)
 

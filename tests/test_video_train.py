@@ -10,14 +10,9 @@ import pytest
 import torch
 from test_evaluate import DIM, WORDS, tiny_codebook, write_pools, write_vocab
 
-from pipeline.evaluate import (
-    EvaluateJobConfig,
-    class_token_rows,
-    class_words,
-    evaluate_tokenizer,
-    load_eval_data,
-    run_evaluate,
-)
+from pipeline.contracts import load_tokenizer
+from pipeline.evaluate import EvaluateJobConfig, run_evaluate
+from pipeline.evaluator import class_token_rows, class_words, evaluate_tokenizer, load_eval_data
 from pipeline.images import DecodeOptions
 from pipeline.sources import SourceConfig
 from pipeline.storage import resolve
@@ -170,7 +165,7 @@ def test_train_tiny3d_on_moving_mnist_via_ray_on_s3_then_evaluate(ray_cluster, s
     assert m["eval/frames_per_clip"] == 4 and all(math.isfinite(m[f"eval/psnr/p{l}"]) for l in (3, 4))
 
     # the tokenizer on S3 loads and encodes clips into the 3-axis pyramid
-    tok = SPAETokenizer.from_pretrained(result.tokenizer)
+    tok = load_tokenizer(result.tokenizer)
     clips = torch.rand(2, 3, 4, 16, 16)
     pyramid = tok.encode(clips)
     assert [tuple(pyramid.layer_ids(l).shape) for l in (1, 2, 3)] == [

@@ -80,7 +80,7 @@ def test_vocab_job_on_s3_resumes_and_reruns_as_noop(ray_cluster, s3_prefix: str,
 
     with pytest.raises(Interrupted):
         run_vocab_job(cfg, on_commit=stop)
-    assert not resolve(uri).join(CARD).exists()
+    assert not resolve(uri).join(".spae", CARD).exists()
     # ... the second computes only the other two
     result = run_vocab_job(cfg)
     assert (result.rows, result.shards_total, result.shards_run, result.tokens_run) == (V, 3, 2, V - 128)
@@ -106,10 +106,10 @@ def test_vocab_job_on_s3_resumes_and_reruns_as_noop(ray_cluster, s3_prefix: str,
     )
 
     card = table.card
-    assert card["rows"] == V and card["dim"] == 32 and card["templates"] == templates
-    assert card["codebook"]["hash"] == codebook.hash
-    assert card["scorer"]["random_weights"] is True and card["scorer"]["kind"] == "open_clip"
-    assert card["shards"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert card.rows == V and card.dim == 32 and list(card.templates) == templates
+    assert card.codebook_hash == codebook.hash
+    assert card.scorer["random_weights"] is True and card.scorer["kind"] == "open_clip"
+    assert list(card.shards) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     manifest = read_manifest(uri)
     assert manifest["rows_in"] == manifest["rows_written"] == V and manifest["errors"] == 0
 
