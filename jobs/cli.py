@@ -10,6 +10,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from jobs.common import preflight_argv
+
 COMMANDS: dict[str, str] = {
     "stack": "jobs.stack",
     "vocab": "jobs.vocab",
@@ -55,8 +57,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"spae: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from jobs.common import preflight_argv
-
     problem = preflight_argv(name, rest)  # before the import: a job module loads torch (seconds)
     if problem:
         print(f"spae {name}: cannot start: {problem}", file=sys.stderr)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from pipeline.preflight import JobNeeds
+from pipeline.preflight import JobNeeds, PreflightError, check
 from spae.config import ConfigError, dumps, load_config, merge, parse_overrides, read_yaml
 
 T = TypeVar("T")
@@ -89,8 +89,6 @@ def parse_job_config(
 
 def preflight(parser: argparse.ArgumentParser, cfg: Any) -> None:
     """``pipeline.preflight.check`` for the command ``spae <name>`` of ``parser.prog``; exit 2, one line."""
-    from pipeline.preflight import PreflightError, check
-
     name = parser.prog.split()[1] if parser.prog.startswith("spae ") else ""
     needs = PREFLIGHT.get(name)
     if needs is None:
@@ -119,8 +117,6 @@ def preflight_argv(name: str, argv: Sequence[str]) -> str:
     """The pre-flight of ``spae <name>`` on what argv names (config file + overrides), before the job's
     module is imported (torch: seconds on a busy machine); "" = nothing wrong found. Config errors are
     left to the job, which reports them by key; defaults are checked by ``parse_job_config``."""
-    from pipeline.preflight import PreflightError, check
-
     needs = PREFLIGHT.get(name)
     if needs is None or not needs.early or any(a in ("-h", "--help", "--print-config") for a in argv):
         return ""

@@ -12,7 +12,9 @@ stage can be re-run or changed by hand. A second run reuses every finished stage
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import resource
 import sys
 import time
@@ -21,12 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import ray
 import yaml
 
 from jobs.common import job_parser, parse_job_config, run_main
+from jobs.console import log_to_file
 from pipeline.contracts import meta_file
-from pipeline.ray_utils import RayConfig
-from spae.config import to_dict
+from pipeline.pools import PoolsJobConfig, ensure_probe
+from pipeline.ray_utils import RayConfig, init_ray
+from pipeline.train import preset_base
+from spae.config import from_dict, load_config, merge, to_dict
+from spae.model import preset
 
 SUMMARY = "the end-to-end demo on MNIST: vocab -> pools -> train -> evaluate -> tokenize -> report"
 
@@ -73,8 +80,6 @@ class Stage:
 
 
 def stages(cfg: DemoConfig) -> list[Stage]:
-    from spae.model import preset
-
     out = Path(cfg.output).expanduser().resolve()
     mlflow = {
         "tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
@@ -202,11 +207,6 @@ def stages(cfg: DemoConfig) -> list[Stage]:
 
 def validate(plan: Sequence[Stage]) -> None:
     """Build every stage's typed config before any work starts (a bad key fails in a second)."""
-    import importlib
-
-    from pipeline.train import preset_base
-    from spae.config import from_dict, merge
-
     for stage in plan:
         cls = importlib.import_module(f"jobs.{stage.module}").CONFIG_CLASS
         base = preset_base(stage.config["preset"]) if "preset" in stage.config else {}
@@ -215,15 +215,10 @@ def validate(plan: Sequence[Stage]) -> None:
 
 def run_stage(stage: Stage, config_dir: Path) -> float:
     """Write the stage's YAML and run ``spae <module> --config`` in this process; returns seconds."""
-    import importlib
-
     path = config_dir / f"{stage.slug}.yaml"
     path.write_text(yaml.safe_dump(stage.config, sort_keys=False))
     start = time.perf_counter()
     if stage.name == "probe":
-        from pipeline.pools import PoolsJobConfig, ensure_probe
-        from spae.config import load_config
-
         ensure_probe(load_config(PoolsJobConfig, path))
         return time.perf_counter() - start
     status = importlib.import_module(f"jobs.{stage.module}").main(["--config", str(path)])
@@ -314,13 +309,6 @@ def run_plan(
 ) -> str:
     """Run ``plan`` with the process's output in ``log_path`` and a line per stage (plus the stage's
     progress bar) on the terminal; returns "" or what failed, in one line."""
-    import logging
-
-    import ray
-
-    from jobs.console import log_to_file
-    from pipeline.ray_utils import init_ray
-
     with log_to_file(log_path) as terminal:
         try:
             init_ray(cfg.ray)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from jobs.common import job_parser, parse_job_config, run_main
-from pipeline.evaluate import EvaluateJobConfig, format_metrics, run_evaluate
+from pipeline.evaluate import METRICS_JSON, PICTURE, EvaluateJobConfig, format_metrics, run_evaluate
+from pipeline.storage import resolve
+from pipeline.tracking import log_params_flat, start_run
 
 SUMMARY = "evaluate a tokenizer: PSNR/SSIM per prefix, utilization/perplexity/relevance per layer -> MLflow"
 CONFIG_CLASS = EvaluateJobConfig
@@ -39,10 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("spae evaluate", SUMMARY, EPILOG)
     cfg, _ = parse_job_config(EvaluateJobConfig, parser, argv)
 
-    from pipeline.evaluate import METRICS_JSON, PICTURE
-    from pipeline.storage import resolve
-    from pipeline.tracking import log_params_flat, start_run
-
     out = resolve(cfg.output)
     default_dir = out.path if not out.is_s3 else "outputs"
     with start_run(cfg.mlflow, cfg.run_name or f"evaluate:{cfg.tokenizer}", default_dir) as run:
@@ -57,9 +57,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mlflow.set_tag("spae.eval.unit", "frames: psnr/ssim/fid/is/lpips per frame, fvd per clip")
             mlflow.log_text(out.join(METRICS_JSON).read_text(), METRICS_JSON)
             if cfg.picture_images:
-                import tempfile
-                from pathlib import Path
-
                 with tempfile.TemporaryDirectory() as tmp:
                     png = Path(tmp) / PICTURE
                     png.write_bytes(out.join(PICTURE).read_bytes())

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from jobs.common import job_parser, parse_job_config, run_main
 from pipeline.icl import ICLJobConfig, examples, log_to_mlflow, run_grid, write_outputs
-from pipeline.tracking import tracking_dir
+from pipeline.tracking import log_params_flat, start_run, tracking_dir
 
 SUMMARY = "few-shot classification with a frozen LLM (ways x shots x repeats x induction x layers) -> Table 1"
 CONFIG_CLASS = ICLJobConfig
@@ -32,8 +32,6 @@ and never sent; accuracy is over the episodes answered.
 def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("spae icl", __doc__.splitlines()[0].split(": ", 1)[-1], EPILOG)
     cfg, _ = parse_job_config(ICLJobConfig, parser, argv)
-
-    from pipeline.tracking import log_params_flat, start_run
 
     with start_run(cfg.mlflow, run_name=f"icl:{cfg.output}", default_dir=tracking_dir(cfg.output)) as run:
         if run is not None:

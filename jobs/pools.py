@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from jobs.common import job_parser, parse_job_config, run_main
 from pipeline.contracts import meta_file
 from pipeline.pools import PoolsJobConfig, run_pools_job
+from pipeline.ray_utils import init_ray
 from pipeline.stages import JobFailure
-from pipeline.tracking import tracking_dir
+from pipeline.tracking import log_params_flat, start_run, tracking_dir
 
 SUMMARY = "per-image top-K candidate tokens (eq. 4-6) from images and a vocab table -> pools (Parquet)"
 CONFIG_CLASS = PoolsJobConfig
@@ -35,9 +36,6 @@ A failing scorer (device, memory) is retried model_retries times, then the job e
 def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("spae pools", __doc__.splitlines()[0].split(": ", 1)[-1], EPILOG)
     cfg, _ = parse_job_config(PoolsJobConfig, parser, argv)
-
-    from pipeline.ray_utils import init_ray
-    from pipeline.tracking import log_params_flat, start_run
 
     init_ray(cfg.ray)
     with start_run(cfg.mlflow, run_name=f"pools:{cfg.output}", default_dir=tracking_dir(cfg.output)) as run:

@@ -9,6 +9,7 @@ after ``eval "$(spae stack env)"``); on KubeRay the pods get them from a Secret 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shlex
 import socket
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from jobs.cli import COMMANDS
 from jobs.common import run_main, split_job_argv
 from pipeline.ray_utils import is_secret_name
+from spae.config import ConfigError, load_config
 
 SUMMARY = "submit any spae command as a Ray job to a cluster (Jobs API), optionally following its logs"
 
@@ -186,11 +189,6 @@ def prepare(args: argparse.Namespace, rest: list[str]) -> SubmitRequest:
 
 def validate_command(command: str, rest: list[str], workdir: Path) -> None:
     """Unknown command, unknown key or wrong value: fail here, before anything is submitted."""
-    import importlib
-
-    from jobs.cli import COMMANDS
-    from spae.config import ConfigError, load_config
-
     if command not in COMMANDS or command == "submit":
         allowed = ", ".join(c for c in COMMANDS if c != "submit")
         raise SubmitError(f"unknown command '{command}'; choose one of: {allowed}")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jobs.common import job_parser, parse_job_config, run_main
+from pipeline.ray_utils import init_ray
 from pipeline.train import TrainJobConfig, preset_base, run_train_job
 from spae.config import ConfigError, parse_overrides, read_yaml
 
@@ -57,8 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         parser.exit(2, f"spae train: config error: {e}\n")
     cfg, _ = parse_job_config(TrainJobConfig, parser, argv, base=base)
-
-    from pipeline.ray_utils import init_ray
 
     init_ray(cfg.ray)
     result = run_train_job(cfg)

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from jobs.common import job_parser, parse_job_config, run_main
 from pipeline.contracts import meta_file
-from pipeline.tracking import tracking_dir
+from pipeline.ray_utils import init_ray
+from pipeline.tracking import log_params_flat, start_run, tracking_dir
 from pipeline.vocab import CARD, VocabJobConfig, run_vocab_job
 
 SUMMARY = "text features (eq. 5) of every codebook token, by a Ray actor pool -> vocab table (Parquet)"
@@ -30,9 +31,6 @@ Without scorer.pretrained an open_clip scorer has RANDOM weights (tests and spee
 def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("spae vocab", __doc__.splitlines()[0].split(": ", 1)[-1], EPILOG)
     cfg, _ = parse_job_config(VocabJobConfig, parser, argv)
-
-    from pipeline.ray_utils import init_ray
-    from pipeline.tracking import log_params_flat, start_run
 
     init_ray(cfg.ray)
     with start_run(cfg.mlflow, run_name=f"vocab:{cfg.output}", default_dir=tracking_dir(cfg.output)) as run:

@@ -17,6 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.storage import check_access, resolve
+from pipeline.tracking import check_tracking_server
+
 log = logging.getLogger(__name__)
 
 BUILT_IN_SCHEMES = ("mnist://", "moving-mnist://", "runs:/", "models:/")
@@ -47,8 +50,6 @@ def check(cfg: Any, needs: JobNeeds) -> None:
     the job's module, which imports torch, is loaded; values left to the defaults are not there).
     """
     if needs.mlflow and _get(_get(cfg, "mlflow"), "enabled", True) is not False:
-        from pipeline.tracking import check_tracking_server
-
         uri = _value(cfg, "mlflow.tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI", "")
         _guard("mlflow.tracking_uri", lambda: check_tracking_server(uri, MLFLOW_TIMEOUT_S))
     for key in needs.outputs:
@@ -67,8 +68,6 @@ def check(cfg: Any, needs: JobNeeds) -> None:
 
 def check_output(uri: str) -> None:
     """The job can write under ``uri``: S3 gets a probe object written and deleted."""
-    from pipeline.storage import check_access, resolve
-
     loc = resolve(uri)
     check_access(loc, write=True)
     if loc.is_s3:
@@ -81,8 +80,6 @@ def check_output(uri: str) -> None:
 
 
 def check_input(uri: str) -> None:
-    from pipeline.storage import check_access, resolve
-
     loc = resolve(uri)
     if loc.is_s3:
         check_access(loc, write=False)
@@ -109,7 +106,7 @@ def visible_gpus() -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return 0
-    import torch
+    import torch  # lazy: jobs.cli runs the pre-flight before a job module loads torch (seconds)
 
     return torch.cuda.device_count()
 

@@ -59,10 +59,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from PIL import Image
 
 from pipeline import webdataset
 from pipeline.storage import Location, resolve
 from pipeline.video import VIDEO_EXTENSIONS, clip_npy, pack_frames
+from spae.data import MNIST_CLASS_WORDS, load_mnist
+from spae.video import MovingMnistConfig, moving_mnist
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MNIST_SPLITS = ("train", "valid", "test")
@@ -401,8 +404,6 @@ def cut_shard(shard: Shard, start: int, stop: int) -> Shard | None:
 
 def mnist_class_words() -> list[list[str]]:
     """``[["zero", "0"], ["one", "1"], ...]``: a digit's word and numeral, per MNIST label."""
-    from spae.data import MNIST_CLASS_WORDS
-
     return [[word, str(i)] for i, word in enumerate(MNIST_CLASS_WORDS)]
 
 
@@ -446,8 +447,6 @@ def _parse_mnist_uri(uri: str) -> tuple[str, int]:
 
 def _parse_moving_mnist_uri(uri: str) -> tuple[str, dict[str, int]]:
     """``moving-mnist://split?k=v`` -> (split, {limit, frames, digits, size, digit_size, seed})."""
-    from spae.video import MovingMnistConfig
-
     parsed = urlparse(uri)
     split = parsed.netloc or parsed.path.strip("/")
     if split not in MNIST_SPLITS:
@@ -705,8 +704,6 @@ def _add(
 
 @lru_cache(maxsize=1)
 def _mnist_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
-    from spae.data import load_mnist
-
     return load_mnist(split)
 
 
@@ -715,8 +712,6 @@ def _mnist_size(split: str) -> int:
 
 
 def _read_mnist(shard: Shard) -> dict[str, list]:
-    from PIL import Image
-
     rows = _empty_rows()
     for split, start, stop in shard.items:
         images, labels = _mnist_arrays(split)  # uint8 [n, 28, 28], int64 [n]
@@ -729,8 +724,6 @@ def _read_mnist(shard: Shard) -> dict[str, list]:
 
 
 def _read_moving_mnist(shard: Shard) -> dict[str, list]:
-    from spae.video import MovingMnistConfig, moving_mnist
-
     _, params = _parse_moving_mnist_uri(shard.config.uri)
     cfg = MovingMnistConfig(**{k: params[k] for k in MOVING_MNIST_KEYS[1:]})
     rows = _empty_rows()

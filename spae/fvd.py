@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spae.metrics import WEIGHT_FILES, MissingMetricDependency, _Moments, frechet_distance, load_weights
+from spae.frechet import Moments, frechet_distance
+from spae.metric_weights import WEIGHT_FILES, MissingMetricDependency, load_weights
 from spae.video import frames_as_images
 
 I3D_SIZE = 224  # frame side the Kinetics I3D was trained on
@@ -221,7 +222,7 @@ class FVD:
 
     def __init__(self, i3d: I3DFeatures | None = None):
         self.i3d = i3d
-        self.real, self.fake = _Moments(), _Moments()
+        self.real, self.fake = Moments(), Moments()
 
     def update(self, real: Tensor, fake: Tensor) -> None:
         if real.shape != fake.shape:

@@ -22,7 +22,9 @@ Optional metrics, computed only from LOCAL weight files the user points to (noth
   is LPIPS, without them the channels are averaged uniformly ("LPIPS-style, uncalibrated").
 
 The Inception-v3 / VGG16 networks are torchvision's architectures with weights from a torchvision
-state-dict file; ``check_optional_metrics`` names the weights key and the file that is missing.
+state-dict file; ``check_optional_metrics`` names the weights key and the file that is missing. The
+weight files and their errors live in ``spae.metric_weights``, the Frechet distance (FID, FVD) in
+``spae.frechet``; ``OptionalMetrics`` also runs FVD (``spae.fvd``) on clips.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from spae.frechet import Moments, frechet_distance
+from spae.fvd import FVD, I3D_SIZE, I3DFeatures
+from spae.metric_weights import WEIGHT_FILES, MissingMetricDependency, load_weights
+from spae.video import frames_as_images
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -168,14 +175,6 @@ def label_word_accuracy(top_ids: Tensor, labels: Tensor, class_token_rows: Seque
 
 # ----------------------------------------------------------------------------- optional metrics
 
-# weights key -> what the local file must hold
-WEIGHT_FILES: dict[str, str] = {
-    "fid": "a torchvision inception_v3 state dict (aux_logits=True), e.g. inception_v3_google-0cc3c7bd.pth",
-    "is": "a torchvision inception_v3 state dict (aux_logits=True), e.g. inception_v3_google-0cc3c7bd.pth",
-    "lpips": "a torchvision vgg16 state dict (or its features.* part), e.g. vgg16-397923af.pth",
-    "lpips_linear": "the LPIPS v0.1 linear-layer weights of the vgg variant (lin0..lin4), e.g. lpips vgg.pth",
-    "fvd": "an Inception-I3D (Kinetics-400) state dict, e.g. rgb_imagenet.pt of the PyTorch I3D port",
-}
 OPTIONAL_METRICS: tuple[str, ...] = ("fid", "is", "lpips", "fvd")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -185,10 +184,6 @@ LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # LPIPS ScalingLayer, for inputs in [-1,
 LPIPS_SCALE = (0.458, 0.448, 0.450)
 VGG16_STAGES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))  # features[a:b] -> relu1_2 ... relu5_3
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
-
-
-class MissingMetricDependency(RuntimeError):
-    """An optional metric was asked for without its local weights file (or the file is unusable)."""
 
 
 def check_optional_metrics(names: Sequence[str], weights: Mapping[str, str]) -> None:
@@ -211,26 +206,6 @@ def check_optional_metrics(names: Sequence[str], weights: Mapping[str, str]) -> 
                     f"metric '{name}' needs {WEIGHT_FILES[key]} on local disk; set weights.{key}=PATH "
                     f"(got {path!r}, {'not a file' if path else 'unset'}); nothing is downloaded"
                 )
-
-
-def load_weights(key: str, path: str | Path) -> dict[str, Tensor]:
-    """The state dict in ``path`` (``torch.load(weights_only=True)``); a clear error naming key and path."""
-    if not path or not Path(path).is_file():
-        raise MissingMetricDependency(
-            f"weights.{key}={str(path)!r} is not a file; it must hold {WEIGHT_FILES[key]}"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle / zip / format errors all mean "not a state dict we can read"
-        raise MissingMetricDependency(
-            f"weights.{key}={str(path)!r} could not be read as a torch state dict ({err}); "
-            f"it must hold {WEIGHT_FILES[key]}"
-        ) from err
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise MissingMetricDependency(
-            f"weights.{key}={str(path)!r} is not a state dict of tensors; it must hold {WEIGHT_FILES[key]}"
-        )
-    return dict(state)
 
 
 def _load_into(module: torch.nn.Module, key: str, path: str | Path) -> None:
@@ -280,49 +255,6 @@ class InceptionFeatures(torch.nn.Module):
         return InceptionOutput(pool, n.fc(pool))  # [b, 2048], [b, 1000]
 
 
-def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor, eps: float = 1e-6) -> float:
-    """``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2))`` in float64 (real part).
-
-    As in the reference FID code, a singular product gets ``eps * I`` added to both covariances.
-    """
-    import numpy as np
-    from scipy import linalg
-
-    m1, m2 = mu1.double().cpu().numpy(), mu2.double().cpu().numpy()
-    s1, s2 = sigma1.double().cpu().numpy(), sigma2.double().cpu().numpy()
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    covmean = np.real(covmean)
-    diff = m1 - m2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
-
-
-class _Moments:
-    """Running sum and outer-product sum of feature rows in float64 -> mean and unbiased covariance."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.sum: Tensor | None = None  # [d]
-        self.outer: Tensor | None = None  # [d, d]
-
-    def update(self, feats: Tensor) -> None:
-        f = feats.detach().double().cpu().reshape(feats.shape[0], -1)  # [b, d]
-        if self.sum is None:
-            self.sum, self.outer = f.new_zeros(f.shape[1]), f.new_zeros(f.shape[1], f.shape[1])
-        self.n += f.shape[0]
-        self.sum += f.sum(0)
-        self.outer += f.T @ f
-
-    def compute(self) -> tuple[Tensor, Tensor]:
-        if self.n < 2:
-            raise ValueError(f"FID needs at least 2 images per set for a covariance, got {self.n}")
-        mu = self.sum / self.n  # [d]
-        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)  # [d, d]
-        return mu, sigma
-
-
 class FID:
     """FID over a whole evaluation set: ``update(real, fake)`` per batch, then ``compute()``.
 
@@ -332,7 +264,7 @@ class FID:
 
     def __init__(self, inception: InceptionFeatures | None = None):
         self.inception = inception
-        self.real, self.fake = _Moments(), _Moments()
+        self.real, self.fake = Moments(), Moments()
 
     def update(self, real: Tensor, fake: Tensor) -> None:
         _check_images(real, fake)
@@ -497,8 +429,6 @@ class OptionalMetrics:
         self.lpips_sum, self.lpips_n = 0.0, 0
         self.fvd = None
         if "fvd" in names:
-            from spae.fvd import FVD, I3D_SIZE, I3DFeatures  # spae.fvd imports this module
-
             self.fvd = FVD(I3DFeatures.from_file(weights["fvd"], size=fvd_size or I3D_SIZE).to(device))
 
     @torch.no_grad()
@@ -509,8 +439,6 @@ class OptionalMetrics:
                     f"expected two clip batches [b, c, T, H, W] of the same shape, "
                     f"got {real.shape} and {fake.shape}"
                 )
-            from spae.video import frames_as_images
-
             if self.fvd is not None:
                 self.fvd.update(real, fake)
             real, fake = frames_as_images(real), frames_as_images(fake)  # [b*T, 3, H, W]
