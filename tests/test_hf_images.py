@@ -17,7 +17,7 @@ from PIL import Image
 from test_tokenize_job import NO_MLFLOW, make_tokenizer
 
 from pipeline.corpus import read_corpus
-from pipeline.images import decode_table
+from pipeline.images import DecodeOptions, decode_table
 from pipeline.shards import read_errors
 from pipeline.sources import SourceConfig, list_shards, read_shard
 from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
@@ -72,7 +72,7 @@ def test_image_struct_rows_bytes_paths_and_errors(hf_parquet):
     )
     assert [r["error"] for r in table[4:6]] == ["missing image bytes (null)"] * 2
     assert all(r["error_stage"] == "read" for r in table[3:6])
-    decoded = decode_table(read_shard(shards[0]), 16)
+    decoded = decode_table(read_shard(shards[0]), DecodeOptions(size=16))
     assert decoded["error"][1].startswith("undecodable") and decoded["error_stage"][1] == "decode"
     assert decoded["error"][0] is None and decoded["error"][2] is None
 
