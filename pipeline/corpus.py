@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from pipeline.contracts import PARQUET_SUFFIX, PART_PREFIX, read_manifest_dict
 from pipeline.storage import Location, resolve
+from spae.tokenizer import TokenPyramid
 
 JSONL_SUFFIX = ".jsonl"
 _TOKENS_RE = re.compile(r"^tokens_l(\d+)$")
@@ -203,10 +205,6 @@ def read_manifest(uri: str | Location) -> dict[str, Any]:
 
 def token_pyramid(table: pa.Table, tokenizer: Any, layers: Sequence[int] | None = None) -> Any:
     """Corpus rows -> ``TokenPyramid`` ``[b, h_l, w_l]`` per layer, for ``tokenizer.decode``."""
-    import torch
-
-    from spae.tokenizer import TokenPyramid
-
     layers = tuple(layers or corpus_layers(table.schema))
     ids = ids_from_table(table, layers)
     grids = []
