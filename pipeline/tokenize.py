@@ -373,7 +373,7 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
         result = runner(
             shards,
             out,
-            corpus_schema(layers),
+            corpus_schema(layers, caption=bool(cfg.source.caption_column)),
             decode=decode,
             stages=[tokenize_spec(cfg, layers)],
             identity=identity,
