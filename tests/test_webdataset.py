@@ -258,7 +258,7 @@ def test_tokenize_in_pieces_writes_the_corpus_of_whole_shards(
         assert (m["rows_in"], m["rows_written"], m["errors"]) == (9, 7, 2)
         outputs[in_process] = out
     assert [(p.shard_id, p.num_rows) for p in cut] == [("00000", 2)] * 2 + [("00000", 1)] + [("00001", 2)] * 2
-    for name in ("part-00000.parquet", "part-00001.parquet", "_errors.parquet"):
+    for name in ("part-00000.parquet", "part-00001.parquet", ".spae/errors.pq"):
         assert (outputs[False] / name).read_bytes() == (outputs[True] / name).read_bytes(), name
 
 
