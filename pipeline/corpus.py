@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from pipeline.contracts import PARQUET_SUFFIX, PART_PREFIX, read_manifest_dict
 from pipeline.storage import Location, resolve
+from spae.tokenizer import TokenPyramid
 
 JSONL_SUFFIX = ".jsonl"
 _TOKENS_RE = re.compile(r"^tokens_l(\d+)$")
@@ -45,9 +47,12 @@ def words_column(layer: int) -> str:
     return f"words_l{layer}"
 
 
-def corpus_schema(layers: Sequence[int]) -> pa.Schema:
-    """The Parquet schema of a corpus emitting ``layers`` (1-indexed, ascending)."""
+def corpus_schema(layers: Sequence[int], caption: bool = False) -> pa.Schema:
+    """The Parquet schema of a corpus emitting ``layers`` (1-indexed, ascending); ``caption`` adds the
+    source's captions (string, null for a row without one) after ``label``."""
     fields = [("image_id", pa.string()), ("source", pa.string()), ("label", pa.int64())]
+    if caption:
+        fields.append(("caption", pa.string()))
     for l in layers:
         fields += [(tokens_column(l), pa.list_(pa.int32())), (words_column(l), pa.list_(pa.string()))]
     fields.append(("text", pa.string()))
@@ -127,14 +132,11 @@ def empty_table(layers: Sequence[int]) -> pa.Table:
 
 
 def jsonl_bytes(table: pa.Table) -> bytes:
-    """The JSONL twin of a corpus table: ``{"image_id", "label", "text"}`` per line, UTF-8."""
-    rows = zip(
-        table.column("image_id").to_pylist(),
-        table.column("label").to_pylist(),
-        table.column("text").to_pylist(),
-        strict=True,
-    )
-    lines = (json.dumps({"image_id": i, "label": lab, "text": t}, ensure_ascii=False) for i, lab, t in rows)
+    """The JSONL twin of a corpus table: ``{"image_id", "label", "text"}`` per line, UTF-8, with
+    ``"caption"`` after ``"label"`` when the table has captions."""
+    names = ["image_id", "label", *(["caption"] if "caption" in table.column_names else []), "text"]
+    rows = zip(*(table.column(name).to_pylist() for name in names), strict=True)
+    lines = (json.dumps(dict(zip(names, row, strict=True)), ensure_ascii=False) for row in rows)
     return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
@@ -203,10 +205,6 @@ def read_manifest(uri: str | Location) -> dict[str, Any]:
 
 def token_pyramid(table: pa.Table, tokenizer: Any, layers: Sequence[int] | None = None) -> Any:
     """Corpus rows -> ``TokenPyramid`` ``[b, h_l, w_l]`` per layer, for ``tokenizer.decode``."""
-    import torch
-
-    from spae.tokenizer import TokenPyramid
-
     layers = tuple(layers or corpus_layers(table.schema))
     ids = ids_from_table(table, layers)
     grids = []

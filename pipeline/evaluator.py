@@ -36,7 +36,9 @@ from spae.metrics import (
     semantic_relevance,
     ssim,
 )
+from spae.report import frame_strip
 from spae.video import frames_as_images
+from spae.viz import save_reconstruction_figure
 
 # ----------------------------------------------------------------------------- pools <-> image shards
 
@@ -292,8 +294,6 @@ def per_frame(metric: Any, x: Tensor, y: Tensor) -> Tensor:
 def picture(tokenizer: Any, data: EvalData, path: str | Path, n: int = 8, title: str = "") -> Path:
     """The reconstruction picture (``spae.viz``) of the first ``n`` images of ``data``; for clips,
     ``clip_picture`` of the first ``min(n, 4)`` clips."""
-    from spae.viz import save_reconstruction_figure
-
     if data.frames:
         return clip_picture(tokenizer, data, path, min(n, 4), title)
     images = data.images[:n].to(tokenizer.device)
@@ -312,8 +312,6 @@ def clip_picture(
     the clip, ``spae.report.frame_strip``): the source (with its label and layer-1 word), then the
     decode of every covering prefix with its token count and PSNR over frames. One PNG at ``path``."""
     from matplotlib.figure import Figure
-
-    from spae.report import frame_strip
 
     clips = data.images[:n].to(tokenizer.device)  # [k, 3, T, H, W]
     tokens = tokenizer.encode(clips)

@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.corpus import corpus_layers, part_files, read_corpus, words_column
 from pipeline.llm import Failure, LLMConfig, RequestBudget, complete_many, context_window, make_client
-from pipeline.ray_utils import RayConfig
+from pipeline.ray_utils import RayConfig, init_ray
 from pipeline.storage import Location, resolve
 from pipeline.tracking import MlflowConfig
 from spae.icl.episodes import (
@@ -98,8 +99,6 @@ class ICLJobConfig:
 
 def load_labelled(uri: str | Location, layers: int) -> LabelledImages:
     """The labelled rows of a corpus with the words of layers ``1..layers`` (unlabelled rows dropped)."""
-    from pipeline.corpus import corpus_layers, part_files, read_corpus, words_column
-
     loc = resolve(uri) if isinstance(uri, str) else uri
     parts = part_files(loc)
     if not parts:
@@ -138,8 +137,6 @@ def run_grid(cfg: ICLJobConfig, images: LabelledImages | None = None) -> GridRes
     budget = RequestBudget(cfg.llm.max_requests)  # one budget for the whole grid
     window = context_window(cfg.llm, client)
     if cfg.llm.concurrency > 1 and cfg.llm.backend != "reference":
-        from pipeline.ray_utils import init_ray
-
         init_ray(cfg.ray)
     rows: list[dict[str, Any]] = []
     episode_rows: list[dict[str, Any]] = []

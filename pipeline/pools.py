@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 from pipeline.contracts import VocabCard
-from pipeline.images import FIT, MAX_PIXELS, DecodeOptions, FitMode, decode_source, pixels_to_device, to_float
+from pipeline.images import FIT, MAX_PIXELS, DecodeOptions, FitMode, pixels_to_device, to_float
 from pipeline.ray_utils import RayConfig
 from pipeline.schemas import POOLS_SCHEMA
 from pipeline.search import SearchConfig, TokenSearch, normalize_scores
-from pipeline.sources import SourceConfig, class_words, list_shards
+from pipeline.sources import SourceConfig, _parse_moving_mnist_uri, class_words, decode_source, list_shards
 from pipeline.stages import (
     MAX_ERROR_FRACTION,
     MODEL_RETRIES,
@@ -58,8 +58,10 @@ from pipeline.stages import (
     run_sharded_job,
 )
 from pipeline.tracking import MlflowConfig
+from pipeline.vocab import load_text_features
 from spae.config import to_dict
-from spae.scorers import ScorerConfig, build_scorer, describe_scorer
+from spae.scorers import ScorerConfig, build_scorer, describe_scorer, train_label_probe
+from spae.video import sample_frame_indices
 
 STAGE = "pools"
 FORMAT = "spae-pools-v1"
@@ -135,8 +137,6 @@ class PoolStage:
     (+ ``KEEP`` columns)."""
 
     def __init__(self, config: PoolStageConfig):
-        from pipeline.vocab import load_text_features
-
         self.retries = config.retries
         self.scorer = build_scorer(config.scorer)
         text_features, _ = load_text_features(config.vocab)  # [v, d]
@@ -151,8 +151,6 @@ class PoolStage:
         if pixels.ndim == 4:
             images = pixels_to_device(pixels, self.scorer.device)  # [b, 3, H, W] in [0, 1], uint8 across
             return self.scorer.embed_images(images).float().cpu().numpy()  # [b, d]
-        from spae.video import sample_frame_indices
-
         b, t = pixels.shape[:2]
         idx = sample_frame_indices(t, self.sample_frames)
         frames = pixels[:, idx].reshape(b * len(idx), *pixels.shape[2:])  # [b*k, H, W, 3]
@@ -216,8 +214,6 @@ def ensure_probe(cfg: PoolsJobConfig, log: Callable[[str], None] = print) -> boo
     path = Path(scorer.probe_path)
     if (path / "probe.json").is_file():
         return False
-    from spae.scorers import train_label_probe
-
     source = SourceConfig(uri=cfg.probe_train_uri, shard_size=10_000)
     first = list_shards(source)[0]
     words = class_words(first.kind, first.classes)
@@ -232,8 +228,6 @@ def ensure_probe(cfg: PoolsJobConfig, log: Callable[[str], None] = print) -> boo
     keep = data.labels >= 0
     pixels, labels = data.pixels[keep], data.labels[keep]
     if frames:  # clips: the sampled frames, each with its clip's label
-        from spae.video import sample_frame_indices
-
         idx = sample_frame_indices(frames, cfg.sample_frames)
         pixels = pixels[:, idx].reshape(-1, size, size, 3)
         labels = np.repeat(labels, len(idx))
@@ -255,8 +249,6 @@ def _probe_frames(uri: str) -> int:
     """Frames per clip of a Moving MNIST probe source (0 for image sources)."""
     if not uri.startswith("moving-mnist://"):
         return 0
-    from pipeline.sources import _parse_moving_mnist_uri
-
     return _parse_moving_mnist_uri(uri)[1]["frames"]
 
 

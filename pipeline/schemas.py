@@ -42,8 +42,9 @@ def error_mask(errors: np.ndarray | list) -> np.ndarray:
 def to_arrow_column(values: np.ndarray | list, type_: pa.DataType) -> pa.Array:
     """A numpy batch column (as Ray Data hands it back) -> an Arrow array of ``type_``.
 
-    Handles 2-D arrays for list types (``[n, k]``), object arrays of arrays/None, and integer
-    columns that came back as float with NaN for null (Ray's numpy view of a nullable int).
+    Handles 2-D arrays for list types (``[n, k]``), object arrays of arrays/None, integer columns that
+    came back as float with NaN for null (Ray's numpy view of a nullable int), and string columns that
+    came back as all-NaN floats (Ray's numpy view of a column of nulls only).
     """
     if pa.types.is_list(type_) or pa.types.is_large_list(type_):
         value_type = type_.value_type
@@ -57,6 +58,13 @@ def to_arrow_column(values: np.ndarray | list, type_: pa.DataType) -> pa.Array:
     if pa.types.is_integer(type_) and isinstance(values, np.ndarray) and values.dtype.kind == "f":
         mask = np.isnan(values)
         return pa.array(np.where(mask, 0, values).astype(type_.to_pandas_dtype()), type=type_, mask=mask)
+    if (
+        pa.types.is_string(type_)
+        and isinstance(values, np.ndarray)
+        and values.dtype.kind == "f"
+        and np.isnan(values).all()
+    ):
+        return pa.nulls(len(values), type_)  # Ray's numpy view of an all-null string column (captions)
     if isinstance(values, np.ndarray) and values.dtype == object:
         values = values.tolist()
     return pa.array(values, type=type_)

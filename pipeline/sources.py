@@ -38,7 +38,8 @@ shard index (``00000``) and every shard carries a digest of its item list, so a 
 detected instead of silently mixed into an old output. ``read_shard`` turns one shard into a table
 (``image_id``, ``source``, ``label``, ``image_bytes``, ``path``, ``error``, ``error_stage``, and
 ``caption`` when ``caption_column`` asks: ``row_schema``); a file that cannot be read gives a row with
-empty bytes and the reason, never an exception.
+empty bytes and the reason, never an exception. ``decode_source`` reads and decodes a whole (small)
+source in this process (``pipeline.images.decode_table``), without Ray.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline import webdataset
+from pipeline.images import DecodeOptions, decode_table
+from pipeline.schemas import error_mask
 from pipeline.storage import Location, resolve
 from pipeline.video import VIDEO_EXTENSIONS, clip_npy, pack_frames
 from spae.data import MNIST_CLASS_WORDS, load_mnist
@@ -938,3 +941,30 @@ SOURCE_KINDS: dict[str, SourceKind] = {
         ),
     )
 }
+
+
+# ----------------------------------------------------------------------------- decoding in this process
+
+
+@dataclass(frozen=True)
+class DecodedImages:
+    """A whole (small) source decoded in this process: the rows that decoded, and why others did not."""
+
+    image_ids: list[str]
+    labels: np.ndarray  # int64 [n], -1 = no label
+    pixels: np.ndarray  # uint8 [n, size, size, 3] (clips: [n, T, size, size, 3])
+    errors: dict[str, str]  # image_id -> reason, for rows left out
+
+
+def decode_source(cfg: SourceConfig, decode: DecodeOptions) -> DecodedImages:
+    """Every image (clip, for ``decode.frames > 0``) of a source, without Ray (probe training, evaluation
+    sets)."""
+    ids, labels, pixels, errors = [], [], [], {}
+    for shard in list_shards(cfg):
+        out = decode_table(read_shard(shard), decode)
+        bad = error_mask(out["error"])
+        errors.update({out["image_id"][i]: out["error"][i] for i in np.flatnonzero(bad)})
+        ids += [str(x) for x in out["image_id"][~bad]]
+        labels.append(np.array([-1 if x is None else x for x in out["label"][~bad]], dtype=np.int64))
+        pixels.append(out["pixels"][~bad])
+    return DecodedImages(ids, np.concatenate(labels), np.concatenate(pixels), errors)

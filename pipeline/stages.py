@@ -60,7 +60,7 @@ from pipeline.shards import ShardWriter
 from pipeline.sources import Shard, cut_shard, read_shard
 from pipeline.storage import Location, StorageError
 
-KEEP = ("shard_id", "image_id", "source", "label", "path", "error", "error_stage")
+KEEP = ("shard_id", "image_id", "source", "label", "caption", "path", "error", "error_stage")
 TASK_ROWS = 256  # rows per read task and per piece of a shard at most (run_sharded_job's task_rows)
 MODEL_RETRIES = 2  # tries of a failing model call after the first, before the job fails
 MAX_ERROR_FRACTION = 0.05  # error rows above this fraction of the input fail the job (1.0 = never)

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from pipeline.contracts import load_tokenizer
 from pipeline.corpus import (
@@ -76,6 +77,8 @@ from pipeline.tracking import MlflowConfig, log_params_flat, start_run, tracking
 from spae.config import to_dict
 from spae.encode_options import EncodeOptions
 from spae.fonts import add_stand_in_legend, legible, words_font
+from spae.metrics import psnr
+from spae.video import clips_to_uint8, frames_as_images
 
 TOKENIZE_STAGE = "tokenize"
 HISTOGRAM_TOP = 40
@@ -370,7 +373,7 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
         result = runner(
             shards,
             out,
-            corpus_schema(layers),
+            corpus_schema(layers, caption=bool(cfg.source.caption_column)),
             decode=decode,
             stages=[tokenize_spec(cfg, layers)],
             identity=identity,
@@ -461,10 +464,6 @@ def roundtrip_check(
 ) -> RoundTrip | None:
     """Re-derive the ids of ``count`` rows (decoded as the job did) with the library, compare with the
     corpus, decode them, PSNR."""
-    import torch
-
-    from spae.metrics import psnr
-
     sample, originals = [], []
     for shard in shards:  # the first committed rows in shard order
         part = out.join(f"{PART_PREFIX}{shard.shard_id}.parquet")
@@ -501,8 +500,6 @@ def roundtrip_check(
     if prefix is not None:
         recon = tokenizer.decode(stored, up_to_layer=prefix)  # [k, 3, H, W]
         if recon.dim() == 5:  # clips: PSNR per frame, decodes as uint8 [k, T, H, W, 3]
-            from spae.video import clips_to_uint8, frames_as_images
-
             metrics["roundtrip/psnr"] = float(
                 psnr(frames_as_images(recon), frames_as_images(images)).clamp(max=100.0).mean()
             )

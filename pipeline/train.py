@@ -61,12 +61,17 @@ from pipeline.images import DecodeOptions
 from pipeline.progress import BoardPoster, follow, start_board
 from pipeline.ray_utils import RayConfig
 from pipeline.sources import Shard, SourceConfig, list_shards
-from pipeline.storage import resolve
-from pipeline.tracking import MlflowConfig, resolve_tracking_uri
+from pipeline.storage import ray_storage, resolve
+from pipeline.tracking import MlflowConfig, find_run_id, log_params_flat, resolve_tracking_uri, start_run
+from pipeline.vocab import load_vocab
+from spae.checkpoint import load_train_state, save_train_state
 from spae.config import from_dict, to_dict
-from spae.losses import LossConfig, check_semantic_layers, loss_preset
-from spae.model import SPAEConfig
-from spae.training import OptimConfig
+from spae.losses import LossConfig, PerceptualLoss, check_semantic_layers, loss_preset
+from spae.model import SPAE, SPAEConfig, preset
+from spae.networks import Discriminator
+from spae.networks3d import Discriminator3D
+from spae.tokenizer import CONFIG_JSON, SPAETokenizer
+from spae.training import OptimConfig, SPAETrainer
 
 TRAIN_STATE = "train_state"  # checkpoint sub-folder (spae.checkpoint)
 HISTORY = "history.json"  # (step, total loss) per logged step, carried across restarts
@@ -154,8 +159,6 @@ class TrainJobConfig:
 def preset_base(name: str) -> dict[str, Any]:
     """The config layer a preset contributes: ``{"preset": name, "model": <preset model config>, "loss":
     <preset loss config>}``."""
-    from spae.model import preset
-
     return {"preset": name, "model": to_dict(preset(name)), "loss": to_dict(loss_preset(name))}
 
 
@@ -241,11 +244,7 @@ def _to_images(pixels: torch.Tensor) -> torch.Tensor:
 def build_discriminator(model: SPAEConfig) -> torch.nn.Module:
     """The PatchGAN of eq. 8: 2D over images, ``Discriminator3D`` over clips (``num_frames > 0``)."""
     if model.num_frames:
-        from spae.networks3d import Discriminator3D
-
         return Discriminator3D(model.network, model.image_channels, model.image_size, model.num_frames)
-    from spae.networks import Discriminator
-
     return Discriminator(model.network, model.image_channels, model.image_size)
 
 
@@ -279,8 +278,6 @@ class _Rank0:
         self.class_rows = rows if rows and any(rows) else None
 
     def evaluate(self, step: int) -> dict[str, float]:
-        from spae.tokenizer import SPAETokenizer
-
         assert self.eval_data is not None
         tok = SPAETokenizer(self.core)
         metrics = evaluate_tokenizer(
@@ -323,8 +320,6 @@ class _Rank0:
         if self.run is not None:
             import mlflow
 
-            from spae.tokenizer import CONFIG_JSON
-
             fingerprint = json.loads((tokenizer_dir / CONFIG_JSON).read_text())["fingerprint"]
             logged = mlflow.get_run(self.run.info.run_id).data.tags.get(FINGERPRINT_TAG)
             if logged != fingerprint:
@@ -337,13 +332,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function (every rank)."""
     import ray.train
     import ray.train.torch
-
-    from pipeline.tracking import log_params_flat, start_run
-    from pipeline.vocab import load_vocab
-    from spae.checkpoint import load_train_state, save_train_state
-    from spae.losses import PerceptualLoss
-    from spae.model import SPAE
-    from spae.training import SPAETrainer
 
     cfg = from_dict(TrainJobConfig, loop_config["job"])
     ctx = ray.train.get_context()
@@ -422,7 +410,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     if (cfg.eval_every and step % cfg.eval_every == 0) or last:
                         metrics.update(chief.evaluate(step))
                 if report:
-                    _report(cfg, trainer, history, metrics, step, last, chief, save_train_state)
+                    _report(cfg, trainer, history, metrics, step, last, chief)
                 if last:
                     break
             if not seen:
@@ -432,8 +420,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
         if chief is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                from spae.tokenizer import SPAETokenizer
-
                 tok_dir = SPAETokenizer(trainer.core).save_pretrained(Path(tmp) / TOKENIZER)
                 uri = chief.finish(tok_dir)
                 if run is not None:
@@ -452,7 +438,7 @@ def quiet_report_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def _report(cfg, trainer, history, metrics, step, last, chief, save_train_state) -> None:
+def _report(cfg, trainer, history, metrics, step, last, chief) -> None:
     """Every rank reports; rank 0 attaches a checkpoint every ``checkpoint_every`` steps and at the end."""
     import ray.train
 
@@ -484,8 +470,6 @@ def _pyfunc_class() -> type:
         """
 
         def load_context(self, context):  # no type hints: MLflow infers a schema from them
-            from spae.tokenizer import SPAETokenizer
-
             self.tokenizer = SPAETokenizer.from_pretrained(context.artifacts[TOKENIZER])
 
         def predict(self, context, model_input, params=None):
@@ -526,9 +510,6 @@ def run_train_job(cfg: TrainJobConfig, log: Any = print) -> TrainJobResult:
     """Build the dataset and the TorchTrainer and fit; Ray must be initialised (``init_ray``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from pipeline.storage import ray_storage
-    from pipeline.tracking import find_run_id
 
     start = time.perf_counter()
     shards, card = check_data(cfg)

@@ -11,7 +11,7 @@ cell, or a generated Moving MNIST clip) and is recognised by its content:
   lazily: without it those rows become errors saying so.
 
 ``decode_clip`` keeps the FIRST ``frames`` frames (stride 1) of its ``DecodeOptions`` and fits each
-one to ``size x size`` with ``pipeline.images.fit_square`` (the image policy). A clip with fewer frames
+one to ``size x size`` with ``pipeline.image_file.fit_square`` (the image policy). A clip with fewer frames
 is an error row (``too short: N frames < T``), as are zero-byte, undecodable and truncated files.
 """
 
@@ -20,11 +20,23 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from collections import Counter
 
 import numpy as np
+import torch
 from PIL import Image, ImageSequence
 
-from pipeline.images import DecodeError, DecodeOptions, decode_image, fit_square, to_rgb
+from pipeline.image_file import DecodeError, DecodeOptions, decode_image, fit_square, to_rgb
+from spae.metrics import psnr
+from spae.report import (
+    SHADE_FREQUENCY,
+    PyramidPanel,
+    Reconstruction,
+    frame_strip,
+    frequency_shade,
+    layer_grid,
+)
+from spae.video import frames_as_images
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".npy")
 NPY_MAGIC = b"\x93NUMPY"
@@ -205,21 +217,6 @@ def clip_panels(
     strip of each clip, its first ``shown_layers`` layers as word grids (time steps side by side,
     shaded by frequency within these clips) and the frame strips of every covering prefix's decode
     with its PSNR over frames. Render with ``spae.report.figure_png`` / ``report_html``."""
-    from collections import Counter
-
-    import torch
-
-    from spae.metrics import psnr
-    from spae.report import (
-        SHADE_FREQUENCY,
-        PyramidPanel,
-        Reconstruction,
-        frame_strip,
-        frequency_shade,
-        layer_grid,
-    )
-    from spae.video import frames_as_images
-
     clips = torch.as_tensor(clips, dtype=torch.float32)
     spec = tokenizer.pyramid  # type: ignore[attr-defined]
     pyramid = tokenizer.encode(clips)  # type: ignore[attr-defined]

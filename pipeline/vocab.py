@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
@@ -41,7 +42,7 @@ from pipeline.sources import Shard, SourceConfig
 from pipeline.stages import StageSpec, map_stages
 from pipeline.storage import Location, resolve
 from pipeline.tracking import MlflowConfig
-from spae.codebook import CodebookConfig, FrozenCodebook
+from spae.codebook import CodebookConfig, FrozenCodebook, load_codebook
 from spae.config import to_dict
 from spae.scorers import (
     ScorerConfig,
@@ -229,8 +230,6 @@ class TokenShardWriter(ShardWriter):
     """``ShardWriter`` for token rows: uniqueness is checked on ``token_id`` ranges, not ``image_id``."""
 
     def _check_unique(self, parts: list[CommittedPart]) -> None:
-        import pyarrow.parquet as pq
-
         for p in parts:
             ((start, stop),) = self.shards[p.shard_id].items
             path = self.out.join(part_name(p.shard_id)).path
@@ -285,8 +284,6 @@ def run_vocab_job(
     """
     import ray
 
-    from spae.codebook import load_codebook
-
     start = time.perf_counter()
     codebook = load_codebook(cfg.codebook) if codebook is None else codebook
     templates = scorer_templates(cfg.scorer)  # a label probe's own templates must match
@@ -334,10 +331,6 @@ def run_vocab_job(
 
 
 def _feature_dim(out: Location, shard: Shard) -> int:
-    import pyarrow.parquet as pq
-
-    from pipeline.shards import part_name
-
     table = pq.read_table(
         out.join(part_name(shard.shard_id)).path, columns=["text_feature"], filesystem=out.fs
     )

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.images import DecodeOptions, decode_batch, decode_image
+from pipeline.sources import SourceConfig, decode_source
 from spae.data import load_mnist, mnist_images
 
 
@@ -101,9 +102,6 @@ def test_mnist_pads_like_the_library_and_large_images_are_cropped():
 
 
 def test_decode_source_keeps_good_rows_and_reports_the_rest(tmp_path):
-    from pipeline.images import decode_source
-    from pipeline.sources import SourceConfig
-
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "1.png").write_bytes(encode(Image.new("L", (32, 32), 9)))
     (tmp_path / "a" / "2.png").write_bytes(b"")

@@ -24,27 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("spae", "pipeline", "jobs")  # in layer order: each may import only those before it
 LAZY = re.compile(r"#\s*lazy:\s*\S.{2,}")  # "# lazy: <reason>", the reason at least 3 characters
 
-# Files two other helpers were rewriting when this test was written: their offenders are skipped here
-# (imports made in them, edges from them in the cycle check). The lead cleans them after merging those
-# branches and then empties this tuple.
-PENDING: tuple[str, ...] = (
-    "pipeline/stages.py",
-    "pipeline/images.py",
-    "pipeline/video.py",
-    "pipeline/tokenize.py",
-    "pipeline/pools.py",
-    "pipeline/vocab.py",
-    "pipeline/search.py",
-    "pipeline/evaluate.py",
-    "pipeline/train.py",
-    "pipeline/icl.py",
-    "pipeline/corpus.py",
-    "pipeline/shards.py",
-    "pipeline/schemas.py",
-    "jobs/report.py",
-    "jobs/decode.py",
-)
-
 
 @dataclass(frozen=True)
 class Import:
@@ -158,36 +137,36 @@ def scan(text: str, rel: str) -> tuple[Import, ...]:
     return tuple(found)
 
 
-def all_imports(pending: tuple[str, ...] = PENDING) -> list[Import]:
-    return [imp for path in modules().values() for imp in imports_of(path) if imp.file not in pending]
+def all_imports() -> list[Import]:
+    return [imp for path in modules().values() for imp in imports_of(path)]
 
 
 # ----------------------------------------------------------------------------- the three rules
 
 
-def function_level_offenders(pending: tuple[str, ...] = PENDING) -> list[str]:
+def function_level_offenders() -> list[str]:
     """(a) project imports inside a function without a ``# lazy: <reason>`` comment."""
     return [
         f"{imp.where}: imports {imp.target} inside a function"
-        for imp in all_imports(pending)
+        for imp in all_imports()
         if imp.in_function and not imp.dynamic and not imp.lazy_comment
     ]
 
 
-def layer_offenders(pending: tuple[str, ...] = PENDING) -> list[str]:
+def layer_offenders() -> list[str]:
     """(b) an import against ``jobs -> pipeline -> spae``."""
     rank = {pkg: i for i, pkg in enumerate(PACKAGES)}
     return [
         f"{imp.where}: {imp.source} ({imp.source.split('.')[0]}) imports {imp.target}"
-        for imp in all_imports(pending)
+        for imp in all_imports()
         if rank[imp.target.split(".")[0]] > rank[imp.source.split(".")[0]]
     ]
 
 
-def module_graph(pending: tuple[str, ...] = PENDING) -> dict[str, dict[str, str]]:
+def module_graph() -> dict[str, dict[str, str]]:
     """Module -> {imported module: "file:line"} of the imports that run when the module is imported."""
     graph: dict[str, dict[str, str]] = {name: {} for name in modules()}
-    for imp in all_imports(pending):
+    for imp in all_imports():
         if not (imp.in_function or imp.type_checking or imp.dynamic) and imp.target != imp.source:
             graph[imp.source].setdefault(imp.target, imp.where)
     return graph
@@ -243,9 +222,9 @@ def _one_cycle(graph: dict[str, dict[str, str]], component: list[str]) -> list[s
         seen.add(nxt)
 
 
-def cycle_offenders(pending: tuple[str, ...] = PENDING) -> list[str]:
+def cycle_offenders() -> list[str]:
     """(c) each import cycle as its modules, then each edge of one closed path with its file:line."""
-    graph = module_graph(pending)
+    graph = module_graph()
     out = []
     for component in cycles(graph):
         path = _one_cycle(graph, component)
@@ -275,11 +254,6 @@ def test_imports_point_jobs_to_pipeline_to_spae_only():
 def test_module_level_imports_have_no_cycle():
     offenders = cycle_offenders()
     assert not offenders, "import cycles at module level:" + _report(offenders)
-
-
-def test_pending_names_existing_files():
-    missing = [f for f in PENDING if not (ROOT / f).is_file()]
-    assert not missing, f"PENDING names files that do not exist: {missing}"
 
 
 # ----------------------------------------------------------------------------- the checker itself

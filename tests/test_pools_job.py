@@ -51,15 +51,13 @@ def probe_cfg(tmp_path_factory) -> ScorerConfig:
 
 def test_missing_probe_is_trained_on_the_labelled_split(tmp_path, monkeypatch):
     """The job's wiring to ``train_label_probe`` (the training itself is tested with the scorers)."""
-    import spae.scorers
-
     seen = {}
 
     def fake_train(images, labels, class_words, **kwargs):
         seen.update(images=images, labels=labels, class_words=class_words, **kwargs)
         return LabelProbeScorer(ProbeNet(10, width=8), torch.randn(10, 384), {**_META, "image_size": 32})
 
-    monkeypatch.setattr(spae.scorers, "train_label_probe", fake_train)
+    monkeypatch.setattr("pipeline.pools.train_label_probe", fake_train)
     scorer = ScorerConfig(kind="label_probe", probe_path=str(tmp_path / "probe"))
     cfg = PoolsJobConfig(scorer=scorer, probe_train_uri="mnist://train?limit=40", probe_steps=7)
     messages: list[str] = []

@@ -77,15 +77,13 @@ def test_clip_pools_average_sampled_frame_features(probe_cfg, tmp_path):
 
 
 def test_probe_trains_on_moving_mnist_frames_with_clip_labels(tmp_path, monkeypatch):
-    import spae.scorers
-
     seen = {}
 
     def fake_train(images, labels, class_words, **kwargs):
         seen.update(images=images, labels=labels, class_words=class_words)
         return LabelProbeScorer(ProbeNet(10, width=8), torch.randn(10, 384), META)
 
-    monkeypatch.setattr(spae.scorers, "train_label_probe", fake_train)
+    monkeypatch.setattr("pipeline.pools.train_label_probe", fake_train)
     scorer = ScorerConfig(kind="label_probe", probe_path=str(tmp_path / "probe"))
     uri = "moving-mnist://train?limit=5&frames=8"
     cfg = PoolsJobConfig(scorer=scorer, probe_train_uri=uri, probe_steps=3, sample_frames=2)

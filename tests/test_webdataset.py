@@ -258,5 +258,75 @@ def test_tokenize_in_pieces_writes_the_corpus_of_whole_shards(
         assert (m["rows_in"], m["rows_written"], m["errors"]) == (9, 7, 2)
         outputs[in_process] = out
     assert [(p.shard_id, p.num_rows) for p in cut] == [("00000", 2)] * 2 + [("00000", 1)] + [("00001", 2)] * 2
-    for name in ("part-00000.parquet", "part-00001.parquet", "_errors.parquet"):
+    for name in ("part-00000.parquet", "part-00001.parquet", ".spae/errors.pq"):
         assert (outputs[False] / name).read_bytes() == (outputs[True] / name).read_bytes(), name
+
+
+@pytest.fixture
+def captioned_folder(tmp_path) -> Path:
+    """Tar 1: three samples with a ``.txt`` caption but the second; tar 2: two samples, no captions."""
+    root = tmp_path / "captioned"
+    first = [("a.jpg", jpeg(10)), ("a.txt", b"a grey square"), ("b.jpg", jpeg(40))]
+    first += [("c.jpg", jpeg(70)), ("c.txt", "un carré gris".encode())]
+    write_tar(root / "00000.tar", first)
+    write_tar(root / "00001.tar", [("d.jpg", jpeg(100)), ("e.jpg", jpeg(130))])
+    return root
+
+
+def test_captions_reach_the_corpus_in_process_and_through_ray(ray_cluster, captioned_folder, tmp_path):
+    tok = str(make_tokenizer(tmp_path / "tok"))
+    want = {
+        "00000/a": "a grey square",
+        "00000/b": None,
+        "00000/c": "un carré gris",
+        "00001/d": None,
+        "00001/e": None,
+    }
+    outputs = {}
+    for in_process in (True, False):
+        out = tmp_path / f"corpus-{in_process}"
+        cfg = TokenizeJobConfig(
+            source=SourceConfig(uri=str(captioned_folder), shard_size=3, caption_column="caption"),
+            tokenizer=tok,
+            output=str(out),
+            layers=(1, 2),
+            batch_size=2,
+            mlflow=NO_MLFLOW,
+            progress=False,
+            in_process=in_process,
+        )
+        assert run_tokenize_job(cfg).manifest["rows_written"] == 5
+        corpus = read_corpus(str(out))
+        assert corpus.schema.names[:5] == ["image_id", "source", "label", "caption", "tokens_l1"]
+        assert corpus.schema.field("caption").type == pa.string()
+        got = dict(
+            zip(corpus.column("image_id").to_pylist(), corpus.column("caption").to_pylist(), strict=True)
+        )
+        assert got == want
+        lines = [
+            json.loads(line)
+            for part in sorted((out / ".spae" / "jsonl").glob("*.jsonl"))
+            for line in part.read_text().splitlines()
+        ]
+        assert [list(r) for r in lines] == [["image_id", "label", "caption", "text"]] * 5
+        assert {r["image_id"]: r["caption"] for r in lines} == want
+        outputs[in_process] = out
+    for name in ("part-00000.parquet", "part-00001.parquet"):
+        assert (outputs[False] / name).read_bytes() == (outputs[True] / name).read_bytes(), name
+
+
+def test_a_corpus_without_captions_has_no_caption_column(captioned_folder, tmp_path):
+    out = tmp_path / "corpus"
+    cfg = TokenizeJobConfig(
+        source=SourceConfig(uri=str(captioned_folder), shard_size=3),
+        tokenizer=str(make_tokenizer(tmp_path / "tok")),
+        output=str(out),
+        layers=(1, 2),
+        mlflow=NO_MLFLOW,
+        progress=False,
+        in_process=True,
+    )
+    run_tokenize_job(cfg)
+    assert "caption" not in read_corpus(str(out)).column_names
+    line = json.loads((out / ".spae" / "jsonl" / "part-00000.jsonl").read_text().splitlines()[0])
+    assert list(line) == ["image_id", "label", "text"]
