@@ -20,9 +20,9 @@ import math
 import sys
 from collections.abc import Sequence
 
-from pipeline.icl import GridConfig, ICLJobConfig, run_grid, write_outputs
-from pipeline.llm import LLMConfig
-from pipeline.tracking import MlflowConfig
+from pipeline.llm.icl import GridConfig, ICLJobConfig, run_grid, write_outputs
+from pipeline.llm.llm import LLMConfig
+from pipeline.runtime.tracking import MlflowConfig
 from spae.icl.episodes import MNIST_NAMES
 
 

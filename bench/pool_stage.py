@@ -1,7 +1,7 @@
 """Pool stage: the ViT-L/14 image tower + top-K and min over a 65k vocabulary, Ray Data vs bare.
 
 Images arrive pre-resized (uint8 224x224, the scorer's size, so the resize is a no-op) in memory
-blocks: the Parquet read and JPEG decode are left out (``pipeline.images`` measures those).
+blocks: the Parquet read and JPEG decode are left out (``pipeline.inputs.images`` measures those).
 
 - ``bare tower``: ``model.encode_image`` on normalised fp16 tensors already on the GPU, plain loop;
 - ``search``: ``TokenSearch.search`` (top-K + min + max over ``--vocab`` rows) on a batch of features;
@@ -40,8 +40,8 @@ from bench.common import (
     uint8_block,
     write_json,
 )
-from pipeline.pools import PoolStage, PoolStageConfig
-from pipeline.search import SearchConfig, TokenSearch
+from pipeline.steps.pools import PoolStage, PoolStageConfig
+from pipeline.steps.search import SearchConfig, TokenSearch
 from spae.config import from_dict
 from spae.scorers import ScorerConfig, build_scorer
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ray: not importable here; the Ray Data figure is skipped")
     if not args.no_ray:
         from bench.ray_timing import settled_throughput
-        from pipeline.stages import StageSpec, map_stages
+        from pipeline.runtime.stages import StageSpec, map_stages
 
         ray_init(device)
         try:

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 from bench.common import device_line, pick_device, random_codebook, sync
-from pipeline.images import DecodeOptions, decode_image
-from pipeline.webdataset import read_tar_range, scan_tar
+from pipeline.inputs.images import DecodeOptions, decode_image
+from pipeline.inputs.webdataset import read_tar_range, scan_tar
 from spae.encode_options import EncodeOptions
 from spae.model import SPAE, preset
 from spae.networks import NetworkConfig

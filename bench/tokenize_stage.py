@@ -10,7 +10,7 @@ Model: the paper preset with ``network.latent_dim=768`` and a random frozen 65,5
 
 Then, when Ray is importable: ``TokenizeStage`` called in a plain loop on uint8 batches (uint8 to the
 GPU, floats made there; with words and text, and ids only), and the job's Ray Data stages
-(``pipeline.tokenize.tokenize_spec``: the stage on one GPU actor emitting ids; words and text built
+(``pipeline.steps.tokenize.tokenize_spec``: the stage on one GPU actor emitting ids; words and text built
 on the driver, as the job does) fed by in-memory uint8 blocks. The Ray rate is settled: the first
 ``--warmup`` batches (start-up, compilation) are not timed (``bench.ray_timing``); the timed batches
 are printed. Ratios: Ray / bare encode (the goal, >= 0.85), Ray / stage loops.
@@ -105,8 +105,8 @@ def ray_run(args, folder: str, size: int, n_images: int, device, words: list[str
     import ray
 
     from bench.ray_timing import settled_throughput
-    from pipeline.stages import StageSpec, map_stages
-    from pipeline.tokenize import TokenizeStage, TokenizeStageConfig, WordsStage
+    from pipeline.runtime.stages import StageSpec, map_stages
+    from pipeline.steps.tokenize import TokenizeStage, TokenizeStageConfig, WordsStage
 
     ray_init(device)
     try:
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         args.no_ray = True
         print("ray: not importable here; the Ray Data figures are skipped")
     if not args.no_ray:
-        from pipeline.tokenize import TokenizeStage, TokenizeStageConfig
+        from pipeline.steps.tokenize import TokenizeStage, TokenizeStageConfig
 
         with tempfile.TemporaryDirectory() as folder:
             tok.save_pretrained(folder)

@@ -52,7 +52,9 @@ from spae.networks3d import Discriminator3D
 from spae.training import OptimConfig, SPAETrainer
 from spae.video import MovingMnistConfig, clips_to_float, frames_as_images, moving_mnist
 
-CLIP_ID = re.compile(r"^mmnist-(train|valid|test)-(\d+)-d\d+$")  # pipeline.sources' Moving MNIST image ids
+CLIP_ID = re.compile(
+    r"^mmnist-(train|valid|test)-(\d+)-d\d+$"
+)  # pipeline.inputs.sources' Moving MNIST image ids
 
 
 # ----------------------------------------------------------------------------- data

@@ -6,7 +6,7 @@
   ``--loop-batches`` batches;
 - ``stage loop, pre-tokenized``: the same batches with their ``prompt_tokens`` made beforehand by
   ``PromptTokensStage`` (the GPU actor's share of the job);
-- ``ray``: the job's stages (``pipeline.vocab.text_feature_specs``: prompts tokenized by tasks on the
+- ``ray``: the job's stages (``pipeline.steps.vocab.text_feature_specs``: prompts tokenized by tasks on the
   other CPUs, then the stage on one GPU actor), fed word rows. The rate is settled: the first
   ``--warmup`` batches are not timed (``bench.ray_timing``); the timed batches are printed.
 
@@ -37,8 +37,8 @@ from bench.common import (
     time_fn,
     write_json,
 )
-from pipeline.stages import map_stages
-from pipeline.vocab import (
+from pipeline.runtime.stages import map_stages
+from pipeline.steps.vocab import (
     PromptTokensStage,
     TextFeatureConfig,
     TextFeatureStage,

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from pipeline.preflight import JobNeeds, PreflightError, check
+from pipeline.runtime.preflight import JobNeeds, PreflightError, check
 from spae.config import ConfigError, dumps, load_config, merge, parse_overrides, read_yaml
 
 T = TypeVar("T")
@@ -30,7 +30,7 @@ def _demo_gpus(cfg: Any) -> float:  # stopping before training (probe, vocab, po
     return 0.0 if cfg.stop_after in ("probe", "vocab", "pools") else _worker_gpus(cfg)
 
 
-# what each job checks before it starts (pipeline.preflight): URIs it writes, URIs it reads, GPUs
+# what each job checks before it starts (pipeline.runtime.preflight): URIs it writes, URIs it reads, GPUs
 PREFLIGHT: dict[str, JobNeeds] = {
     "vocab": JobNeeds(outputs=("output",), gpus=_actor_gpus),
     "pools": JobNeeds(outputs=("output",), inputs=("source.uri", "vocab"), gpus=_actor_gpus),
@@ -88,7 +88,8 @@ def parse_job_config(
 
 
 def preflight(parser: argparse.ArgumentParser, cfg: Any) -> None:
-    """``pipeline.preflight.check`` for the command ``spae <name>`` of ``parser.prog``; exit 2, one line."""
+    """``pipeline.runtime.preflight.check`` for the command ``spae <name>`` of ``parser.prog``; exit 2, one
+    line."""
     name = parser.prog.split()[1] if parser.prog.startswith("spae ") else ""
     needs = PREFLIGHT.get(name)
     if needs is None:

@@ -4,7 +4,7 @@
 Ray Data and Ray Train write to the process's stdout/stderr file descriptors. ``log_to_file(path)`` points
 descriptors 1 and 2 at ``path`` (so everything, Python or not, this process or its children, lands there)
 and yields a stream on the original terminal for the stage lines and the progress bars
-(``pipeline.progress.set_console``). Leaving the block puts the descriptors back.
+(``pipeline.runtime.progress.set_console``). Leaving the block puts the descriptors back.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.progress import set_console
+from pipeline.runtime.progress import set_console
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

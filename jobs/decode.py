@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from jobs.common import job_parser, parse_job_config, run_main
-from pipeline.decode import DecodeConfig, DecodedImage, run_decode
+from pipeline.steps.decode import DecodeConfig, DecodedImage, run_decode
 
 SUMMARY = "corpus rows or free text (an LLM's answer) -> PNG images, with a report of unknown words"
 

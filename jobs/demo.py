@@ -28,10 +28,10 @@ import yaml
 
 from jobs.common import job_parser, parse_job_config, run_main
 from jobs.console import log_to_file
-from pipeline.contracts import meta_file
-from pipeline.pools import PoolsJobConfig, ensure_probe
-from pipeline.ray_utils import RayConfig, init_ray
-from pipeline.train import preset_base
+from pipeline.outputs.contracts import meta_file
+from pipeline.runtime.ray_utils import RayConfig, init_ray
+from pipeline.steps.pools import PoolsJobConfig, ensure_probe
+from pipeline.steps.train import preset_base
 from spae.config import from_dict, load_config, merge, to_dict
 from spae.model import preset
 

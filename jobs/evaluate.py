@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobs.common import job_parser, parse_job_config, run_main
-from pipeline.evaluate import METRICS_JSON, PICTURE, EvaluateJobConfig, format_metrics, run_evaluate
-from pipeline.storage import resolve
-from pipeline.tracking import log_params_flat, start_run
+from pipeline.runtime.storage import resolve
+from pipeline.runtime.tracking import log_params_flat, start_run
+from pipeline.steps.evaluate import METRICS_JSON, PICTURE, EvaluateJobConfig, format_metrics, run_evaluate
 
 SUMMARY = "evaluate a tokenizer: PSNR/SSIM per prefix, utilization/perplexity/relevance per layer -> MLflow"
 CONFIG_CLASS = EvaluateJobConfig

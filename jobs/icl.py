@@ -6,8 +6,8 @@ import sys
 from collections.abc import Sequence
 
 from jobs.common import job_parser, parse_job_config, run_main
-from pipeline.icl import ICLJobConfig, examples, log_to_mlflow, run_grid, write_outputs
-from pipeline.tracking import log_params_flat, start_run, tracking_dir
+from pipeline.llm.icl import ICLJobConfig, examples, log_to_mlflow, run_grid, write_outputs
+from pipeline.runtime.tracking import log_params_flat, start_run, tracking_dir
 
 SUMMARY = "few-shot classification with a frozen LLM (ways x shots x repeats x induction x layers) -> Table 1"
 CONFIG_CLASS = ICLJobConfig

@@ -6,11 +6,11 @@ import sys
 from collections.abc import Sequence
 
 from jobs.common import job_parser, parse_job_config, run_main
-from pipeline.contracts import meta_file
-from pipeline.pools import PoolsJobConfig, run_pools_job
-from pipeline.ray_utils import init_ray
-from pipeline.stages import JobFailure
-from pipeline.tracking import log_params_flat, start_run, tracking_dir
+from pipeline.outputs.contracts import meta_file
+from pipeline.runtime.ray_utils import init_ray
+from pipeline.runtime.stages import JobFailure
+from pipeline.runtime.tracking import log_params_flat, start_run, tracking_dir
+from pipeline.steps.pools import PoolsJobConfig, run_pools_job
 
 SUMMARY = "per-image top-K candidate tokens (eq. 4-6) from images and a vocab table -> pools (Parquet)"
 CONFIG_CLASS = PoolsJobConfig

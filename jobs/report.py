@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from jobs.common import job_parser, parse_job_config, run_main
-from pipeline.report import ReportConfig, run_report
+from pipeline.steps.report import ReportConfig, run_report
 
 SUMMARY = "a corpus's token pyramids as grids of words + reconstructions per prefix -> HTML + PNG"
 

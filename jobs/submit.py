@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from jobs.cli import COMMANDS
 from jobs.common import run_main, split_job_argv
-from pipeline.ray_utils import is_secret_name
+from pipeline.runtime.ray_utils import is_secret_name
 from spae.config import ConfigError, load_config
 
 SUMMARY = "submit any spae command as a Ray job to a cluster (Jobs API), optionally following its logs"

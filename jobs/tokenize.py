@@ -6,8 +6,8 @@ import sys
 from collections.abc import Sequence
 
 from jobs.common import job_parser, parse_job_config, run_main
-from pipeline.stages import JobFailure
-from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
+from pipeline.runtime.stages import JobFailure
+from pipeline.steps.tokenize import TokenizeJobConfig, run_tokenize_job
 
 SUMMARY = "images -> token pyramids as words (Parquet + JSONL corpus), by a Ray actor pool, exactly once"
 CONFIG_CLASS = TokenizeJobConfig

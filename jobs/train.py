@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from jobs.common import job_parser, parse_job_config, run_main
-from pipeline.ray_utils import init_ray
-from pipeline.train import TrainJobConfig, preset_base, run_train_job
+from pipeline.runtime.ray_utils import init_ray
+from pipeline.steps.train import TrainJobConfig, preset_base, run_train_job
 from spae.config import ConfigError, parse_overrides, read_yaml
 
 SUMMARY = "train an SPAE tokenizer on Ray Train (DDP workers, checkpoints, resume, MLflow)"

@@ -6,10 +6,10 @@ import sys
 from collections.abc import Sequence
 
 from jobs.common import job_parser, parse_job_config, run_main
-from pipeline.contracts import meta_file
-from pipeline.ray_utils import init_ray
-from pipeline.tracking import log_params_flat, start_run, tracking_dir
-from pipeline.vocab import CARD, VocabJobConfig, run_vocab_job
+from pipeline.outputs.contracts import meta_file
+from pipeline.runtime.ray_utils import init_ray
+from pipeline.runtime.tracking import log_params_flat, start_run, tracking_dir
+from pipeline.steps.vocab import CARD, VocabJobConfig, run_vocab_job
 
 SUMMARY = "text features (eq. 5) of every codebook token, by a Ray actor pool -> vocab table (Parquet)"
 CONFIG_CLASS = VocabJobConfig

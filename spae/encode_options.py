@@ -1,5 +1,5 @@
 """``EncodeOptions``: how ``SPAETokenizer.encode`` runs the encoder. Torch-free, so job configs that
-carry it (``pipeline.tokenize.TokenizeJobConfig.encode``) import without torch."""
+carry it (``pipeline.steps.tokenize.TokenizeJobConfig.encode``) import without torch."""
 
 from __future__ import annotations
 

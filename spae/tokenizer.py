@@ -582,7 +582,8 @@ class SPAETokenizer(nn.Module):
     ) -> SPAETokenizer:
         """Load a folder written by ``save_pretrained``: a local path or ``file://`` (the folder or one
         above it). Remote URIs (``s3://``, MLflow ``runs:/``, ``models:/``) are fetched by the pipeline
-        (``pipeline.contracts.load_tokenizer``). A given ``codebook`` must have the saved codebook's hash."""
+        (``pipeline.outputs.contracts.load_tokenizer``). A given ``codebook`` must have the saved codebook's
+        hash."""
         folder = _find_folder(_resolve(path_or_uri))
         meta = json.loads((folder / CONFIG_JSON).read_text())
         if meta.get("format") != FORMAT:
@@ -637,7 +638,7 @@ def _resolve(path_or_uri: str | Path) -> Path:
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/", uri) and not re.match(r"^[a-zA-Z]:[\\/]", uri):
         raise ValueError(
             f"tokenizer {uri!r}: from_pretrained takes a local folder; load remote tokenizers (s3://, "
-            "runs:/, models:/) with pipeline.contracts.load_tokenizer"
+            "runs:/, models:/) with pipeline.outputs.contracts.load_tokenizer"
         )
     return Path(uri)
 

@@ -2,7 +2,7 @@
 
 Each service starts lazily, on first request, once per test session, and is stopped at the end.
 ``s3_server`` exports the S3 endpoint and credentials into ``os.environ`` for the whole session,
-so ``pipeline.storage``, MLflow and Ray workers (started afterwards) all find them.
+so ``pipeline.runtime.storage``, MLflow and Ray workers (started afterwards) all find them.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
     """One small local Ray cluster for the whole suite (2 CPUs, 500 MB object store)."""
     import ray
 
-    from pipeline.ray_utils import local_runtime_env
+    from pipeline.runtime.ray_utils import local_runtime_env
 
     if ray.is_initialized():
         ray.shutdown()

@@ -12,10 +12,10 @@ import pytest
 from test_tokenize_job import NO_MLFLOW, make_tokenizer
 
 from jobs import tokenize as tokenize_cli
-from pipeline.corpus import read_corpus
-from pipeline.shards import read_manifest
-from pipeline.sources import SourceConfig, list_shards, read_shard
-from pipeline.stages import (
+from pipeline.inputs.sources import SourceConfig, list_shards, read_shard
+from pipeline.outputs.corpus import read_corpus
+from pipeline.outputs.shards import read_manifest
+from pipeline.runtime.stages import (
     FATAL_STAGE,
     JobFailure,
     StageFailure,
@@ -23,7 +23,7 @@ from pipeline.stages import (
     fatal_reason,
     shard_pieces,
 )
-from pipeline.tokenize import (
+from pipeline.steps.tokenize import (
     INJECTED_DEVICE_ERROR,
     TokenizeJobConfig,
     TokenizeStage,

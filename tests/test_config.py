@@ -120,7 +120,7 @@ def test_partial_section_keeps_the_parent_default_for_that_section():
 def test_the_train_jobs_loss_is_its_own_section():
     """The loss is a training setting: ``loss.*`` of the train job (the preset's defaults), not
     ``model.loss.*``; its semantic layers are checked against the model's pyramid where both are known."""
-    from pipeline.train import TrainJobConfig, preset_base
+    from pipeline.steps.train import TrainJobConfig, preset_base
     from spae.losses import loss_preset
 
     base = preset_base("tiny")

@@ -1,5 +1,6 @@
-"""Typed contracts between stages (pipeline.contracts): one reader each, errors naming the file and field;
-one tokenizer loader for every URI kind; train, evaluate, report and decode do not import each other."""
+"""Typed contracts between stages (pipeline.outputs.contracts): one reader each, errors naming the file
+and field; one tokenizer loader for every URI kind; train, evaluate, report and decode do not import
+each other."""
 
 import ast
 import json
@@ -9,7 +10,7 @@ import pytest
 import torch
 from test_evaluate import tiny_tokenizer
 
-from pipeline.contracts import (
+from pipeline.outputs.contracts import (
     NEW_LAYOUT,
     OLD_LAYOUT,
     ContractError,
@@ -96,7 +97,7 @@ def test_missing_files_and_layout_detection(tmp_path):
 
 
 def test_one_tokenizer_loader_for_every_uri_kind(tmp_path, s3_prefix):
-    from pipeline.storage import resolve
+    from pipeline.runtime.storage import resolve
 
     tok = tiny_tokenizer()
     folder = tok.save_pretrained(tmp_path / "tok")
@@ -111,7 +112,9 @@ def test_one_tokenizer_loader_for_every_uri_kind(tmp_path, s3_prefix):
         assert torch.equal(loaded.encode(images).layer_ids(1), want)
     with pytest.raises(ValueError, match="tokenizer: empty"):
         load_tokenizer("")
-    with pytest.raises(ValueError, match="pipeline.contracts.load_tokenizer"):  # the library takes folders
+    with pytest.raises(
+        ValueError, match="pipeline.outputs.contracts.load_tokenizer"
+    ):  # the library takes folders
         SPAETokenizer.from_pretrained("runs:/abc/tokenizer")
 
 
@@ -128,10 +131,10 @@ def _imports(path: Path) -> set[str]:
 
 def test_train_evaluate_report_and_decode_do_not_import_each_other():
     modules = {
-        "pipeline.train": ROOT / "pipeline/train.py",
-        "pipeline.evaluate": ROOT / "pipeline/evaluate.py",
-        "pipeline.report": ROOT / "pipeline/report.py",
-        "pipeline.decode": ROOT / "pipeline/decode.py",
+        "pipeline.steps.train": ROOT / "pipeline/steps/train.py",
+        "pipeline.steps.evaluate": ROOT / "pipeline/steps/evaluate.py",
+        "pipeline.steps.report": ROOT / "pipeline/steps/report.py",
+        "pipeline.steps.decode": ROOT / "pipeline/steps/decode.py",
         "jobs.report": ROOT / "jobs/report.py",
         "jobs.decode": ROOT / "jobs/decode.py",
     }
@@ -139,6 +142,6 @@ def test_train_evaluate_report_and_decode_do_not_import_each_other():
     for name, path in modules.items():
         if not path.exists():
             continue
-        own = name.split(".")[1]
-        others = {f"{pkg}.{s}" for pkg in ("pipeline", "jobs") for s in stages if s != own}
+        own = name.rsplit(".", 1)[1]
+        others = {f"{pkg}.{s}" for pkg in ("pipeline.steps", "jobs") for s in stages if s != own}
         assert not _imports(path) & others, f"{name} imports {_imports(path) & others}"

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.corpus import (
+from pipeline.outputs.corpus import (
     CorpusBatch,
     build_table,
     corpus_layers,
@@ -97,7 +97,7 @@ def test_read_corpus_and_select_rows(tmp_path):
 def test_table_from_pyramid_text_matches_format_text():
     import torch
 
-    from pipeline.corpus import table_from_pyramid, token_pyramid
+    from pipeline.outputs.corpus import table_from_pyramid, token_pyramid
     from spae.pyramid import PyramidConfig, PyramidSpec
     from spae.tokenizer import TokenPyramid, Vocabulary
 

@@ -98,9 +98,9 @@ def make_tokenizer(folder, vocab: int = 48, seed: int = 0):
 def corpus(tmp_path_factory):
     """A 24-image MNIST corpus written in-process (no Ray) with a random ``tiny`` tokenizer."""
 
-    from pipeline.sources import SourceConfig
-    from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
-    from pipeline.tracking import MlflowConfig
+    from pipeline.inputs.sources import SourceConfig
+    from pipeline.runtime.tracking import MlflowConfig
+    from pipeline.steps.tokenize import TokenizeJobConfig, run_tokenize_job
 
     root = tmp_path_factory.mktemp("corpus")
     tok = make_tokenizer(root / "tokenizer")
@@ -122,8 +122,8 @@ def test_decode_corpus_rows_and_edited_text(corpus, tmp_path, capsys):
     import json
 
     from jobs.decode import main
-    from pipeline.corpus import read_corpus, select_rows, token_pyramid
-    from pipeline.tokenize import load_tokenizer
+    from pipeline.outputs.corpus import read_corpus, select_rows, token_pyramid
+    from pipeline.steps.tokenize import load_tokenizer
 
     table = select_rows(read_corpus(str(corpus / "corpus")), image_ids=["mnist-test-000003"])
     text = table.column("text")[0].as_py()
@@ -194,7 +194,7 @@ def test_report_shades_by_pool_scores(corpus, tmp_path):
     import pyarrow.parquet as pq
 
     from jobs.report import ReportConfig, run_report
-    from pipeline.corpus import read_corpus, select_rows
+    from pipeline.outputs.corpus import read_corpus, select_rows
 
     row = select_rows(read_corpus(str(corpus / "corpus")), image_ids=["mnist-test-000001"]).to_pylist()[0]
     first = row["tokens_l1"][0]
@@ -230,9 +230,9 @@ def test_decode_corpus_without_deep_layers_fills_them(corpus, tmp_path):
     import json
 
     from jobs.decode import DecodeConfig, run_decode
-    from pipeline.sources import SourceConfig
-    from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
-    from pipeline.tracking import MlflowConfig
+    from pipeline.inputs.sources import SourceConfig
+    from pipeline.runtime.tracking import MlflowConfig
+    from pipeline.steps.tokenize import TokenizeJobConfig, run_tokenize_job
 
     out = tmp_path / "corpus12"
     cfg = TokenizeJobConfig(
@@ -257,7 +257,7 @@ def test_decode_empty_text_like_the_api(corpus, tmp_path, capsys):
     import json
 
     from jobs.decode import main
-    from pipeline.tokenize import load_tokenizer
+    from pipeline.steps.tokenize import load_tokenizer
 
     tok = str(corpus / "tokenizer")
     out = tmp_path / "empty"

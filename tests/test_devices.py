@@ -31,8 +31,8 @@ def test_names_are_checked_with_the_setting_named(monkeypatch):
 
 
 def test_every_component_resolves_devices_the_same_way(monkeypatch):
-    from pipeline.search import SearchConfig, TokenSearch
-    from pipeline.tokenize import load_tokenizer
+    from pipeline.steps.search import SearchConfig, TokenSearch
+    from pipeline.steps.tokenize import load_tokenizer
     from spae.scorers import ScorerConfig, build_scorer
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -6,11 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.contracts import check_pools_cover
-from pipeline.evaluate import EvaluateJobConfig, run_evaluate
-from pipeline.evaluator import class_token_rows, class_words, evaluate_tokenizer, load_eval_data
-from pipeline.images import DecodeOptions
-from pipeline.sources import SourceConfig, list_shards, read_shard
+from pipeline.inputs.images import DecodeOptions
+from pipeline.inputs.sources import SourceConfig, list_shards, read_shard
+from pipeline.outputs.contracts import check_pools_cover
+from pipeline.steps.evaluate import EvaluateJobConfig, run_evaluate
+from pipeline.steps.evaluator import class_token_rows, class_words, evaluate_tokenizer, load_eval_data
 from spae.codebook import FrozenCodebook
 from spae.config import replace
 from spae.data import MNIST_CLASS_WORDS

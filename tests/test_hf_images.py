@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 from test_tokenize_job import NO_MLFLOW, make_tokenizer
 
-from pipeline.corpus import read_corpus
-from pipeline.images import DecodeOptions, decode_table
-from pipeline.shards import read_errors
-from pipeline.sources import SourceConfig, list_shards, read_shard
-from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
+from pipeline.inputs.images import DecodeOptions, decode_table
+from pipeline.inputs.sources import SourceConfig, list_shards, read_shard
+from pipeline.outputs.corpus import read_corpus
+from pipeline.outputs.shards import read_errors
+from pipeline.steps.tokenize import TokenizeJobConfig, run_tokenize_job
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets.Image's storage type
 

@@ -10,8 +10,8 @@ import pytest
 from icl_helpers import NAMES, write_corpus
 
 from jobs import icl as icl_job
-from pipeline.icl import GridConfig, ICLJobConfig, format_table, load_labelled, run_grid
-from pipeline.llm import LLMConfig
+from pipeline.llm.icl import GridConfig, ICLJobConfig, format_table, load_labelled, run_grid
+from pipeline.llm.llm import LLMConfig
 
 
 @pytest.fixture()

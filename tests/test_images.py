@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import DecodeOptions, decode_batch, decode_image
-from pipeline.sources import SourceConfig, decode_source
+from pipeline.inputs.images import DecodeOptions, decode_batch, decode_image
+from pipeline.inputs.sources import SourceConfig, decode_source
 from spae.data import load_mnist, mnist_images
 
 
@@ -116,7 +116,7 @@ def test_decode_source_keeps_good_rows_and_reports_the_rest(tmp_path):
 def test_pixels_to_device_is_to_float_bit_for_bit():
     import torch
 
-    from pipeline.images import pixels_to_device, to_float, unit_floats
+    from pipeline.inputs.images import pixels_to_device, to_float, unit_floats
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)  # [n, H, W, 3]
@@ -137,7 +137,7 @@ def test_pixels_to_device_is_to_float_bit_for_bit():
 
 
 def test_decode_options_define_the_defaults_once_and_check_their_fields():
-    from pipeline.video import clip_npy
+    from pipeline.inputs.video import clip_npy
     from spae.model import preset
 
     opts = DecodeOptions(32)

@@ -266,7 +266,7 @@ def test_the_checker_sees_function_level_type_checking_relative_and_dynamic_impo
         "from spae.fvd import FVD\n"
         "from . import config\n"
         "if TYPE_CHECKING:\n"
-        "    from pipeline.storage import Location\n"
+        "    from pipeline.runtime.storage import Location\n"
         "class A:\n"
         "    from spae import video\n"
         "def f():\n"
@@ -280,14 +280,14 @@ def test_the_checker_sees_function_level_type_checking_relative_and_dynamic_impo
     assert sorted(found) == [
         (3, "spae.fvd"),
         (4, "spae.config"),
-        (6, "pipeline.storage"),
+        (6, "pipeline.runtime.storage"),
         (8, "spae.video"),
         (11, "spae.codebook"),
         (13, "spae.scorers"),
         (14, "jobs.cli"),
     ]
     assert not found[(3, "spae.fvd")].in_function and not found[(8, "spae.video")].in_function
-    assert found[(6, "pipeline.storage")].type_checking
+    assert found[(6, "pipeline.runtime.storage")].type_checking
     assert found[(11, "spae.codebook")].in_function and not found[(11, "spae.codebook")].lazy_comment
     assert found[(13, "spae.scorers")].lazy_comment
     assert found[(14, "jobs.cli")].dynamic

@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 from test_decode_report import make_tokenizer
 
-from pipeline.contracts import NEW_LAYOUT, OLD_LAYOUT, CorpusManifest, layout_of
-from pipeline.corpus import read_corpus, read_manifest
-from pipeline.shards import committed_sidecars, read_errors
-from pipeline.sources import SourceConfig
-from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
-from pipeline.tracking import MlflowConfig
+from pipeline.inputs.sources import SourceConfig
+from pipeline.outputs.contracts import NEW_LAYOUT, OLD_LAYOUT, CorpusManifest, layout_of
+from pipeline.outputs.corpus import read_corpus, read_manifest
+from pipeline.outputs.shards import committed_sidecars, read_errors
+from pipeline.runtime.tracking import MlflowConfig
+from pipeline.steps.tokenize import TokenizeJobConfig, run_tokenize_job
 
 IMAGES = 14  # 2 of them broken: 12 rows, 2 errors, 3 shards of 5
 
@@ -129,7 +129,7 @@ def _to_old_layout(folder: Path) -> None:
 
 def test_an_old_layout_corpus_is_read_and_resumed_in_its_layout(corpus, tmp_path):
     from jobs.decode import DecodeConfig, run_decode
-    from pipeline.icl import load_labelled
+    from pipeline.llm.icl import load_labelled
 
     root, tokenizer = corpus
     old = tmp_path / "old"
@@ -175,8 +175,8 @@ def test_pools_like_outputs_hide_their_errors_from_duckdb(tmp_path):
     """Any sharded output (pools, vocab) has the same layout: its failed rows are never data to DuckDB."""
     import duckdb
 
-    from pipeline.shards import ShardWriter
-    from pipeline.sources import list_shards
+    from pipeline.inputs.sources import list_shards
+    from pipeline.outputs.shards import ShardWriter
 
     _images(tmp_path / "images")
     shards = list_shards(SourceConfig(uri=str(tmp_path / "images"), shard_size=7))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from icl_helpers import Served, build_tiny_lm
 
-from pipeline.llm import (
+from pipeline.llm.llm import (
     BudgetExhausted,
     Failure,
     HFClient,
@@ -329,7 +329,7 @@ def test_hf_lm_writes_a_pyramid_that_decodes_to_an_image(hf):
 def test_grid_with_the_hf_lm_measures_prompts_in_its_tokens(hf, tiny_lm, tmp_path):
     from icl_helpers import write_corpus
 
-    from pipeline.icl import GridConfig, ICLJobConfig, run_grid
+    from pipeline.llm.icl import GridConfig, ICLJobConfig, run_grid
 
     corpus = write_corpus(tmp_path / "corpus")
     grid = GridConfig(preset="product", ways=(2,), layers=(2,), shots=(1,), repeats=(0, 5), induction=(True,))

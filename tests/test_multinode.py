@@ -223,8 +223,8 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float) -> int:
 
 
 def test_worker_node_killed_mid_tokenize_and_mid_train(cluster, s3_prefix, tmp_path):
-    from pipeline.corpus import read_corpus, read_manifest
-    from pipeline.storage import resolve
+    from pipeline.outputs.corpus import read_corpus, read_manifest
+    from pipeline.runtime.storage import resolve
 
     timings = {"cluster_start_s": round(cluster.start_seconds, 1)}
 

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from vocab_helpers import write_hand_vocab
 
-from pipeline.images import DecodeOptions, decode_batch, to_float
-from pipeline.pools import PoolsJobConfig, PoolStage, PoolStageConfig, ensure_probe, run_pools_job
-from pipeline.search import SearchConfig
-from pipeline.shards import read_errors, read_manifest, read_output
-from pipeline.sources import SourceConfig, list_shards, mnist_class_words, read_shard
-from pipeline.storage import resolve
-from pipeline.vocab import load_vocab
+from pipeline.inputs.images import DecodeOptions, decode_batch, to_float
+from pipeline.inputs.sources import SourceConfig, list_shards, mnist_class_words, read_shard
+from pipeline.outputs.shards import read_errors, read_manifest, read_output
+from pipeline.runtime.storage import resolve
+from pipeline.steps.pools import PoolsJobConfig, PoolStage, PoolStageConfig, ensure_probe, run_pools_job
+from pipeline.steps.search import SearchConfig
+from pipeline.steps.vocab import load_vocab
 from spae.data import load_mnist
 from spae.scorers import LabelProbeScorer, ProbeNet, ScorerConfig
 
@@ -57,7 +57,7 @@ def test_missing_probe_is_trained_on_the_labelled_split(tmp_path, monkeypatch):
         seen.update(images=images, labels=labels, class_words=class_words, **kwargs)
         return LabelProbeScorer(ProbeNet(10, width=8), torch.randn(10, 384), {**_META, "image_size": 32})
 
-    monkeypatch.setattr("pipeline.pools.train_label_probe", fake_train)
+    monkeypatch.setattr("pipeline.steps.pools.train_label_probe", fake_train)
     scorer = ScorerConfig(kind="label_probe", probe_path=str(tmp_path / "probe"))
     cfg = PoolsJobConfig(scorer=scorer, probe_train_uri="mnist://train?limit=40", probe_steps=7)
     messages: list[str] = []
@@ -162,8 +162,8 @@ def test_backends_agree_in_process(probe_cfg, tmp_path):
 def test_a_failing_scorer_is_retried_then_stops_never_error_rows(probe_cfg, tmp_path, monkeypatch):
     """A device fault of the scorer is not a property of the images: retried, then the batch is marked
     as given up on (the driver stops the job there)."""
-    from pipeline import stages
-    from pipeline.stages import FATAL_STAGE, fatal_reason
+    from pipeline.runtime import stages
+    from pipeline.runtime.stages import FATAL_STAGE, fatal_reason
 
     monkeypatch.setattr(stages, "RETRY_DELAY_S", 0.0)
     write_vocab(str(tmp_path / "vocab"), probe_cfg)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.preflight import JobNeeds, PreflightError, check, check_output
-from pipeline.storage import resolve
+from pipeline.runtime.preflight import JobNeeds, PreflightError, check, check_output
+from pipeline.runtime.storage import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT_S = 10.0
@@ -94,7 +94,7 @@ def test_output_probe_writes_and_leaves_nothing(s3_prefix):
 
 
 def test_gpus_asked_for_must_be_present(monkeypatch):
-    from pipeline.ray_utils import RayConfig
+    from pipeline.runtime.ray_utils import RayConfig
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -111,7 +111,7 @@ def test_gpus_asked_for_must_be_present(monkeypatch):
 
 
 def test_a_live_mlflow_server_passes(mlflow_server):
-    from pipeline.tracking import check_tracking_server
+    from pipeline.runtime.tracking import check_tracking_server
 
     check_tracking_server(mlflow_server)
     with pytest.raises(ConnectionError, match="answered HTTP 404"):

@@ -10,7 +10,7 @@ import sys
 import textwrap
 import time
 
-from pipeline.progress import BoardPoster, follow, set_console, start_board
+from pipeline.runtime.progress import BoardPoster, follow, set_console, start_board
 
 
 def test_the_driver_bar_follows_rank_0s_posts(ray_cluster):
@@ -83,7 +83,7 @@ def test_ray_trains_report_dicts_are_quieted_on_the_logger_ray_uses(caplog):
 
     from ray.train.v2._internal.execution import context
 
-    from pipeline.train import quiet_report_logs
+    from pipeline.steps.train import quiet_report_logs
 
     caplog.set_level(logging.DEBUG)  # a worker that logs everything
     context.logger.setLevel(logging.NOTSET)

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from pipeline.ray_utils import RayConfig, init_ray, local_runtime_env, worker_env
-from pipeline.storage import resolve
+from pipeline.runtime.ray_utils import RayConfig, init_ray, local_runtime_env, worker_env
+from pipeline.runtime.storage import resolve
 
 
 def test_unreachable_address_fails_fast_naming_it():
@@ -41,7 +41,7 @@ def test_ray_workers_reach_the_s3_server(ray_cluster, s3_prefix):
 
     @ray.remote
     def read(uri: str) -> str:
-        from pipeline.storage import resolve
+        from pipeline.runtime.storage import resolve
 
         return resolve(uri).read_text()
 
@@ -53,7 +53,7 @@ def test_local_cluster_workers_silence_the_placement_group_cleaner(ray_cluster):
 
     import ray
 
-    from pipeline.ray_utils import PG_CLEANER_LOGGER, local_runtime_env
+    from pipeline.runtime.ray_utils import PG_CLEANER_LOGGER, local_runtime_env
 
     @ray.remote
     def levels() -> tuple[int, int]:
@@ -71,7 +71,7 @@ import sys
 import ray
 
 from jobs.cli import main
-from pipeline.ray_utils import RayConfig, init_ray
+from pipeline.runtime.ray_utils import RayConfig, init_ray
 
 uri, arch = sys.argv[1], sys.argv[2]
 init_ray(RayConfig(num_cpus=2))
@@ -79,7 +79,7 @@ init_ray(RayConfig(num_cpus=2))
 
 @ray.remote
 def worker_io(uri: str) -> str:
-    from pipeline.storage import resolve
+    from pipeline.runtime.storage import resolve
 
     loc = resolve(uri).join("from-worker.txt")
     loc.write_text("written by a worker")
@@ -107,7 +107,7 @@ def test_no_secret_in_any_ray_file_after_a_job_on_s3(s3_server, s3_prefix, tmp_p
     import tempfile
     from pathlib import Path
 
-    from pipeline.vocab import load_vocab
+    from pipeline.steps.vocab import load_vocab
 
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]  # the stack's, exported by the s3_server fixture
     assert len(secret) >= 16
@@ -156,7 +156,7 @@ def test_a_worker_without_credential_variables_reads_the_stacks_credentials_file
             os.environ.pop(name, None)
         if credentials_file is not None:
             os.environ["AWS_SHARED_CREDENTIALS_FILE"] = credentials_file
-        from pipeline.storage import resolve
+        from pipeline.runtime.storage import resolve
 
         return resolve(uri).read_text()
 

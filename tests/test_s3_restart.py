@@ -12,15 +12,15 @@ import time
 import pytest
 from test_tokenize_job import NO_MLFLOW, make_tokenizer
 
-import pipeline.tokenize as tokenize_mod
+import pipeline.steps.tokenize as tokenize_mod
 from infra.local import stack
-from pipeline import storage
-from pipeline.corpus import read_corpus
-from pipeline.shards import read_manifest
-from pipeline.sources import SourceConfig
-from pipeline.stages import JobFailure
-from pipeline.storage import is_transient, resolve
-from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
+from pipeline.inputs.sources import SourceConfig
+from pipeline.outputs.corpus import read_corpus
+from pipeline.outputs.shards import read_manifest
+from pipeline.runtime import storage
+from pipeline.runtime.stages import JobFailure
+from pipeline.runtime.storage import is_transient, resolve
+from pipeline.steps.tokenize import TokenizeJobConfig, run_tokenize_job
 
 
 def _free_port() -> int:
@@ -72,7 +72,7 @@ def test_s3_restart_mid_commit_ends_in_a_complete_corpus(
             return sidecar(shard_id, table)
 
         monkeypatch.setattr(tokenize_mod, "jsonl_sidecar", stop_during_second_commit)
-        caplog.set_level(logging.WARNING, logger="pipeline.storage")
+        caplog.set_level(logging.WARNING, logger="pipeline.runtime.storage")
         monkeypatch.setattr(storage, "RETRY_ATTEMPTS", attempts)
         start = time.monotonic()
         runs = 1
@@ -86,7 +86,7 @@ def test_s3_restart_mid_commit_ends_in_a_complete_corpus(
         took = time.monotonic() - start
         print(f"\nS3 restart: {events}; {runs} run(s), {took:.1f}s; last run computed {result.shards_run}")
         assert events[0].startswith("down") and events[1].startswith("up")
-        retries = [r.getMessage() for r in caplog.records if r.name == "pipeline.storage"]
+        retries = [r.getMessage() for r in caplog.records if r.name == "pipeline.runtime.storage"]
         print(f"storage retries: {len(retries)}; first: {retries[:1]}")
         assert all("retry" in m for m in retries)
         assert (runs, bool(retries)) == ((1, True) if attempts > 1 else (2, False))  # rode it out, or not

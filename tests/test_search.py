@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import search as search_mod
-from pipeline.search import SearchConfig, SearchResult, TokenSearch, choose_backend, normalize_scores
+from pipeline.steps import search as search_mod
+from pipeline.steps.search import SearchConfig, SearchResult, TokenSearch, choose_backend, normalize_scores
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -11,11 +11,11 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
-from pipeline.images import DecodeOptions
-from pipeline.shards import ShardError, ShardWriter, pending, read_errors, read_manifest, read_output
-from pipeline.sources import SourceConfig, list_shards
-from pipeline.stages import carry, ok_rows, read_and_decode
-from pipeline.storage import resolve
+from pipeline.inputs.images import DecodeOptions
+from pipeline.inputs.sources import SourceConfig, list_shards
+from pipeline.outputs.shards import ShardError, ShardWriter, pending, read_errors, read_manifest, read_output
+from pipeline.runtime.stages import carry, ok_rows, read_and_decode
+from pipeline.runtime.storage import resolve
 
 SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int64()), ("mean", pa.float32())])
 IDENTITY = {"stage": "mean", "version": 1}

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
+from pipeline.inputs.sources import Shard, SourceConfig, list_shards, read_shard
 from spae.data import load_mnist
 
 
@@ -122,7 +122,7 @@ def test_parquet_captions_when_asked(tmp_path):
 
 
 def test_s3_folder_source(s3_prefix):
-    from pipeline.storage import resolve
+    from pipeline.runtime.storage import resolve
 
     root = resolve(s3_prefix)
     root.join("b", "2.png").write_bytes(png(2))
@@ -135,7 +135,7 @@ def test_s3_folder_source(s3_prefix):
 
 
 def test_class_words_of_folders_by_label_words():
-    from pipeline.sources import class_words
+    from pipeline.inputs.sources import class_words
 
     assert class_words("mnist", ()) == class_words("folder", tuple("0123456789"), "mnist")
     assert class_words("mnist", ())[7] == ["seven", "7"]

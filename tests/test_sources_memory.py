@@ -13,8 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.sources import FileRows, SourceConfig, list_shards
-from pipeline.stages import shard_pieces
+from pipeline.inputs.sources import FileRows, SourceConfig, list_shards
+from pipeline.runtime.stages import shard_pieces
 
 TARS, PER_TAR = 40, 500  # 20,000 samples; keys of 9 characters, as img2dataset writes them
 

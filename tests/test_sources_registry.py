@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sources import SourceConfig, list_shards, read_shard
+from pipeline.inputs.sources import SourceConfig, list_shards, read_shard
 
 
 def golden_inputs(root: Path) -> dict[str, SourceConfig]:
@@ -122,8 +122,8 @@ def test_shard_ids_digests_json_and_rows_are_unchanged(tmp_path):
 
 def test_a_new_kind_is_one_registry_entry(monkeypatch):
     """A made-up ``count://N`` source: listing, shards, digests, pieces and reads all go through its entry."""
-    from pipeline import sources
-    from pipeline.stages import shard_pieces
+    from pipeline.inputs import sources
+    from pipeline.runtime.stages import shard_pieces
 
     def list_items(cfg, files):
         return [("n", i) for i in range(int(cfg.uri.split("://")[1]))], []

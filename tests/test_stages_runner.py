@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.images import DecodeOptions
-from pipeline.shards import read_manifest, read_output
-from pipeline.sources import SourceConfig, list_shards
-from pipeline.stages import (
+from pipeline.inputs.images import DecodeOptions
+from pipeline.inputs.sources import SourceConfig, list_shards
+from pipeline.outputs.shards import read_manifest, read_output
+from pipeline.runtime.stages import (
     StageChain,
     StageSpec,
     carry,

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import storage
-from pipeline.storage import StorageError, check_access, ray_storage, resolve
+from pipeline.runtime import storage
+from pipeline.runtime.storage import StorageError, check_access, ray_storage, resolve
 
 
 def test_resolve_local_forms(tmp_path, monkeypatch):

@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.corpus import ids_from_table, parse_jsonl, read_corpus
-from pipeline.images import DecodeOptions, decode_batch, decode_table, to_float
-from pipeline.shards import ShardError, read_errors, read_manifest
-from pipeline.sources import SourceConfig, list_shards, read_shard
-from pipeline.stages import TooManyErrors
-from pipeline.storage import resolve
-from pipeline.tokenize import (
+from pipeline.inputs.images import DecodeOptions, decode_batch, decode_table, to_float
+from pipeline.inputs.sources import SourceConfig, list_shards, read_shard
+from pipeline.outputs.corpus import ids_from_table, parse_jsonl, read_corpus
+from pipeline.outputs.shards import ShardError, read_errors, read_manifest
+from pipeline.runtime.stages import TooManyErrors
+from pipeline.runtime.storage import resolve
+from pipeline.runtime.tracking import MlflowConfig
+from pipeline.steps.tokenize import (
     InjectedFailure,
     TokenizeJobConfig,
     TokenizeStage,
@@ -26,7 +27,6 @@ from pipeline.tokenize import (
     load_tokenizer,
     run_tokenize_job,
 )
-from pipeline.tracking import MlflowConfig
 from spae.codebook import FrozenCodebook
 from spae.encode_options import EncodeOptions
 from spae.model import preset
@@ -277,8 +277,8 @@ def _fake_old_bug(out: Path, shard_id: str, table, bad_ids: list[str]) -> None:
     """Rewrite a committed shard as an older bug would have: ``bad_ids`` as error rows."""
     import pyarrow as pa
 
-    from pipeline.corpus import jsonl_bytes
-    from pipeline.schemas import ERRORS_SCHEMA
+    from pipeline.outputs.corpus import jsonl_bytes
+    from pipeline.outputs.schemas import ERRORS_SCHEMA
 
     keep = pa.array([i not in bad_ids for i in table.column("image_id").to_pylist()])
     meta = dict(table.schema.metadata)
@@ -334,7 +334,7 @@ def _check_mlflow_run(tracking_uri: str, run_id: str, tok_uri: str, out_uri: str
 
 
 def test_words_stage_equals_the_token_pyramid_on_a_hand_made_pyramid():
-    from pipeline.tokenize import WordsStage
+    from pipeline.steps.tokenize import WordsStage
     from spae.pyramid import PyramidSpec
     from spae.tokenizer import TokenPyramid, Vocabulary
 
@@ -362,7 +362,7 @@ def test_words_stage_equals_the_token_pyramid_on_a_hand_made_pyramid():
 
 
 def test_ids_only_stage_then_words_equals_the_whole_stage(tokenizer_dir):
-    from pipeline.tokenize import WordsStage
+    from pipeline.steps.tokenize import WordsStage
 
     pixels = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     batch = {

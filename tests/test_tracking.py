@@ -6,7 +6,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from pipeline.tracking import MlflowConfig, log_params_flat, resolve_tracking_uri, start_run
+from pipeline.runtime.tracking import MlflowConfig, log_params_flat, resolve_tracking_uri, start_run
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def test_run_param_metric_artifact_round_trip_and_resume(mlflow_server, tmp_path
 def test_resumed_run_keeps_params_and_tags_a_changed_value(tmp_path):
     import mlflow
 
-    from pipeline.tracking import MlflowConfig, log_params_flat, start_run
+    from pipeline.runtime.tracking import MlflowConfig, log_params_flat, start_run
 
     cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     with start_run(cfg, "job-a", str(tmp_path)) as run:

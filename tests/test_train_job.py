@@ -6,10 +6,10 @@ import pytest
 import torch
 from test_evaluate import DIM, tiny_codebook, write_pools, write_vocab
 
-from pipeline.contracts import load_tokenizer
-from pipeline.sources import SourceConfig
-from pipeline.storage import resolve
-from pipeline.train import TrainJobConfig, preset_base, run_train_job
+from pipeline.inputs.sources import SourceConfig
+from pipeline.outputs.contracts import load_tokenizer
+from pipeline.runtime.storage import resolve
+from pipeline.steps.train import TrainJobConfig, preset_base, run_train_job
 from spae.config import ConfigError, load_config, replace
 
 TRAIN = SourceConfig(uri="mnist://train?limit=64", shard_size=32)

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.images import DecodeError, DecodeOptions, decode_batch, to_float
-from pipeline.sources import SourceConfig, list_shards, read_shard
-from pipeline.video import clip_gif, clip_mp4, clip_npy, decode_clip
+from pipeline.inputs.images import DecodeError, DecodeOptions, decode_batch, to_float
+from pipeline.inputs.sources import SourceConfig, list_shards, read_shard
+from pipeline.inputs.video import clip_gif, clip_mp4, clip_npy, decode_clip
 from spae.video import MovingMnistConfig, moving_mnist
 
 
@@ -109,7 +109,7 @@ def test_clip_report_panels_render_frame_strips_and_3d_grids():
     import torch
     import torch.nn.functional as F
 
-    from pipeline.video import clip_panels
+    from pipeline.inputs.video import clip_panels
     from spae.codebook import FrozenCodebook
     from spae.model import SPAE, preset
     from spae.report import figure_png, report_html

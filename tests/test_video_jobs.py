@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 from vocab_helpers import write_hand_vocab
 
-from pipeline.pools import PoolsJobConfig, PoolStage, PoolStageConfig, ensure_probe, run_pools_job
-from pipeline.search import SearchConfig
-from pipeline.shards import read_errors, read_manifest, read_output
-from pipeline.sources import SourceConfig
-from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
-from pipeline.tracking import MlflowConfig
-from pipeline.video import clip_gif, clip_npy
+from pipeline.inputs.sources import SourceConfig
+from pipeline.inputs.video import clip_gif, clip_npy
+from pipeline.outputs.shards import read_errors, read_manifest, read_output
+from pipeline.runtime.tracking import MlflowConfig
+from pipeline.steps.pools import PoolsJobConfig, PoolStage, PoolStageConfig, ensure_probe, run_pools_job
+from pipeline.steps.search import SearchConfig
+from pipeline.steps.tokenize import TokenizeJobConfig, run_tokenize_job
 from spae.codebook import FrozenCodebook
 from spae.data import MNIST_CLASS_WORDS
 from spae.model import SPAE, preset
@@ -83,7 +83,7 @@ def test_probe_trains_on_moving_mnist_frames_with_clip_labels(tmp_path, monkeypa
         seen.update(images=images, labels=labels, class_words=class_words)
         return LabelProbeScorer(ProbeNet(10, width=8), torch.randn(10, 384), META)
 
-    monkeypatch.setattr("pipeline.pools.train_label_probe", fake_train)
+    monkeypatch.setattr("pipeline.steps.pools.train_label_probe", fake_train)
     scorer = ScorerConfig(kind="label_probe", probe_path=str(tmp_path / "probe"))
     uri = "moving-mnist://train?limit=5&frames=8"
     cfg = PoolsJobConfig(scorer=scorer, probe_train_uri=uri, probe_steps=3, sample_frames=2)
@@ -145,7 +145,7 @@ def video_tokenizer(tmp_path_factory) -> str:
 
 def test_tokenize_and_decode_moving_mnist_via_ray_on_s3(ray_cluster, video_tokenizer, s3_prefix, tmp_path):
     from jobs.decode import DecodeConfig, run_decode
-    from pipeline.corpus import read_corpus
+    from pipeline.outputs.corpus import read_corpus
 
     source = SourceConfig(uri=f"moving-mnist://test?limit=5&{SMALL}", shard_size=3)
     corpus = f"{s3_prefix}/corpus"

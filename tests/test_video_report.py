@@ -22,9 +22,9 @@ CLIPS = MovingMnistConfig(frames=4, size=16, digit_size=8)
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A 5-clip Moving MNIST corpus written in-process (no Ray) with a random ``tiny3d`` tokenizer."""
-    from pipeline.sources import SourceConfig
-    from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
-    from pipeline.tracking import MlflowConfig
+    from pipeline.inputs.sources import SourceConfig
+    from pipeline.runtime.tracking import MlflowConfig
+    from pipeline.steps.tokenize import TokenizeJobConfig, run_tokenize_job
 
     root = tmp_path_factory.mktemp("video-corpus")
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def _gif_frames(path) -> tuple[list[np.ndarray], list[int]]:
 
 def test_video_report_page_png_and_gifs(corpus, tmp_path, capsys):
     from jobs.report import main
-    from pipeline.corpus import read_corpus, select_rows
+    from pipeline.outputs.corpus import read_corpus, select_rows
 
     out = tmp_path / "report"
     ids = ["mmnist-test-000001", "mmnist-test-000004"]  # in the 1st and 2nd input shards
@@ -101,8 +101,8 @@ def test_video_report_page_png_and_gifs(corpus, tmp_path, capsys):
 
 def test_video_report_psnr_is_over_frames_and_strips_show_every_frame(corpus, tmp_path):
     from jobs.report import ReportConfig, run_report
-    from pipeline.corpus import read_corpus, select_rows, token_pyramid
-    from pipeline.tokenize import load_tokenizer
+    from pipeline.outputs.corpus import read_corpus, select_rows, token_pyramid
+    from pipeline.steps.tokenize import load_tokenizer
     from spae.metrics import psnr
     from spae.report import frame_strip
     from spae.video import frames_as_images

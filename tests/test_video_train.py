@@ -10,13 +10,13 @@ import pytest
 import torch
 from test_evaluate import DIM, WORDS, tiny_codebook, write_pools, write_vocab
 
-from pipeline.contracts import load_tokenizer
-from pipeline.evaluate import EvaluateJobConfig, run_evaluate
-from pipeline.evaluator import class_token_rows, class_words, evaluate_tokenizer, load_eval_data
-from pipeline.images import DecodeOptions
-from pipeline.sources import SourceConfig
-from pipeline.storage import resolve
-from pipeline.train import (
+from pipeline.inputs.images import DecodeOptions
+from pipeline.inputs.sources import SourceConfig
+from pipeline.outputs.contracts import load_tokenizer
+from pipeline.runtime.storage import resolve
+from pipeline.steps.evaluate import EvaluateJobConfig, run_evaluate
+from pipeline.steps.evaluator import class_token_rows, class_words, evaluate_tokenizer, load_eval_data
+from pipeline.steps.train import (
     TRAIN_STATE,
     TrainJobConfig,
     build_discriminator,

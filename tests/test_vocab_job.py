@@ -10,10 +10,10 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from pipeline.shards import read_manifest
-from pipeline.storage import resolve
-from pipeline.tracking import MlflowConfig
-from pipeline.vocab import (
+from pipeline.outputs.shards import read_manifest
+from pipeline.runtime.storage import resolve
+from pipeline.runtime.tracking import MlflowConfig
+from pipeline.steps.vocab import (
     CARD,
     TextFeatureConfig,
     TextFeatureStage,
@@ -162,7 +162,7 @@ def test_cli_logs_to_mlflow_and_config_errors_exit_2(
 
 
 def test_text_feature_stage_on_prompt_tokens_made_elsewhere(scorer_cfg: ScorerConfig) -> None:
-    from pipeline.vocab import PROMPT_TOKENS, PromptTokensStage
+    from pipeline.steps.vocab import PROMPT_TOKENS, PromptTokensStage
 
     templates = ["a photo of a {}.", "{}", "art of the {}"]
     config = TextFeatureConfig(scorer_cfg, tuple(templates), prompt_batch=4)

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 from test_tokenize_job import NO_MLFLOW, make_tokenizer, upload
 
-from pipeline import stages
-from pipeline.corpus import read_corpus
-from pipeline.shards import read_errors
-from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
-from pipeline.tokenize import TokenizeJobConfig, run_tokenize_job
+from pipeline.inputs.sources import Shard, SourceConfig, list_shards, read_shard
+from pipeline.outputs.corpus import read_corpus
+from pipeline.outputs.shards import read_errors
+from pipeline.runtime import stages
+from pipeline.steps.tokenize import TokenizeJobConfig, run_tokenize_job
 
 
 def jpeg(value: int) -> bytes:
@@ -237,8 +237,8 @@ def test_tokenize_in_pieces_writes_the_corpus_of_whole_shards(
         cut.extend(pieces := shard_pieces(shards, task_rows))
         return pieces
 
-    monkeypatch.setattr("pipeline.tokenize.TASK_ROWS", 2)
-    monkeypatch.setattr("pipeline.stages.shard_pieces", spy)
+    monkeypatch.setattr("pipeline.steps.tokenize.TASK_ROWS", 2)
+    monkeypatch.setattr("pipeline.runtime.stages.shard_pieces", spy)
     tok = str(make_tokenizer(tmp_path / "tok"))
     outputs = {}
     for in_process in (False, True):

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import resolve
-from pipeline.vocab import CARD, VOCAB_SCHEMA
+from pipeline.runtime.storage import resolve
+from pipeline.steps.vocab import CARD, VOCAB_SCHEMA
 from spae.scorers import ScorerConfig, describe_scorer
 
 

@@ -1,5 +1,5 @@
 """In-context learning with a frozen LLM (sections 3.2, 4.2, 4.3): few-shot episodes, progressive
-decoding (eq. 11) and a reference learner. Pure Python; LLM clients live in ``pipeline.llm``."""
+decoding (eq. 11) and a reference learner. Pure Python; LLM clients live in ``pipeline.llm.llm``."""
 
 from spae.icl.decoding import (
     DecodingConfig,

@@ -1,7 +1,7 @@
 """The in-context learner interface, the context budget, and a reference learner that needs no LLM.
 
 Anything that completes prompts is a ``LanguageModel``: a frozen LLM behind HTTP or in-process
-(``pipeline.llm``), or ``ReferenceLearner`` here. A learner never sees labels other than through
+(``pipeline.llm.llm``), or ``ReferenceLearner`` here. A learner never sees labels other than through
 the prompt text, so the same episodes and prompts score every learner.
 """
 

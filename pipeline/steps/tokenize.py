@@ -3,17 +3,17 @@
     input shards -> read + decode (tasks) -> TokenizeStage, ids only (actor pool, CPU or GPU)
         -> on the driver: WordsStage (words and text), then ShardWriter: per shard, errors, then
            .spae/jsonl/part-<id>.jsonl, then part-<id>.parquet
-           (all uploaded to _tmp/ first; the Parquet part is the commit marker: pipeline.shards)
+           (all uploaded to _tmp/ first; the Parquet part is the commit marker: pipeline.outputs.shards)
 
 Read and decode failures of an image are error rows (``.spae/errors.pq``); an exception of
 ``encode`` is not a property of the images (out of memory, a device or storage fault, a bug): the
 batch is retried ``model_retries`` times, then the job fails with the reason and that shard is not
-committed (``pipeline.stages``). ``max_error_fraction`` fails a job with too many error rows;
+committed (``pipeline.runtime.stages``). ``max_error_fraction`` fails a job with too many error rows;
 ``retry_errors=true`` recomputes the shards of an existing corpus that have error rows.
 
 ``TokenizeStage`` is Ray-free: built from its ``TokenizeStageConfig``, it loads the tokenizer once and
 maps a numpy batch (``KEEP`` columns + ``pixels``) to corpus columns (``words=False``: the token ids
-only; ``WordsStage`` adds the rest). The job hands ``tokenize_spec`` (a ``pipeline.stages.StageSpec``)
+only; ``WordsStage`` adds the rest). The job hands ``tokenize_spec`` (a ``pipeline.runtime.stages.StageSpec``)
 to ``run_sharded_job``, or, with ``in_process=true``, the same spec to ``run_in_process``.
 The driver then checks the corpus (counts, token histograms and utilization per layer, a round trip
 on a sample: the emitted ids are re-derived with the library and decoded, PSNR against the
@@ -33,8 +33,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.contracts import load_tokenizer
-from pipeline.corpus import (
+from pipeline.inputs.images import (
+    FIT,
+    FIT_MODES,
+    MAX_PIXELS,
+    DecodeOptions,
+    FitMode,
+    decode_table,
+    pixels_to_device,
+    to_float,
+)
+from pipeline.inputs.sources import Shard, SourceConfig, list_shards, read_shard
+from pipeline.outputs.contracts import load_tokenizer
+from pipeline.outputs.corpus import (
     JSONL_SUFFIX,
     PART_PREFIX,
     corpus_schema,
@@ -45,19 +56,8 @@ from pipeline.corpus import (
     tokens_column,
     words_column,
 )
-from pipeline.images import (
-    FIT,
-    FIT_MODES,
-    MAX_PIXELS,
-    DecodeOptions,
-    FitMode,
-    decode_table,
-    pixels_to_device,
-    to_float,
-)
-from pipeline.ray_utils import RayConfig, init_ray
-from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
-from pipeline.stages import (
+from pipeline.runtime.ray_utils import RayConfig, init_ray
+from pipeline.runtime.stages import (
     MAX_ERROR_FRACTION,
     MODEL_RETRIES,
     TASK_ROWS,
@@ -72,8 +72,8 @@ from pipeline.stages import (
     run_in_process,
     run_sharded_job,
 )
-from pipeline.storage import resolve
-from pipeline.tracking import MlflowConfig, log_params_flat, start_run, tracking_dir
+from pipeline.runtime.storage import resolve
+from pipeline.runtime.tracking import MlflowConfig, log_params_flat, start_run, tracking_dir
 from spae.config import to_dict
 from spae.encode_options import EncodeOptions
 from spae.fonts import add_stand_in_legend, legible, words_font
@@ -97,7 +97,7 @@ class TokenizeJobConfig:
     # how the encoder runs (spae.encode_options.EncodeOptions): fp32 eager by default, the training
     # forward's tokens; encode.compile=true / encode.dtype=bfloat16 are faster on a GPU (docs/BENCHMARKS.md)
     encode: EncodeOptions = field(default_factory=EncodeOptions)
-    fit: FitMode = FIT  # pipeline.images fit policy
+    fit: FitMode = FIT  # pipeline.inputs.images fit policy
     max_pixels: int = MAX_PIXELS  # larger images become error rows
     roundtrip_sample: int = 8  # images decoded back for the round-trip check (0 = skip)
     run_name: str = ""  # MLflow run name; "" = derived from the output URI (a re-run resumes it)
@@ -280,7 +280,7 @@ def tokenize_spec(cfg: TokenizeJobConfig, layers: Sequence[int]) -> StageSpec:
 
 def _reason(value: Any) -> str:
     """An error cell -> its reason, ``""`` for none. Ray hands an all-null string column back as a
-    float NaN array, so anything but a string means "no error" (as ``pipeline.schemas.error_mask``);
+    float NaN array, so anything but a string means "no error" (as ``pipeline.outputs.schemas.error_mask``);
     emitting ``""`` keeps the column a string column."""
     return value if isinstance(value, str) else ""
 

@@ -13,13 +13,14 @@
         -> metrics.json + reconstructions.png under ``output``; the same metrics to MLflow
 
 It runs on the driver with plain torch (no Ray): the evaluation set is read shard by shard with
-``pipeline.sources.read_shard`` and decoded with ``pipeline.images.decode_batch`` (clips of
-``num_frames`` frames for a video tokenizer: ``pipeline.images.DecodeOptions.for_model``). That suits the
+``pipeline.inputs.sources.read_shard`` and decoded with ``pipeline.inputs.images.decode_batch`` (clips of
+``num_frames`` frames for a video tokenizer: ``pipeline.inputs.images.DecodeOptions.for_model``). That suits
+the
 held-out sets used here (thousands of images); the training job calls ``evaluate_tokenizer`` on
 rank 0 the same way.
 
-The evaluator itself (data, metrics, pictures) is ``pipeline.evaluator``, shared with the training job;
-the tokenizer, the vocab card and the pools manifest are read through ``pipeline.contracts``.
+The evaluator itself (data, metrics, pictures) is ``pipeline.steps.evaluator``, shared with the training job;
+the tokenizer, the vocab card and the pools manifest are read through ``pipeline.outputs.contracts``.
 """
 
 from __future__ import annotations
@@ -31,13 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.contracts import PoolsManifest, load_tokenizer
-from pipeline.evaluator import class_token_rows, class_words, evaluate_tokenizer, load_eval_data, picture
-from pipeline.images import FIT, MAX_PIXELS, DecodeOptions, FitMode
-from pipeline.sources import SourceConfig
-from pipeline.storage import resolve
-from pipeline.tracking import MlflowConfig
-from pipeline.vocab import load_text_features
+from pipeline.inputs.images import FIT, MAX_PIXELS, DecodeOptions, FitMode
+from pipeline.inputs.sources import SourceConfig
+from pipeline.outputs.contracts import PoolsManifest, load_tokenizer
+from pipeline.runtime.storage import resolve
+from pipeline.runtime.tracking import MlflowConfig
+from pipeline.steps.evaluator import (
+    class_token_rows,
+    class_words,
+    evaluate_tokenizer,
+    load_eval_data,
+    picture,
+)
+from pipeline.steps.vocab import load_text_features
 from spae.devices import resolve_device
 from spae.metrics import OptionalMetrics, check_optional_metrics
 
@@ -58,7 +65,7 @@ class EvaluateJobConfig:
     vocab: str = ""  # vocab table the pools refer to (its text features); needed with ``pools``
     limit: int = 1000  # images (or clips, for a video tokenizer) evaluated (0 = all)
     batch_size: int = 64
-    fit: FitMode = FIT  # resize policy, see pipeline.images
+    fit: FitMode = FIT  # resize policy, see pipeline.inputs.images
     max_pixels: int = MAX_PIXELS  # larger images are left out (decode errors)
     class_words: Literal["auto", "none"] = "auto"  # auto: MNIST word + numeral, folders: source.label_words
     # "fid", "is", "lpips" (clips: per frame), "fvd" (clips): each needs its local weights file

@@ -17,7 +17,7 @@ Clips (video SPAE, ``frames > 0``): rows decode to ``[T, S, S, 3]`` clips; the s
 image features, L2-normalised again; s', top-K and eq. 6 then run as for an image.
 
 Failures: unreadable or undecodable images are error rows; an exception of the scorer or the search
-is retried ``model_retries`` times and then stops the job (``pipeline.stages``: that shard is not
+is retried ``model_retries`` times and then stops the job (``pipeline.runtime.stages``: that shard is not
 committed, a re-run resumes). ``max_error_fraction`` fails a job with too many error rows;
 ``retry_errors=true`` recomputes the committed shards that have error rows.
 
@@ -36,13 +36,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.contracts import VocabCard
-from pipeline.images import FIT, MAX_PIXELS, DecodeOptions, FitMode, pixels_to_device, to_float
-from pipeline.ray_utils import RayConfig
-from pipeline.schemas import POOLS_SCHEMA
-from pipeline.search import SearchConfig, TokenSearch, normalize_scores
-from pipeline.sources import SourceConfig, _parse_moving_mnist_uri, class_words, decode_source, list_shards
-from pipeline.stages import (
+from pipeline.inputs.images import FIT, MAX_PIXELS, DecodeOptions, FitMode, pixels_to_device, to_float
+from pipeline.inputs.sources import (
+    SourceConfig,
+    _parse_moving_mnist_uri,
+    class_words,
+    decode_source,
+    list_shards,
+)
+from pipeline.outputs.contracts import VocabCard
+from pipeline.outputs.schemas import POOLS_SCHEMA
+from pipeline.runtime.ray_utils import RayConfig
+from pipeline.runtime.stages import (
     MAX_ERROR_FRACTION,
     MODEL_RETRIES,
     TASK_ROWS,
@@ -57,8 +62,9 @@ from pipeline.stages import (
     ok_rows,
     run_sharded_job,
 )
-from pipeline.tracking import MlflowConfig
-from pipeline.vocab import load_text_features
+from pipeline.runtime.tracking import MlflowConfig
+from pipeline.steps.search import SearchConfig, TokenSearch, normalize_scores
+from pipeline.steps.vocab import load_text_features
 from spae.config import to_dict
 from spae.scorers import ScorerConfig, build_scorer, describe_scorer, train_label_probe
 from spae.video import sample_frame_indices
@@ -82,7 +88,7 @@ class PoolsJobConfig:
     image_size: int = 0  # decode size; 0 = the scorer's input size
     frames: int = 0  # clips: decode T frames per row (video SPAE); 0 = images
     sample_frames: int = SAMPLE_FRAMES  # clips: frames the scorer sees (evenly spread), features averaged
-    fit: FitMode = FIT  # resize policy, see pipeline.images
+    fit: FitMode = FIT  # resize policy, see pipeline.inputs.images
     max_pixels: int = MAX_PIXELS  # larger images become error rows
     batch_size: int = 256  # images per actor call
     actors: int = 1

@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.contracts import PARQUET_SUFFIX, PART_PREFIX, read_manifest_dict
-from pipeline.storage import Location, resolve
+from pipeline.outputs.contracts import PARQUET_SUFFIX, PART_PREFIX, read_manifest_dict
+from pipeline.runtime.storage import Location, resolve
 from spae.tokenizer import TokenPyramid
 
 JSONL_SUFFIX = ".jsonl"

@@ -3,7 +3,7 @@
 Reads a labelled corpus (``part-*.parquet`` of the tokenize job: ``image_id``, ``label``,
 ``words_l<l>``), samples episodes per setting (ways x shots x repeats x induction x layers), checks
 each prompt against the context window (episodes that do not fit are counted as ``overflow`` and
-never sent, never truncated), sends the rest through ``pipeline.llm.complete_many`` and scores the
+never sent, never truncated), sends the rest through ``pipeline.llm.llm.complete_many`` and scores the
 answers. Writes under ``output``: ``results.parquet`` (one row per setting), ``episodes.parquet``
 (one row per episode: prompt, completion, answer, status), ``table.txt`` (Table 1's layout).
 """
@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.corpus import corpus_layers, part_files, read_corpus, words_column
-from pipeline.llm import Failure, LLMConfig, RequestBudget, complete_many, context_window, make_client
-from pipeline.ray_utils import RayConfig, init_ray
-from pipeline.storage import Location, resolve
-from pipeline.tracking import MlflowConfig
+from pipeline.llm.llm import Failure, LLMConfig, RequestBudget, complete_many, context_window, make_client
+from pipeline.outputs.corpus import corpus_layers, part_files, read_corpus, words_column
+from pipeline.runtime.ray_utils import RayConfig, init_ray
+from pipeline.runtime.storage import Location, resolve
+from pipeline.runtime.tracking import MlflowConfig
 from spae.icl.episodes import (
     LabelledImages,
     PromptTemplate,

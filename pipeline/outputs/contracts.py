@@ -11,7 +11,7 @@
   pools and tokenize jobs): frozen dataclasses, each with ONE reader (``read(uri)``) and one set of
   checks; a missing or ill-typed field is a ``ContractError`` naming the file and the field.
 - ``load_tokenizer``: the one loader of a tokenizer for every URI kind (a local folder, ``file://``,
-  ``s3://`` through ``pipeline.storage``, MLflow ``runs:/`` and ``models:/``).
+  ``s3://`` through ``pipeline.runtime.storage``, MLflow ``runs:/`` and ``models:/``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.sources import Shard, SourceConfig
-from pipeline.storage import Location, resolve
+from pipeline.inputs.sources import Shard, SourceConfig
+from pipeline.runtime.storage import Location, resolve
 from spae.config import from_dict
 from spae.devices import resolve_device
 from spae.tokenizer import SPAETokenizer
@@ -176,7 +176,8 @@ def _get(
 
 @dataclass(frozen=True)
 class VocabCard:
-    """``vocab_card.json`` of a vocab table (``pipeline.vocab``): the codebook card, the scorer, the rows.
+    """``vocab_card.json`` of a vocab table (``pipeline.steps.vocab``): the codebook card, the scorer, the
+    rows.
 
     ``rows`` and ``job_digest`` are required (every reader checks them); the codebook's ``hash`` and
     ``dim`` are checked where they are used (``codebook_hash``, ``codebook_dim``): a table built by hand
@@ -233,7 +234,8 @@ class PoolsShard:
 
 @dataclass(frozen=True)
 class PoolsManifest:
-    """The manifest of a pools table (``pipeline.pools``): its shards and the vocab rows its ids refer to."""
+    """The manifest of a pools table (``pipeline.steps.pools``): its shards and the vocab rows its ids refer
+    to."""
 
     uri: str  # the manifest file
     output: str
@@ -311,7 +313,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 
 @dataclass(frozen=True)
 class CorpusManifest:
-    """The manifest of a corpus (``pipeline.tokenize``): its tokenizer, layers, counts and source."""
+    """The manifest of a corpus (``pipeline.steps.tokenize``): its tokenizer, layers, counts and source."""
 
     uri: str  # the manifest file
     output: str
@@ -380,7 +382,7 @@ _DRIVE = re.compile(r"^[a-zA-Z]:[\\/]")
 
 def tokenizer_folder(uri: str) -> Path:
     """A local folder holding the tokenizer at ``uri``: a local path or ``file://`` as it is; ``s3://``
-    copied with ``pipeline.storage`` (once per process); ``runs:/`` / ``models:/`` (any other MLflow
+    copied with ``pipeline.runtime.storage`` (once per process); ``runs:/`` / ``models:/`` (any other MLflow
     artifact URI) downloaded with mlflow."""
     if not uri:
         raise ValueError(

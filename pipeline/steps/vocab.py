@@ -5,9 +5,9 @@
     codebook (load_codebook) -> token rows, grouped into shards of ``shard_size`` rows
         -> PromptTokensStage (open_clip: the prompts tokenized by tasks on the CPUs)
         -> TextFeatureStage on an actor pool (GPU or CPU; each actor loads the scorer once)
-           (both built from one TextFeatureConfig: text_feature_specs, pipeline.stages.map_stages)
+           (both built from one TextFeatureConfig: text_feature_specs, pipeline.runtime.stages.map_stages)
         -> driver: + codebook columns -> ShardWriter (one ``part-<shard>.parquet`` each, exactly once)
-        -> .spae/vocab_card.json (pipeline.contracts.VocabCard)
+        -> .spae/vocab_card.json (pipeline.outputs.contracts.VocabCard)
 
 Output table (one row per codebook row, ``token_id`` order): ``token_id`` (codebook row),
 ``llm_id``, ``token``, ``word`` (display text), ``embedding`` (the codebook vector, list<float32>),
@@ -16,7 +16,7 @@ the scorer identity, the templates, the row count and the shard list. ``load_voc
 
 Shards are token-id ranges; their digest covers the codebook hash and the range, and the job
 digest covers the scorer and the templates, so a re-run skips committed shards and refuses to
-mix outputs of another codebook or scorer (``pipeline.shards``).
+mix outputs of another codebook or scorer (``pipeline.outputs.shards``).
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from pipeline.contracts import VocabCard
-from pipeline.progress import bar as progress_bar
-from pipeline.ray_utils import RayConfig
-from pipeline.shards import CommittedPart, ShardError, ShardWriter, part_name, read_output
-from pipeline.sources import Shard, SourceConfig
-from pipeline.stages import StageSpec, map_stages
-from pipeline.storage import Location, resolve
-from pipeline.tracking import MlflowConfig
+from pipeline.inputs.sources import Shard, SourceConfig
+from pipeline.outputs.contracts import VocabCard
+from pipeline.outputs.shards import CommittedPart, ShardError, ShardWriter, part_name, read_output
+from pipeline.runtime.progress import bar as progress_bar
+from pipeline.runtime.ray_utils import RayConfig
+from pipeline.runtime.stages import StageSpec, map_stages
+from pipeline.runtime.storage import Location, resolve
+from pipeline.runtime.tracking import MlflowConfig
 from spae.codebook import CodebookConfig, FrozenCodebook, load_codebook
 from spae.config import to_dict
 from spae.scorers import (

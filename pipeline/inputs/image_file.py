@@ -1,5 +1,6 @@
 """One image file's bytes -> fixed-size RGB pixels (``decode_image``), and what to decode
-(``DecodeOptions``): the single-image helpers that ``pipeline.images`` (batches) and ``pipeline.video``
+(``DecodeOptions``): the single-image helpers that ``pipeline.inputs.images`` (batches) and
+``pipeline.inputs.video``
 (clips, frame by frame) both build on.
 
 Every mode becomes RGB (``to_rgb``): grey and palette images are expanded, CMYK converted, 16-bit and

@@ -1,6 +1,6 @@
 """Exactly-once output for sharded jobs: one ``part-<shard_id>.parquet`` per input shard.
 
-Layout under an output URI (local or ``s3://``; ``pipeline.contracts.Layout``, docs/CORPUS.md)::
+Layout under an output URI (local or ``s3://``; ``pipeline.outputs.contracts.Layout``, docs/CORPUS.md)::
 
     part-00000.parquet ...          one file per input shard, visible only complete: the commit point
     .spae/<ext>/part-00000.<ext>    sidecars of that shard (e.g. the corpus's JSONL twin), committed before it
@@ -54,10 +54,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.contracts import Layout, layout_of, read_manifest_dict, top_entries
-from pipeline.schemas import ERRORS_SCHEMA, error_mask, to_table
-from pipeline.sources import Shard, source_info
-from pipeline.storage import Location, resolve
+from pipeline.inputs.sources import Shard, source_info
+from pipeline.outputs.contracts import Layout, layout_of, read_manifest_dict, top_entries
+from pipeline.outputs.schemas import ERRORS_SCHEMA, error_mask, to_table
+from pipeline.runtime.storage import Location, resolve
 
 TMP_DIR = "_tmp"
 META_PREFIX = b"spae."
@@ -207,7 +207,8 @@ class ShardWriter:
 
     @property
     def layout(self) -> Layout:
-        """The output's layout, decided once (``pipeline.contracts.layout_of``): an old output is resumed
+        """The output's layout, decided once (``pipeline.outputs.contracts.layout_of``): an old output is
+        resumed
         in the old layout, anything else is written in the new one."""
         if self._layout is None:
             self._layout = layout_of(self.out)
@@ -482,7 +483,8 @@ class ShardWriter:
 
 
 def read_manifest(output: Location | str) -> dict[str, Any]:
-    """The manifest of an output (either layout), as written (the typed views are in pipeline.contracts)."""
+    """The manifest of an output (either layout), as written (the typed views are in
+    pipeline.outputs.contracts)."""
     return read_manifest_dict(output)
 
 

@@ -29,7 +29,7 @@ instead of raising (below), and the driver commits everything before them (8 of 
 
 Rows carry ``KEEP`` columns end to end; rows with an ``error`` pass through the model stages
 untouched (``ok_rows`` tells a stage which rows to compute) and land in ``.spae/errors.pq``. Error
-rows are per-image data errors only (read, decode: ``pipeline.images``). A model stage that raises
+rows are per-image data errors only (read, decode: ``pipeline.inputs.images``). A model stage that raises
 (out of memory, a device or storage fault, a bug) is retried ``model_retries`` times on the same
 batch (``call_with_retries``), then gives up: it marks the batch's rows ``FATAL_STAGE`` (``mark_fatal``;
 raising would make Ray Data abort and drop the outputs in flight), the driver commits the shards
@@ -52,13 +52,13 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from pipeline.contracts import meta_file
-from pipeline.images import DecodeOptions, decode_table
-from pipeline.progress import bar as progress_bar
-from pipeline.schemas import error_mask
-from pipeline.shards import ShardWriter
-from pipeline.sources import Shard, cut_shard, read_shard
-from pipeline.storage import Location, StorageError
+from pipeline.inputs.images import DecodeOptions, decode_table
+from pipeline.inputs.sources import Shard, cut_shard, read_shard
+from pipeline.outputs.contracts import meta_file
+from pipeline.outputs.schemas import error_mask
+from pipeline.outputs.shards import ShardWriter
+from pipeline.runtime.progress import bar as progress_bar
+from pipeline.runtime.storage import Location, StorageError
 
 KEEP = ("shard_id", "image_id", "source", "label", "caption", "path", "error", "error_stage")
 TASK_ROWS = 256  # rows per read task and per piece of a shard at most (run_sharded_job's task_rows)
@@ -135,7 +135,7 @@ def batch_shards(batch: Mapping[str, np.ndarray]) -> str:
 
 def shard_piece(shard: Shard, start: int, stop: int) -> Shard:
     """Rows ``[start, stop)`` of ``shard`` as a shard of its own (same id and digest): ``read_shard``
-    of it reads only those rows. Its source kind cuts the items (``pipeline.sources.cut_shard``)."""
+    of it reads only those rows. Its source kind cuts the items (``pipeline.inputs.sources.cut_shard``)."""
     piece = cut_shard(shard, start, stop)
     if piece is None:
         raise ValueError(f"shard {shard.shard_id}: cannot cut a '{shard.kind}' shard into row ranges")

@@ -1,11 +1,11 @@
-"""The evaluator shared by the evaluate job (``pipeline.evaluate``) and the training job's rank 0
-(``pipeline.train``): a held-out set in memory (``EvalData``), pools joined per input shard, the metrics
+"""The evaluator shared by the evaluate job (``pipeline.steps.evaluate``) and the training job's rank 0
+(``pipeline.steps.train``): a held-out set in memory (``EvalData``), pools joined per input shard, the metrics
 (``evaluate_tokenizer``) and the reconstruction pictures.
 
 Pools are joined to images per input shard: the pools job writes ``part-<shard_id>.parquet`` for
 the shard of the same id, and its manifest records each shard's input digest, so a pools table
 computed from a different listing (another ``shard_size`` or ``limit``) is refused, not mixed
-(``pipeline.contracts.PoolsManifest``).
+(``pipeline.outputs.contracts.PoolsManifest``).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from pipeline.contracts import check_pools_cover
-from pipeline.images import DecodeOptions, decode_table
-from pipeline.shards import part_name
-from pipeline.sources import Shard, SourceConfig, list_shards, read_shard
-from pipeline.sources import class_words as source_class_words
-from pipeline.storage import Location, resolve
+from pipeline.inputs.images import DecodeOptions, decode_table
+from pipeline.inputs.sources import Shard, SourceConfig, list_shards, read_shard
+from pipeline.inputs.sources import class_words as source_class_words
+from pipeline.outputs.contracts import check_pools_cover
+from pipeline.outputs.shards import part_name
+from pipeline.runtime.storage import Location, resolve
 from spae.fonts import add_stand_in_legend, legible, words_font
 from spae.metrics import (
     OptionalMetrics,
@@ -177,7 +177,8 @@ def load_eval_data(
 
 
 def class_words(data: EvalData) -> list[list[str]] | None:
-    """The words that name each class (``pipeline.sources.class_words``): MNIST digits' word and numeral
+    """The words that name each class (``pipeline.inputs.sources.class_words``): MNIST digits' word and
+    numeral
     (Moving MNIST: the clip's first digit); folder class names, or with ``source.label_words=mnist`` a
     digit folder's word and numeral; else None."""
     return source_class_words(data.kind, data.classes, data.label_words)

@@ -380,7 +380,8 @@ def complete_many(
     budget: RequestBudget | None = None,
 ) -> list[Completion | Failure]:
     """One result per prompt, in order. ``cfg.concurrency > 1`` runs Ray actors (Ray must be
-    initialised, e.g. by ``pipeline.ray_utils.init_ray``); otherwise ``client`` (or a new one) in process.
+    initialised, e.g. by ``pipeline.runtime.ray_utils.init_ray``); otherwise ``client`` (or a new one) in
+    process.
     Prompts past the request budget (``budget``, shared across calls, else a new one of
     ``cfg.max_requests``) are not sent: they come back as ``Failure("budget", ...)``."""
     budget = budget if budget is not None else RequestBudget(cfg.max_requests)

@@ -1,10 +1,10 @@
 """Decoding corpus rows or free text (e.g. an LLM's answer) to images (``spae decode``).
 
-Rows are read from a corpus (``pipeline.corpus``) and decoded from their token ids; text is parsed
+Rows are read from a corpus (``pipeline.outputs.corpus``) and decoded from their token ids; text is parsed
 tolerantly (``SPAETokenizer.from_text``: unknown words map to the nearest vocabulary word, short or long
 layers are padded or cut, missing layers are filled from coarser ones) and every fix is reported. Writes
 ``<name>.png`` per image (clips: an animated GIF or an H.264 MP4) and ``decode_report.json`` under the
-output. The corpus manifest and the tokenizer are read through ``pipeline.contracts``.
+output. The corpus manifest and the tokenizer are read through ``pipeline.outputs.contracts``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.contracts import CorpusManifest, load_tokenizer
-from pipeline.corpus import deepest_decodable, read_corpus, safe_name, select_rows, token_pyramid
-from pipeline.storage import resolve
-from pipeline.video import clip_gif, clip_mp4
+from pipeline.inputs.video import clip_gif, clip_mp4
+from pipeline.outputs.contracts import CorpusManifest, load_tokenizer
+from pipeline.outputs.corpus import deepest_decodable, read_corpus, safe_name, select_rows, token_pyramid
+from pipeline.runtime.storage import resolve
 from spae.report import image_png
 from spae.video import clips_to_uint8
 

@@ -16,7 +16,7 @@ A source is one URI:
   digit's word and numeral, as for ``mnist://`` (a folder ``7`` or ``seven`` is named by ``seven`` and
   ``7``);
 - WebDataset tar shards (one ``.tar``, or a folder / ``s3://`` prefix of them), as img2dataset writes them:
-  ``<key>.jpg|png|webp`` with ``<key>.json|txt|cls`` beside it (``pipeline.webdataset``); image ids are
+  ``<key>.jpg|png|webp`` with ``<key>.json|txt|cls`` beside it (``pipeline.inputs.webdataset``); image ids are
   ``<tar name>/<key>``, labels come from ``<key>.cls`` or the ``label_column`` key of ``<key>.json``;
   other files beside the tars (img2dataset's ``.parquet`` and ``_stats.json``) are ignored;
   with ``caption_column`` set, captions come from ``<key>.txt`` or that key of ``<key>.json``;
@@ -25,7 +25,7 @@ A source is one URI:
   whose bytes are null reads its ``path`` relative to the Parquet file's folder, an error row naming
   the path when that cannot be read); for clips the bytes
   may be a video file or ``.npy`` frame tensor, or the column a ``list<binary>`` of per-frame image
-  files (packed with ``pipeline.video.pack_frames``); with ``caption_column`` set, captions come from
+  files (packed with ``pipeline.inputs.video.pack_frames``); with ``caption_column`` set, captions come from
   that string column.
 
 Each kind is one ``SourceKind`` entry of ``SOURCE_KINDS`` (how it lists, packs a shard's items, cuts a
@@ -39,7 +39,7 @@ detected instead of silently mixed into an old output. ``read_shard`` turns one 
 (``image_id``, ``source``, ``label``, ``image_bytes``, ``path``, ``error``, ``error_stage``, and
 ``caption`` when ``caption_column`` asks: ``row_schema``); a file that cannot be read gives a row with
 empty bytes and the reason, never an exception. ``decode_source`` reads and decodes a whole (small)
-source in this process (``pipeline.images.decode_table``), without Ray.
+source in this process (``pipeline.inputs.images.decode_table``), without Ray.
 """
 
 from __future__ import annotations
@@ -62,11 +62,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import webdataset
-from pipeline.images import DecodeOptions, decode_table
-from pipeline.schemas import error_mask
-from pipeline.storage import Location, resolve
-from pipeline.video import VIDEO_EXTENSIONS, clip_npy, pack_frames
+from pipeline.inputs import webdataset
+from pipeline.inputs.images import DecodeOptions, decode_table
+from pipeline.inputs.video import VIDEO_EXTENSIONS, clip_npy, pack_frames
+from pipeline.outputs.schemas import error_mask
+from pipeline.runtime.storage import Location, resolve
 from spae.data import MNIST_CLASS_WORDS, load_mnist
 from spae.video import MovingMnistConfig, moving_mnist
 

@@ -1,7 +1,7 @@
 """Decode a batch of image bytes into fixed-size RGB pixels, one error reason per failing row.
 
 ``decode_batch`` runs inside ``map_batches`` (the jobs never use ``ray.data.read_images``). One image
-is decoded by ``pipeline.image_file.decode_image`` (modes, EXIF orientation, the ``fit`` resize
+is decoded by ``pipeline.inputs.image_file.decode_image`` (modes, EXIF orientation, the ``fit`` resize
 policy: ``auto``, ``crop``, ``pad``); ``DecodeOptions``, ``DecodeError``, ``decode_image`` and the
 ``FIT`` / ``MAX_PIXELS`` defaults are importable from here too.
 
@@ -11,7 +11,8 @@ mode: ...``. Nothing raises per row.
 
 What to decode is one ``DecodeOptions`` (size, frames, fit, max_pixels), built once by a job from
 its config and passed down unchanged. Clips (video SPAE): ``frames = T > 0`` decodes every row as a
-clip of ``T`` frames of ``size x size`` (``pipeline.video.decode_clip``; ``pixels`` ``[n, T, S, S, 3]``),
+clip of ``T`` frames of ``size x size`` (``pipeline.inputs.video.decode_clip``; ``pixels`` ``[n, T, S, S,
+3]``),
 adding ``too short: ...`` to the reasons; an image job becomes a clip job by its options alone.
 """
 
@@ -21,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.image_file import FIT as FIT
-from pipeline.image_file import FIT_MODES as FIT_MODES
-from pipeline.image_file import MAX_PIXELS as MAX_PIXELS
-from pipeline.image_file import DecodeError, DecodeOptions, decode_image
-from pipeline.image_file import FitMode as FitMode
-from pipeline.schemas import error_mask
-from pipeline.video import decode_clip
+from pipeline.inputs.image_file import FIT as FIT
+from pipeline.inputs.image_file import FIT_MODES as FIT_MODES
+from pipeline.inputs.image_file import MAX_PIXELS as MAX_PIXELS
+from pipeline.inputs.image_file import DecodeError, DecodeOptions, decode_image
+from pipeline.inputs.image_file import FitMode as FitMode
+from pipeline.inputs.video import decode_clip
+from pipeline.outputs.schemas import error_mask
 
 DECODE_STAGE = "decode"
 

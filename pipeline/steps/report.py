@@ -5,7 +5,7 @@ darker for a higher semantic score of the token for that image (from the pools t
 else for a more frequent token in the corpus layer, then decodes from every covering prefix present
 with their PSNR. Writes ``<output>/index.html`` (self-contained) and ``<output>/pyramids.png``; for
 clips also two animated GIFs per clip next to the page. The corpus manifest, the tokenizer and the
-pools are read through ``pipeline.contracts``.
+pools are read through ``pipeline.outputs.contracts``.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.contracts import CorpusManifest, load_tokenizer
-from pipeline.corpus import part_files, safe_name, token_pyramid, tokens_column, words_column
-from pipeline.images import DecodeOptions, decode_table, to_float
-from pipeline.shards import read_output
-from pipeline.sources import list_shards, read_shard
-from pipeline.storage import resolve
-from pipeline.tokenize import token_counts
-from pipeline.video import clip_gif
+from pipeline.inputs.images import DecodeOptions, decode_table, to_float
+from pipeline.inputs.sources import list_shards, read_shard
+from pipeline.inputs.video import clip_gif
+from pipeline.outputs.contracts import CorpusManifest, load_tokenizer
+from pipeline.outputs.corpus import part_files, safe_name, token_pyramid, tokens_column, words_column
+from pipeline.outputs.shards import read_output
+from pipeline.runtime.storage import resolve
+from pipeline.steps.tokenize import token_counts
 from spae.metrics import psnr
 from spae.report import (
     SHADE_FREQUENCY,

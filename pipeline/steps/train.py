@@ -10,7 +10,7 @@
                 the final tokenizer (save_pretrained) to storage and as an MLflow model
 
 Join: images and pools are joined per input shard (the pools job writes one part per input shard
-of the same listing; ``pipeline.contracts.PoolsManifest`` refuses another listing). Ray Data's
+of the same listing; ``pipeline.outputs.contracts.PoolsManifest`` refuses another listing). Ray Data's
 ``Dataset.join`` needs the ``polars`` package (not a dependency) and a hash shuffle whose actors
 compete with the training workers for CPUs; the shard-aligned join needs neither.
 
@@ -43,8 +43,20 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.contracts import PoolsManifest, VocabCard, check_pools_cover
-from pipeline.evaluator import (
+from pipeline.inputs.images import DecodeOptions
+from pipeline.inputs.sources import Shard, SourceConfig, list_shards
+from pipeline.outputs.contracts import PoolsManifest, VocabCard, check_pools_cover
+from pipeline.runtime.progress import BoardPoster, follow, start_board
+from pipeline.runtime.ray_utils import RayConfig
+from pipeline.runtime.storage import ray_storage, resolve
+from pipeline.runtime.tracking import (
+    MlflowConfig,
+    find_run_id,
+    log_params_flat,
+    resolve_tracking_uri,
+    start_run,
+)
+from pipeline.steps.evaluator import (
     EvalData,
     check_source_kind,
     class_token_rows,
@@ -57,13 +69,7 @@ from pipeline.evaluator import (
     read_pools_part,
     shard_pixels,
 )
-from pipeline.images import DecodeOptions
-from pipeline.progress import BoardPoster, follow, start_board
-from pipeline.ray_utils import RayConfig
-from pipeline.sources import Shard, SourceConfig, list_shards
-from pipeline.storage import ray_storage, resolve
-from pipeline.tracking import MlflowConfig, find_run_id, log_params_flat, resolve_tracking_uri, start_run
-from pipeline.vocab import load_vocab
+from pipeline.steps.vocab import load_vocab
 from spae.checkpoint import load_train_state, save_train_state
 from spae.config import from_dict, to_dict
 from spae.losses import LossConfig, PerceptualLoss, check_semantic_layers, loss_preset
@@ -465,7 +471,8 @@ def _pyfunc_class() -> type:
         (array) -> pyramid text per image.
 
         The weights are the ``save_pretrained`` folder under the model's ``artifacts/tokenizer``;
-        ``pipeline.contracts.load_tokenizer("runs:/<id>/tokenizer")`` or ``("models:/<name>/<v>")`` loads
+        ``pipeline.outputs.contracts.load_tokenizer("runs:/<id>/tokenizer")`` or ``("models:/<name>/<v>")``
+        loads
         them directly (safetensors, no pickle).
         """
 

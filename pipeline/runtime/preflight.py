@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.storage import check_access, resolve
-from pipeline.tracking import check_tracking_server
+from pipeline.runtime.storage import check_access, resolve
+from pipeline.runtime.tracking import check_tracking_server
 
 log = logging.getLogger(__name__)
 

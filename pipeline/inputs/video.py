@@ -1,6 +1,6 @@
 """Video readers: clip bytes -> uint8 frames ``[T, H, W, 3]``, one error reason per failing clip.
 
-A clip arrives as the bytes of one row (``pipeline.sources``: a video file of a folder, a Parquet
+A clip arrives as the bytes of one row (``pipeline.inputs.sources``: a video file of a folder, a Parquet
 cell, or a generated Moving MNIST clip) and is recognised by its content:
 
 - ``.npy`` bytes (``numpy.save``) of a uint8 frame tensor ``[T, H, W]`` (grey) or ``[T, H, W, 3]``:
@@ -11,7 +11,8 @@ cell, or a generated Moving MNIST clip) and is recognised by its content:
   lazily: without it those rows become errors saying so.
 
 ``decode_clip`` keeps the FIRST ``frames`` frames (stride 1) of its ``DecodeOptions`` and fits each
-one to ``size x size`` with ``pipeline.image_file.fit_square`` (the image policy). A clip with fewer frames
+one to ``size x size`` with ``pipeline.inputs.image_file.fit_square`` (the image policy). A clip with fewer
+frames
 is an error row (``too short: N frames < T``), as are zero-byte, undecodable and truncated files.
 """
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
-from pipeline.image_file import DecodeError, DecodeOptions, decode_image, fit_square, to_rgb
+from pipeline.inputs.image_file import DecodeError, DecodeOptions, decode_image, fit_square, to_rgb
 from spae.metrics import psnr
 from spae.report import (
     SHADE_FREQUENCY,

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import pyarrow as pa
 
-# bookkeeping columns every sharded stage carries through (see pipeline.stages.KEEP)
+# bookkeeping columns every sharded stage carries through (see pipeline.runtime.stages.KEEP)
 ERRORS_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),

@@ -1,0 +1,1 @@
+"""LLM clients and the in-context learning runs over a corpus."""
