@@ -246,6 +246,24 @@ def test_no_function_level_import_of_a_project_module_without_a_reason():
     )
 
 
+PIPELINE_BASE = ("pipeline.inputs", "pipeline.outputs", "pipeline.runtime")  # what jobs' steps build on
+PIPELINE_TOP = ("pipeline.steps", "pipeline.llm")
+
+
+def group_offenders() -> list[str]:
+    """Inside ``pipeline``: the base groups (inputs, outputs, runtime) never import a step or the LLM code."""
+    return [
+        f"{imp.where}: {imp.source} imports {imp.target}"
+        for imp in all_imports()
+        if imp.source.startswith(PIPELINE_BASE) and imp.target.startswith(PIPELINE_TOP)
+    ]
+
+
+def test_pipeline_base_groups_never_import_the_steps():
+    offenders = group_offenders()
+    assert not offenders, "pipeline.inputs/outputs/runtime must not import steps or llm:" + _report(offenders)
+
+
 def test_imports_point_jobs_to_pipeline_to_spae_only():
     offenders = layer_offenders()
     assert not offenders, "imports must point jobs -> pipeline -> spae only:" + _report(offenders)
