@@ -55,3 +55,38 @@ def test_settled_throughput_times_only_the_batches_after_the_warmup(monkeypatch)
     clock = iter(range(10))
     with pytest.raises(ValueError, match="more rows"):  # 5 batches cannot time one after 5 warm-up batches
         ray_timing.settled_throughput(FakeDataset(), lambda b: b["n"], warmup=5)
+
+
+def test_scale_bench_makes_webdataset_tars_and_measures_its_ceilings(tmp_path):
+    """``bench.scale_tokenize``'s steps without Ray: the tars hold every sample once (JPEG + class), the
+    subsets link the first tars, and the ceilings step records both rates."""
+    from bench import scale_tokenize as st
+    from pipeline.inputs.webdataset import scan_tar
+
+    base = ["--root", str(tmp_path), "--smoke", "--per-tar", "20", "--workers", "1"]
+    assert st.main(["gen", *base, "--images", "50"]) == 0
+    tars = sorted((tmp_path / "wds").glob("*.tar"))
+    keys = []
+    for tar in tars:
+        with open(tar, "rb") as f:
+            keys += [s.key for s in scan_tar(f, tar.stat().st_size)]
+    assert keys == [f"{i:09d}" for i in range(50)]  # 20 + 20 + 10 samples, in order
+    assert sorted(p.name for p in (tmp_path / "sub10k").iterdir()) == [t.name for t in tars]
+    assert st.main(["tokenizer", *base]) == 0
+    argv = ["ceilings", *base, "--batch", "4", "--reps", "1", "--warmup", "1", "--decode-tars", "2"]
+    assert st.main(argv) == 0
+    steps = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == ["gen", "tokenizer", "ceilings"]
+    assert steps[0]["made_now"] == 50 and 5 < steps[0]["mean_jpeg_kb"] < 60
+    assert steps[2]["decode_images"] == 40 and steps[2]["bare_encode_images_per_s"] > 0
+
+
+def test_scale_bench_rates_and_memory_marks():
+    from bench.scale_tokenize import _memory_at, _settled
+
+    samples = [
+        {"t": float(t), "rows": rows, "driver_mb": mb}
+        for t, rows, mb in [(1, 0, 800), (2, 0, 900), (3, 10, 850), (4, 50, 860), (5, 90, 870), (6, 100, 880)]
+    ]
+    assert _settled(samples, 0, 100) == round((90 - 10) / (5 - 3), 1)  # first >= 10% to last <= 90%
+    assert _memory_at(samples, (10, 100, 1000)) == {"10": 900, "100": 900}  # peak until each mark
