@@ -28,6 +28,7 @@ import pytest
 
 from infra.local.stack import stop_with_owner
 from jobs.cli import main as spae
+from pipeline.outputs.shards import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +167,7 @@ def test_submit_wait_runs_a_tokenize_job_and_writes_its_corpus(head_env, work_di
     out = capsys.readouterr().out
     assert rc == 0, out
     assert f"corpus: {corpus}" in out and "SUCCEEDED" in out
-    manifest = json.loads((corpus / "_manifest.json").read_text())
+    manifest = read_manifest(corpus)
     assert manifest["rows_in"] == 24 and manifest["rows_written"] == 24
     assert len(list(corpus.glob("part-*.parquet"))) == 2
 
