@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.runtime import storage
-from pipeline.runtime.storage import StorageError, check_access, ray_storage, resolve
+from pipeline.runtime.storage import StorageError, as_location, check_access, ray_storage, resolve
 
 
 def test_resolve_local_forms(tmp_path, monkeypatch):
@@ -107,3 +107,11 @@ def test_unreachable_endpoint_fails_fast(monkeypatch):
         lambda: check_access(resolve(uri)), f"{uri}: cannot reach the S3 endpoint http://127.0.0.1:{port}"
     )
     _fails_fast(lambda: resolve(uri).join("f").read_bytes(), "cannot reach")
+
+
+def test_every_reader_takes_a_location_a_path_or_a_uri(tmp_path):
+    from pathlib import Path
+
+    loc = resolve(str(tmp_path))
+    assert as_location(loc) is loc
+    assert as_location(Path(tmp_path)) == loc == as_location(str(tmp_path))

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.llm.llm import Failure, LLMConfig, RequestBudget, complete_many, context_window, make_client
 from pipeline.outputs.corpus import corpus_layers, part_files, read_corpus, words_column
 from pipeline.runtime.ray_utils import RayConfig, init_ray
-from pipeline.runtime.storage import Location, resolve
+from pipeline.runtime.storage import Location, as_location, resolve
 from pipeline.runtime.tracking import MlflowConfig
 from spae.icl.episodes import (
     LabelledImages,
@@ -99,7 +99,7 @@ class ICLJobConfig:
 
 def load_labelled(uri: str | Location, layers: int) -> LabelledImages:
     """The labelled rows of a corpus with the words of layers ``1..layers`` (unlabelled rows dropped)."""
-    loc = resolve(uri) if isinstance(uri, str) else uri
+    loc = as_location(uri)
     parts = part_files(loc)
     if not parts:
         raise FileNotFoundError(f"{loc.uri}: no corpus shards (part-*.parquet) found")

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.inputs.sources import Shard, SourceConfig
-from pipeline.runtime.storage import Location, resolve
+from pipeline.runtime.storage import Location, as_location, resolve
 from spae.config import from_dict
 from spae.devices import resolve_device
 from spae.tokenizer import SPAETokenizer
@@ -109,7 +109,7 @@ def layout_of(output: Location | str) -> Layout:
     """The layout of an output folder: old when it holds a file only the old layout writes (and no
     ``.spae/``), new otherwise (a new or empty folder too). A job resuming an old output keeps writing
     the old layout, so one folder never mixes the two."""
-    out = resolve(output) if isinstance(output, str) else output
+    out = as_location(output)
     entries = top_entries(out)
     if META_DIR in entries:
         return NEW_LAYOUT
@@ -123,7 +123,7 @@ def layout_of(output: Location | str) -> Layout:
 
 def meta_file(output: Location | str, which: str) -> Location:
     """Where an output keeps ``which`` (``manifest``, ``errors``, ``vocab_card``, ``card``) in its layout."""
-    out = resolve(output) if isinstance(output, str) else output
+    out = as_location(output)
     return out.join(getattr(layout_of(out), which))
 
 
@@ -143,7 +143,7 @@ def read_json(loc: Location, what: str, hint: str) -> dict[str, Any]:
 
 def read_manifest_dict(output: Location | str, hint: str = "is this an output folder of a spae job?") -> dict:
     """The raw manifest of an output folder (either layout)."""
-    out = resolve(output) if isinstance(output, str) else output
+    out = as_location(output)
     return read_json(out.join(layout_of(out).manifest), "manifest", hint)
 
 
@@ -217,7 +217,7 @@ class VocabCard:
 
     @classmethod
     def read(cls, vocab: Location | str) -> VocabCard:
-        out = resolve(vocab) if isinstance(vocab, str) else vocab
+        out = as_location(vocab)
         loc = out.join(layout_of(out).vocab_card)
         data = read_json(loc, "vocab_card.json", "run the vocab job (spae vocab) first")
         return cls.from_dict(data, loc.uri)
@@ -265,7 +265,7 @@ class PoolsManifest:
 
     @classmethod
     def read(cls, pools: Location | str) -> PoolsManifest:
-        out = resolve(pools) if isinstance(pools, str) else pools
+        out = as_location(pools)
         loc = out.join(layout_of(out).manifest)
         data = read_json(loc, "manifest", "run the pools job (spae pools) on this source first")
         return cls.from_dict(data, loc.uri, out.uri)
@@ -358,7 +358,7 @@ class CorpusManifest:
 
     @classmethod
     def read(cls, corpus: Location | str) -> CorpusManifest:
-        out = resolve(corpus) if isinstance(corpus, str) else corpus
+        out = as_location(corpus)
         loc = out.join(layout_of(out).manifest)
         return cls.from_dict(read_json(loc, "manifest", "is this a corpus folder?"), loc.uri)
 

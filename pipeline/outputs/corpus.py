@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.outputs.contracts import PARQUET_SUFFIX, PART_PREFIX, read_manifest_dict
-from pipeline.runtime.storage import Location, resolve
+from pipeline.runtime.storage import Location, as_location
 from spae.tokenizer import TokenPyramid
 
 JSONL_SUFFIX = ".jsonl"
@@ -166,7 +166,7 @@ def part_files(corpus: Location) -> list[Location]:
 
 def read_corpus(uri: str | Location, columns: Sequence[str] | None = None) -> pa.Table:
     """All committed rows of a corpus (``FileNotFoundError`` if it holds none)."""
-    loc = resolve(uri) if isinstance(uri, str) else uri
+    loc = as_location(uri)
     parts = part_files(loc)
     if not parts:
         raise FileNotFoundError(f"{loc.uri}: no corpus shards ({PART_PREFIX}*{PARQUET_SUFFIX}) found")

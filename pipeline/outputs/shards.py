@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 from pipeline.inputs.sources import Shard, source_info
 from pipeline.outputs.contracts import Layout, layout_of, read_manifest_dict, top_entries
 from pipeline.outputs.schemas import ERRORS_SCHEMA, error_mask, to_table
-from pipeline.runtime.storage import Location, resolve
+from pipeline.runtime.storage import Location, as_location
 
 TMP_DIR = "_tmp"
 META_PREFIX = b"spae."
@@ -124,7 +124,7 @@ def pending(
 def committed_sidecars(output: Location | str, suffix: str) -> list[Location]:
     """Sidecar files ``part-<id><suffix>`` whose shard is committed (its Parquet exists), sorted:
     what a reader of sidecars (e.g. the JSONL twins of a corpus) should read while a job may run."""
-    out = resolve(output) if isinstance(output, str) else output
+    out = as_location(output)
     folder = layout_of(out).sidecar_dir(suffix)
     names = _names(out)
     sidecars = _names(out.join(folder)) if folder else names
@@ -140,7 +140,7 @@ def _scan(
 ) -> tuple[list[Shard], dict[str, CommittedPart]]:
     """``pending``'s shards and the committed parts it read (by shard id): each footer is read once.
     ``retry_errors``: a part with error rows whose input changed (images fixed) is pending, not stale."""
-    out = resolve(out) if isinstance(out, str) else out
+    out = as_location(out)
     existing = _names(out)
     digest = job_digest(identity)
     todo, found = [], {}
@@ -190,7 +190,7 @@ class ShardWriter:
         sidecars: Callable[[str, pa.Table], Mapping[str, bytes]] | None = None,
         on_commit: Callable[[str], None] | None = None,
     ) -> None:
-        self.out = resolve(output) if isinstance(output, str) else output
+        self.out = as_location(output)
         self.shards = {s.shard_id: s for s in shards}
         assert len(self.shards) == len(shards), "duplicate shard ids"
         self.schema = schema
@@ -490,7 +490,7 @@ def read_manifest(output: Location | str) -> dict[str, Any]:
 
 def read_output(output: Location | str, columns: list[str] | None = None) -> pa.Table:
     """All committed parts of an output, in shard order (for tests and small outputs)."""
-    out = resolve(output) if isinstance(output, str) else output
+    out = as_location(output)
     names = sorted(n for n in _names(out) if n.startswith("part-") and n.endswith(".parquet"))
     tables = [_read_table(out, n, columns) for n in names]
     return pa.concat_tables(tables) if tables else pa.table({})
@@ -498,7 +498,7 @@ def read_output(output: Location | str, columns: list[str] | None = None) -> pa.
 
 def read_errors(output: Location | str) -> pa.Table:
     """All failed rows of a finished output (either layout)."""
-    out = resolve(output) if isinstance(output, str) else output
+    out = as_location(output)
     return _read_table(out, layout_of(out).errors)
 
 

@@ -286,6 +286,11 @@ class Location:
         return self.uri
 
 
+def as_location(where: Location | str | os.PathLike[str]) -> Location:
+    """``where`` itself when it is a ``Location``, else ``resolve(where)`` (a path, ``Path`` or URI)."""
+    return where if isinstance(where, Location) else resolve(where)
+
+
 def resolve(uri: str | os.PathLike[str]) -> Location:
     """``/abs``, ``rel/path``, ``file:///abs`` or ``s3://bucket/prefix`` -> ``Location``."""
     text = os.fspath(uri).strip()

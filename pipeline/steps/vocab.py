@@ -40,7 +40,7 @@ from pipeline.outputs.shards import CommittedPart, ShardError, ShardWriter, part
 from pipeline.runtime.progress import bar as progress_bar
 from pipeline.runtime.ray_utils import RayConfig
 from pipeline.runtime.stages import StageSpec, map_stages
-from pipeline.runtime.storage import Location, resolve
+from pipeline.runtime.storage import Location, as_location, resolve
 from pipeline.runtime.tracking import MlflowConfig
 from spae.codebook import CodebookConfig, FrozenCodebook, load_codebook
 from spae.config import to_dict
@@ -366,7 +366,7 @@ class VocabTable:
 
 def _read_table(uri: str | Location, columns: list[str] | None = None) -> tuple[pa.Table, VocabCard]:
     """The card, and the parts' ``columns`` (all if None) in ``token_id`` order, checked against the card."""
-    out = resolve(uri) if isinstance(uri, str) else uri
+    out = as_location(uri)
     card = VocabCard.read(out)
     table = read_output(out, columns=columns).sort_by("token_id")
     ids = table.column("token_id").to_numpy()
