@@ -151,6 +151,6 @@ def test_a_new_kind_is_one_registry_entry(monkeypatch):
     assert sources.class_words("count", ()) is None
     monkeypatch.delitem(sources.SOURCE_KINDS, "count")
     with pytest.raises(
-        ValueError, match="unknown source kind 'count'; known: mnist, moving-mnist, webdataset"
+        ValueError, match="unknown source kind 'count'; known: mnist, mnist-shifted, moving-mnist, webdataset"
     ):
         read_shard(shards[0])

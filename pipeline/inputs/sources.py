@@ -68,6 +68,7 @@ from pipeline.inputs.video import VIDEO_EXTENSIONS, clip_npy, pack_frames
 from pipeline.outputs.schemas import error_mask
 from pipeline.runtime.storage import Location, resolve
 from spae.data import MNIST_CLASS_WORDS, load_mnist
+from spae.shifts import SHIFTS, shift_digit
 from spae.video import MovingMnistConfig, moving_mnist
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -448,6 +449,37 @@ def _parse_mnist_uri(uri: str) -> tuple[str, int]:
     return split, limit
 
 
+SHIFTED_KEYS = ("limit", "shift", "seed")
+
+
+def _parse_shifted_uri(uri: str) -> tuple[str, int, str, int]:
+    """``mnist-shifted://split?shift=all|<name>&limit=N&seed=S`` -> (split, limit, shift, seed)."""
+    parsed = urlparse(uri)
+    split = parsed.netloc or parsed.path.strip("/")
+    if split not in MNIST_SPLITS:
+        raise ValueError(f"{uri}: unknown MNIST split '{split}'; allowed: {', '.join(MNIST_SPLITS)}")
+    query = {k: v[0] for k, v in parse_qs(parsed.query).items()}
+    unknown = sorted(set(query) - set(SHIFTED_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{uri}: unknown query key(s) {', '.join(unknown)}; allowed: {', '.join(SHIFTED_KEYS)}"
+        )
+    shift = query.get("shift", "all")
+    if shift != "all" and shift not in SHIFTS:
+        raise ValueError(f"{uri}: shift={shift!r} is not 'all' or one of {', '.join(SHIFTS)}")
+    try:
+        limit, seed = int(query.get("limit", 0)), int(query.get("seed", 0))
+    except ValueError as e:
+        raise ValueError(f"{uri}: limit and seed must be integers ({e})") from e
+    return split, limit, shift, seed
+
+
+def shift_of(shift: str, index: int) -> str:
+    """The shift of item ``index`` of an ``mnist-shifted://`` source: ``shift``, or with ``all`` each
+    shift in turn (item i gets the (i mod 9)-th), so every shift covers every part of the split."""
+    return shift if shift != "all" else tuple(SHIFTS)[index % len(SHIFTS)]
+
+
 def _parse_moving_mnist_uri(uri: str) -> tuple[str, dict[str, int]]:
     """``moving-mnist://split?k=v`` -> (split, {limit, frames, digits, size, digit_size, seed})."""
     parsed = urlparse(uri)
@@ -474,6 +506,12 @@ def _parse_moving_mnist_uri(uri: str) -> tuple[str, dict[str, int]]:
 
 def _list_mnist(cfg: SourceConfig, files: Files | None) -> tuple[FileRows, list[str]]:
     split, limit = _parse_mnist_uri(cfg.uri)
+    limit = min(x for x in (limit, cfg.limit, _mnist_size(split)) if x > 0)
+    return FileRows.of([split], [limit]), []
+
+
+def _list_mnist_shifted(cfg: SourceConfig, files: Files | None) -> tuple[FileRows, list[str]]:
+    split, limit, _, _ = _parse_shifted_uri(cfg.uri)
     limit = min(x for x in (limit, cfg.limit, _mnist_size(split)) if x > 0)
     return FileRows.of([split], [limit]), []
 
@@ -726,6 +764,22 @@ def _read_mnist(shard: Shard) -> dict[str, list]:
     return rows
 
 
+def _read_mnist_shifted(shard: Shard) -> dict[str, list]:
+    _, _, shift, seed = _parse_shifted_uri(shard.config.uri)
+    rows = _empty_rows()
+    for split, start, stop in shard.items:
+        images, labels = _mnist_arrays(split)  # uint8 [n, 28, 28], int64 [n]
+        for i in range(start, stop):
+            name = shift_of(shift, i)
+            digit = shift_digit(images[i], int(labels[i]), name, seed, i)  # uint8 [28, 28]
+            buf = io.BytesIO()
+            Image.fromarray(digit, mode="L").save(buf, format="PNG")
+            uri = f"mnist-shifted://{split}#{i}"
+            image_id = f"mnist-shifted-{split}-{name}-{i:06d}"
+            _add(rows, image_id, shard.config.uri, int(labels[i]), buf.getvalue(), uri)
+    return rows
+
+
 def _read_moving_mnist(shard: Shard) -> dict[str, list]:
     _, params = _parse_moving_mnist_uri(shard.config.uri)
     cfg = MovingMnistConfig(**{k: params[k] for k in MOVING_MNIST_KEYS[1:]})
@@ -895,6 +949,16 @@ SOURCE_KINDS: dict[str, SourceKind] = {
             _cut_ranges,
             _read_mnist,
             scheme="mnist",
+            words=lambda classes, label_words: mnist_class_words(),
+        ),
+        SourceKind(
+            "mnist-shifted",
+            _list_mnist_shifted,
+            _pack_listing,
+            _cut_ranges,
+            _read_mnist_shifted,
+            scheme="mnist-shifted",
+            digest_keys=lambda cfg: list(_parse_shifted_uri(cfg.uri)[2:]),  # the shift and the seed
             words=lambda classes, label_words: mnist_class_words(),
         ),
         SourceKind(

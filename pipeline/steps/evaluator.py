@@ -64,7 +64,7 @@ def check_source_kind(shard: Shard, decode: DecodeOptions, key: str) -> None:
     """Refuse the two built-in sources that cannot suit the model: MNIST images for a video model,
     Moving MNIST clips for an image model (folders and Parquet may hold either)."""
     video = decode.frames > 0
-    if video and shard.kind == "mnist":
+    if video and shard.kind in ("mnist", "mnist-shifted"):
         raise ValueError(
             f"{key}={shard.config.uri}: the model takes clips of {decode.frames} frames (num_frames > 0) but "
             "this source holds images; use a video source, e.g. moving-mnist://train"
