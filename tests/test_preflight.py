@@ -116,3 +116,12 @@ def test_a_live_mlflow_server_passes(mlflow_server):
     check_tracking_server(mlflow_server)
     with pytest.raises(ConnectionError, match="answered HTTP 404"):
         check_tracking_server(mlflow_server + "/no/such/prefix")
+
+
+def test_every_built_in_source_scheme_passes_the_input_check():
+    """A source kind selected by its URI scheme names no file: pre-flight must not look for one."""
+    from pipeline.inputs.sources import SOURCE_KINDS
+    from pipeline.runtime.preflight import BUILT_IN_SCHEMES
+
+    schemes = [f"{k.scheme}://" for k in SOURCE_KINDS.values() if k.scheme]
+    assert schemes and all(s in BUILT_IN_SCHEMES for s in schemes), (schemes, BUILT_IN_SCHEMES)

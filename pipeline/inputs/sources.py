@@ -338,6 +338,7 @@ class SourceKind:
     )
     captions: bool = False  # reads a caption per row when SourceConfig.caption_column asks
     keeps_listed: bool = False  # cut needs the listing's items (Shard.listed)
+    holds: str = ""  # "images" or "clips" when every row is one of them ("" = either, by the files)
 
 
 def source_kind(name: str) -> SourceKind:
@@ -948,6 +949,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
             _pack_listing,
             _cut_ranges,
             _read_mnist,
+            holds="images",
             scheme="mnist",
             words=lambda classes, label_words: mnist_class_words(),
         ),
@@ -957,6 +959,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
             _pack_listing,
             _cut_ranges,
             _read_mnist_shifted,
+            holds="images",
             scheme="mnist-shifted",
             digest_keys=lambda cfg: list(_parse_shifted_uri(cfg.uri)[2:]),  # the shift and the seed
             words=lambda classes, label_words: mnist_class_words(),
@@ -967,6 +970,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
             _pack_listing,
             _cut_ranges,
             _read_moving_mnist,
+            holds="clips",
             scheme="moving-mnist",
             words=lambda classes, label_words: mnist_class_words(),
         ),

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from pipeline.inputs.images import DecodeOptions, decode_table
-from pipeline.inputs.sources import Shard, SourceConfig, list_shards, read_shard
+from pipeline.inputs.sources import Shard, SourceConfig, list_shards, read_shard, source_kind
 from pipeline.inputs.sources import class_words as source_class_words
 from pipeline.outputs.contracts import check_pools_cover
 from pipeline.outputs.shards import part_name
@@ -61,15 +61,17 @@ def shard_pixels(shard: Shard, decode: DecodeOptions) -> dict[str, np.ndarray]:
 
 
 def check_source_kind(shard: Shard, decode: DecodeOptions, key: str) -> None:
-    """Refuse the two built-in sources that cannot suit the model: MNIST images for a video model,
-    Moving MNIST clips for an image model (folders and Parquet may hold either)."""
+    """Refuse a source that cannot suit the model: one that holds only images (``mnist://``) for a video
+    model, only clips (``moving-mnist://``) for an image model (``SourceKind.holds``; folders and Parquet
+    may hold either)."""
     video = decode.frames > 0
-    if video and shard.kind in ("mnist", "mnist-shifted"):
+    holds = source_kind(shard.kind).holds
+    if video and holds == "images":
         raise ValueError(
             f"{key}={shard.config.uri}: the model takes clips of {decode.frames} frames (num_frames > 0) but "
             "this source holds images; use a video source, e.g. moving-mnist://train"
         )
-    if not video and shard.kind == "moving-mnist":
+    if not video and holds == "clips":
         raise ValueError(
             f"{key}={shard.config.uri}: the model takes images (num_frames = 0) but this source holds clips; "
             "use an image source or a video model (e.g. preset=moving-mnist)"
