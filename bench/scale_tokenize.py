@@ -11,6 +11,8 @@ every step appends its figures to ``<root>/results.jsonl``):
 - ``ceilings``: the bare ``SPAETokenizer.encode`` loop on images already on the device (the encode options
   the job uses), and the CPU decode ceiling: ``--workers`` processes reading tars and decoding to the
   model's size with the job's own functions (``read_tar_range``, ``decode_image``), no Ray.
+- ``driver``: the driver's share of the job alone (``WordsStage`` + ``ShardWriter`` committing
+  ``paper``-shaped rows), with the Parquet encoded on the driver thread and on the writer's threads.
 - ``job``: ``spae tokenize`` in a child process over ``--source`` (all tars, or a sub folder), sampled every
   second: committed rows, driver RSS, the largest worker RSS, GPU utilisation; ``--kill-at F`` SIGKILLs
   the driver once a fraction F of the rows is committed (a re-run of the same command resumes).
@@ -263,6 +265,68 @@ def ceilings(args) -> None:
     )
 
 
+# ----------------------------------------------------------------------------- driver
+
+
+def driver(args) -> None:
+    """The driver's share of the job alone: ``WordsStage`` + ``ShardWriter`` (Parquet + JSONL commits to
+    local disk) on ``paper``-shaped token batches (597 ids a row over 65,536 words), with the Parquet
+    encoded on the driver thread and on ``ENCODE_THREADS`` threads; rows/s of each."""
+    import tempfile
+
+    from pipeline.inputs.sources import Shard, SourceConfig
+    from pipeline.outputs.corpus import corpus_schema
+    from pipeline.outputs.shards import ShardWriter
+    from pipeline.runtime.stages import ENCODE_THREADS
+    from pipeline.steps.tokenize import WordsStage, jsonl_sidecar, tokens_column
+
+    counts = (1, 4, 16, 64, 256, 256)  # the paper pyramid's tokens per layer
+    v, shard_rows, shards_n, piece = 65_536, args.shard_size, 4 if args.smoke else 24, 256
+    layers = tuple(range(1, len(counts) + 1))
+    words = WordsStage([f"w{i}" for i in range(v)], layers)
+    rng = np.random.default_rng(0)
+    source = SourceConfig(uri=str(args.root))
+    shards = [
+        Shard(f"{j:05d}", "webdataset", str(args.root), (), shard_rows, f"d{j}", source)
+        for j in range(shards_n)
+    ]
+
+    def batch(j: int, lo: int, hi: int) -> dict:
+        m = hi - lo
+        b = {
+            "shard_id": np.array([f"{j:05d}"] * m, dtype=object),
+            "image_id": np.array([f"{j:05d}-{i:06d}" for i in range(lo, hi)], dtype=object),
+            "path": np.array(["p"] * m, dtype=object),
+            "source": np.array(["wds"] * m, dtype=object),
+            "label": np.zeros(m, np.int64),
+            "error": np.array([""] * m, dtype=object),
+            "error_stage": np.array([""] * m, dtype=object),
+        }
+        for l, c in zip(layers, counts, strict=True):
+            b[tokens_column(l)] = rng.integers(0, v, (m, c)).astype(np.int32)
+        return b
+
+    batches = [
+        batch(j, lo, min(lo + piece, shard_rows))
+        for j in range(shards_n)
+        for lo in range(0, shard_rows, piece)
+    ]
+    figures = {}
+    for threads in (0, ENCODE_THREADS, 0, ENCODE_THREADS):  # twice each, alternating: the second counts
+        with tempfile.TemporaryDirectory(dir=args.root) as out:
+            writer = ShardWriter(
+                out, shards, corpus_schema(layers), identity={}, sidecars=jsonl_sidecar, threads=threads
+            )
+            t0 = time.perf_counter()
+            for b in batches:
+                writer.add(words(b))
+            writer.flush()
+            figures[f"rows_per_s_threads_{threads}"] = round(
+                shards_n * shard_rows / (time.perf_counter() - t0)
+            )
+    record(args.root, "driver", {"rows": shards_n * shard_rows, **figures})
+
+
 # ----------------------------------------------------------------------------- job
 
 
@@ -446,7 +510,7 @@ def _memory_at(samples: list[dict], marks: tuple[int, ...]) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", nargs="?", choices=("gen", "tokenizer", "ceilings", "vocab", "job"))
+    p.add_argument("step", nargs="?", choices=("gen", "tokenizer", "ceilings", "driver", "vocab", "job"))
     p.add_argument("--job", choices=("tokenize", "pools"), default="tokenize")
     p.add_argument("--root", type=Path, default=Path("/tmp/scale"))
     p.add_argument("--images", type=int, default=0, help="gen: how many; job: 0 = tars x per-tar")
@@ -470,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         main(["gen", *base, "--images", "200"])
         main(["tokenizer", *base])
         main(["ceilings", *base, "--batch", "8", "--reps", "2", "--warmup", "1", "--decode-tars", "2"])
+        main(["driver", *base, "--shard-size", "64"])
         main(
             [
                 "job",
@@ -507,7 +572,15 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
         return 0
-    {"gen": gen, "tokenizer": tokenizer, "ceilings": ceilings, "vocab": vocab, "job": job}[args.step](args)
+    steps = {
+        "gen": gen,
+        "tokenizer": tokenizer,
+        "ceilings": ceilings,
+        "driver": driver,
+        "vocab": vocab,
+        "job": job,
+    }
+    steps[args.step](args)
     return 0
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -88,8 +89,9 @@ def test_stage_encodes_ok_rows_and_passes_errors(tokenizer_dir):
     ref = stage.tokenizer.encode(torch.from_numpy(to_float(pixels[[0, 2]])), layers=(1, 2))
     np.testing.assert_array_equal(out["tokens_l2"][[0, 2]], ref.layer_ids(2).reshape(2, 4).numpy())
     assert out["tokens_l2"].dtype == np.int32 and out["tokens_l2"].shape == (3, 4)
-    assert list(out["words_l2"][2]) == ref.words(2)[1] and list(out["words_l2"][1]) == []
-    assert out["text"][0] == ref.to_text()[0] and out["text"][0].startswith("[L1] w")
+    words, text = out["words_l2"].to_pylist(), out["text"].to_pylist()  # Arrow columns
+    assert words[2] == ref.words(2)[1] and words[1] == []
+    assert text[0] == ref.to_text()[0] and text[0].startswith("[L1] w")
     assert out["error"][1] == "zero-byte file" and out["error"][0] == ""
     assert "tokens_l3" not in out and "pixels" not in out
 
@@ -350,15 +352,15 @@ def test_words_stage_equals_the_token_pyramid_on_a_hand_made_pyramid():
         "tokens_l2": l2.reshape(3, -1).numpy().astype(np.int32),
         "tokens_l3": l3.reshape(3, -1).numpy().astype(np.int32),
     }
-    out = WordsStage(vocab.words, (1, 2, 3))(batch)
+    out = {k: v.to_pylist() for k, v in WordsStage(vocab.words, (1, 2, 3))(batch).items() if k not in batch}
     assert out["text"][0].startswith("[L1] red [L2] cat dog sun 7 [L3] cat dog sun red ##ing 7 cat")
-    assert list(out["text"][:2]) == pyramid.to_text()[:2]  # the per-token path, exactly
+    assert out["text"][:2] == pyramid.to_text()[:2]  # the per-token path, exactly
     for l in (1, 2, 3):
-        assert [list(w) for w in out[f"words_l{l}"][:2]] == pyramid.words(l)[:2]
-        assert list(out[f"words_l{l}"][2]) == []
+        assert out[f"words_l{l}"][:2] == pyramid.words(l)[:2]
+        assert out[f"words_l{l}"][2] == []
     assert out["words_l2"][1] == ["##ing"] * 4 and out["text"][2] == ""
     only_two = WordsStage(vocab.words, (2,))(batch)  # a subset of layers keeps its own tags
-    assert only_two["text"][0] == "[L2] cat dog sun 7" and "words_l1" not in only_two
+    assert only_two["text"][0].as_py() == "[L2] cat dog sun 7" and "words_l1" not in only_two
 
 
 def test_ids_only_stage_then_words_equals_the_whole_stage(tokenizer_dir):
@@ -379,8 +381,10 @@ def test_ids_only_stage_then_words_equals_the_whole_stage(tokenizer_dir):
     split = WordsStage(ids_only.tokenizer.vocabulary.words, ids_only.layers)(part)  # the job's two stages
     assert sorted(split) == sorted(whole)
     for key, value in whole.items():
-        if value.dtype == object:
-            assert [list(v) if isinstance(v, list) else v for v in split[key]] == list(value), key
+        if isinstance(value, pa.Array):  # words and text
+            assert split[key].equals(value), key
+        elif value.dtype == object:
+            assert list(split[key]) == list(value), key
         else:
             np.testing.assert_array_equal(split[key], value)
 

@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import shlex
 import sys
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 
 from pipeline.inputs.sources import Shard, source_info
 from pipeline.outputs.contracts import Layout, layout_of, read_manifest_dict, top_entries
-from pipeline.outputs.schemas import ERRORS_SCHEMA, error_mask, to_table
+from pipeline.outputs.schemas import ERRORS_SCHEMA, concat_columns, error_mask, take_rows, to_table
 from pipeline.runtime.storage import Location, as_location
 
 TMP_DIR = "_tmp"
@@ -189,6 +189,7 @@ class ShardWriter:
         config: Mapping[str, Any] | None = None,
         sidecars: Callable[[str, pa.Table], Mapping[str, bytes]] | None = None,
         on_commit: Callable[[str], None] | None = None,
+        threads: int = 0,
     ) -> None:
         self.out = as_location(output)
         self.shards = {s.shard_id: s for s in shards}
@@ -204,6 +205,11 @@ class ShardWriter:
         self._counts: dict[str, int] = defaultdict(int)
         self._replacing: set[str] = set()  # committed shards recomputed now (pending(retry_errors=True))
         self._layout: Layout | None = None
+        # threads > 0: shards' Parquet bytes are encoded on that many threads (Arrow's writer releases
+        # the GIL) while the driver goes on; commits still happen on this thread, in order (``_drain``)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-encode") if threads else None
+        self._inflight: deque[tuple[str, Future[list[tuple[str, bytes]]]]] = deque()
+        self._depth = 2 * threads  # encoded shards waiting to commit, at most
 
     @property
     def layout(self) -> Layout:
@@ -269,7 +275,7 @@ class ShardWriter:
             if shard_id not in self.shards:
                 raise ShardError(f"batch row for unknown shard {shard_id!r}")
             rows = np.flatnonzero(shard_ids == shard_id)
-            self._buffers[shard_id].append({k: np.asarray(v)[rows] for k, v in batch.items()})
+            self._buffers[shard_id].append({k: take_rows(v, rows) for k, v in batch.items()})
             self._counts[shard_id] += len(rows)
             expected = self.shards[shard_id].num_rows
             if self._counts[shard_id] > expected:
@@ -287,7 +293,7 @@ class ShardWriter:
 
     def _commit(self, shard_id: str) -> None:
         parts = self._buffers.pop(shard_id)
-        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        batch = {k: concat_columns([p[k] for p in parts]) for k in parts[0]}
         errors = error_mask(batch["error"])
         ids = np.asarray(batch["image_id"]).astype(str)
         uniq, counts = np.unique(ids, return_counts=True)
@@ -296,7 +302,9 @@ class ShardWriter:
         order = np.argsort(ids, kind="stable")
         ok = order[~errors[order]]
         bad = order[errors[order]]
-        data = to_table({k: v[ok] for k, v in batch.items()}, self.schema)
+        data = to_table(
+            {k: take_rows(v, ok) for k, v in batch.items() if k in self.schema.names}, self.schema
+        )
         shard = self.shards[shard_id]
         assert data.num_rows + len(bad) == shard.num_rows
         err = None
@@ -321,11 +329,39 @@ class ShardWriter:
             "spae.errors": str(len(bad)),
         }
         layout = self.layout
-        files = [(layout.errors_part(shard_id), _parquet_bytes(err))] if len(bad) else []
-        sidecars = self.sidecars(shard_id, data) if self.sidecars else {}
-        files += [(layout.sidecar(name), blob) for name, blob in sidecars.items()]
+        sidecars = self.sidecars(shard_id, data) if self.sidecars else {}  # here: its faults keep their order
         data = data.replace_schema_metadata({**(data.schema.metadata or {}), **meta})
-        files.append((part_name(shard_id), _parquet_bytes(data)))  # the commit point of the shard: last
+        tables = [(layout.errors_part(shard_id), err)] if err is not None else []
+        blobs = [(layout.sidecar(name), blob) for name, blob in sidecars.items()]
+
+        def encode() -> list[tuple[str, bytes]]:  # errors, sidecars, then the data: the commit point, last
+            files = [(name, _parquet_bytes(table)) for name, table in tables]
+            return [*files, *blobs, (part_name(shard_id), _parquet_bytes(data))]
+
+        if self._pool is None:
+            self._apply(shard_id, encode())
+            return
+        self._inflight.append((shard_id, self._pool.submit(encode)))
+        self._drain(block=False)
+
+    def _drain(self, block: bool) -> None:
+        """Commit the encoded shards at the head of the queue, in order: all of them (``block``), else
+        those done and any beyond the queue's depth. An encoding that failed raises here."""
+        while self._inflight:
+            shard_id, future = self._inflight[0]
+            if not (block or future.done() or len(self._inflight) > self._depth):
+                return
+            self._inflight.popleft()
+            self._apply(shard_id, future.result())
+
+    def flush(self) -> None:
+        """Commit every shard already computed (those still being encoded on the writer's threads)."""
+        try:
+            self._drain(block=True)
+        finally:
+            self._inflight.clear()
+
+    def _apply(self, shard_id: str, files: list[tuple[str, bytes]]) -> None:
         self._commit_files(shard_id, files)
         self.committed.append(shard_id)
         self._counts.pop(shard_id, None)
@@ -397,6 +433,7 @@ class ShardWriter:
         Writes nothing when nothing changed since the last finish (same manifest content).
         Returns the manifest.
         """
+        self.flush()
         incomplete = self.incomplete()
         if incomplete:
             missing = ", ".join(f"shard {s} has {n} of {e} rows" for s, (n, e) in incomplete.items())
@@ -567,9 +604,9 @@ def dataset_card(manifest: Mapping[str, Any], schema: pa.Schema, layout: Layout,
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
+    sink = pa.BufferOutputStream()  # an Arrow buffer: the writer runs without the GIL (a BytesIO takes it)
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def _read_table(out: Location, name: str, columns: list[str] | None = None) -> pa.Table:

@@ -10,7 +10,8 @@ image job shares, and ``run_in_process`` the same job without Ray::
     pending input shards -> pieces of <= task_rows rows -> ray.data.from_items (one block a piece)
         -> read + decode (tasks, one piece per task; DecodeOptions) -> model stages (map_stages)
         -> iter_batches on the driver -> driver_stage -> ShardWriter (commits each shard once all
-           its rows arrived)
+           its rows arrived; its Parquet is encoded on ``ENCODE_THREADS`` threads, the commits stay
+           on the driver, in order)
 
 Commit as you go, whatever the shard size: each Ray task maps to bounded work. A shard is split into
 pieces of at most ``task_rows`` rows (``shard_piece``), one input row and block each; the read task
@@ -41,6 +42,7 @@ exceed that fraction of its input; ``retry_errors`` recomputes the committed sha
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -65,6 +67,7 @@ TASK_ROWS = 256  # rows per read task and per piece of a shard at most (run_shar
 MODEL_RETRIES = 2  # tries of a failing model call after the first, before the job fails
 MAX_ERROR_FRACTION = 0.05  # error rows above this fraction of the input fail the job (1.0 = never)
 RETRY_DELAY_S = 1.0
+ENCODE_THREADS = 2  # threads encoding committed shards' Parquet beside the driver loop (ShardWriter)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -326,7 +329,14 @@ def run_sharded_job(
     if task_rows < 1:
         raise ValueError(f"task_rows: must be >= 1, got {task_rows}")
     writer = ShardWriter(
-        output, shards, schema, identity=identity, config=config, sidecars=sidecars, on_commit=on_commit
+        output,
+        shards,
+        schema,
+        identity=identity,
+        config=config,
+        sidecars=sidecars,
+        on_commit=on_commit,
+        threads=ENCODE_THREADS,
     )
     todo = writer.pending(retry_errors=retry_errors)
     start = time.perf_counter()
@@ -374,6 +384,8 @@ def run_sharded_job(
         finally:
             bar.close()
         if failure is not None:
+            with contextlib.suppress(Exception):  # the shards computed before the fault still commit
+                writer.flush()
             # drop every reference to the stopped dataset before raising, so its actors exit now: a
             # traceback holding them keeps their CPUs/GPUs, and a re-run in this process would wait
             # forever for a CPU (seen on the 2-CPU test cluster)
@@ -430,7 +442,10 @@ def run_in_process(
 
 
 def stopped(writer: ShardWriter, pending: int, cause: str) -> JobFailure:
-    """The one-line ``JobFailure`` of a job that stops with some shards committed."""
+    """The one-line ``JobFailure`` of a job that stops with some shards committed (the shards computed
+    before the stop and still being encoded are committed first)."""
+    with contextlib.suppress(Exception):  # a shard that cannot commit now stays pending for the re-run
+        writer.flush()
     return JobFailure(
         f"{writer.out.uri}: job stopped after committing {len(writer.committed)} of {pending} pending "
         f"shards: {cause}. Committed shards are kept; run the job again to compute the rest."

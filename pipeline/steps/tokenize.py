@@ -217,45 +217,39 @@ class TokenizeStage:
 
 class WordsStage:
     """Ray-free, CPU: ``tokens_l<l>`` int ``[n, n_l]`` + ``error`` -> + ``words_l<l>`` (a list of words
-    per row) and ``text`` (``"[L1] w [L2] w w w w ..."``, as ``TokenPyramid.to_text``). Rows with an
-    error get ``[]`` and ``""``.
+    per row) and ``text`` (``"[L1] w [L2] w w w w ..."``, as ``TokenPyramid.to_text``), both as Arrow
+    arrays (``list<string>``, ``string``). Rows with an error get ``[]`` and ``""``.
 
-    One vectorised lookup per batch (``words[ids]``) and one ``join`` per row instead of a Python
-    lookup per token: the layer tags are extra rows of the lookup table, so each row's text is a
-    single join of its tags and words.
+    Vectorised in Arrow: one ``take`` of the vocabulary per layer and one per batch for the text, whose
+    rows are the layer tags (extra rows of the lookup table) and words joined by ``binary_join``; no
+    Python object per token (a ``paper`` corpus row holds 597 words: the driver builds them for every
+    row the GPU encodes).
     """
 
     def __init__(self, words: Sequence[str], layers: Sequence[int]):
         self.layers = tuple(layers)
         v = len(words)
         # [v + L]: the vocabulary, then "[L<l>]" for each emitted layer (ids v, v+1, ...)
-        self.table = np.asarray([*words, *(f"[L{l}]" for l in self.layers)], dtype=object)
+        self.table = pa.array([*words, *(f"[L{l}]" for l in self.layers)], type=pa.string())
         self.tags = {l: v + i for i, l in enumerate(self.layers)}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["error"])
-        rows = np.flatnonzero(np.array([_reason(e) == "" for e in batch["error"]], dtype=bool))
-        words = {l: _object_array([[] for _ in range(n)]) for l in self.layers}
-        text = np.full(n, "", dtype=object)
-        if len(rows):
-            parts = []
-            for l in self.layers:
-                ids = np.asarray(batch[tokens_column(l)])[rows].astype(np.int64)  # [k, n_l]
-                assert ids.shape[1] > 0, "every pyramid layer has at least one token"
-                parts += [np.full((len(rows), 1), self.tags[l]), ids]
-            strings = self.table[np.concatenate(parts, axis=1)].tolist()  # [k][L + sum n_l] tags and words
-            text[rows] = [" ".join(r) for r in strings]
-            start = 0
-            for l, part in zip(self.layers, parts[1::2], strict=True):
-                start += 1  # the tag
-                for i, r in zip(rows.tolist(), strings, strict=True):
-                    words[l][i] = r[start : start + part.shape[1]]
-                start += part.shape[1]
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        ok = np.array([_reason(e) == "" for e in batch["error"]], dtype=bool)  # [n]
         out = dict(batch)
-        out["text"] = text
+        parts = []
         for l in self.layers:
-            out[words_column(l)] = words[l]
+            ids = np.asarray(batch[tokens_column(l)])[ok].astype(np.int64)  # [k, n_l]
+            assert ids.shape[1] > 0, "every pyramid layer has at least one token"
+            out[words_column(l)] = self._lists(ids, ok)
+            parts += [np.full((len(ids), 1), self.tags[l]), ids]
+        out["text"] = pc.binary_join(self._lists(np.concatenate(parts, axis=1), ok), " ")  # [n]
         return out
+
+    def _lists(self, ids: np.ndarray, ok: np.ndarray) -> pa.ListArray:
+        """ids ``[k, m]`` of the ``ok`` rows -> ``[n]`` lists of their words, ``[]`` for the other rows."""
+        lengths = np.where(ok, ids.shape[1], 0)  # [n]
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        return pa.ListArray.from_arrays(offsets, self.table.take(pa.array(ids.reshape(-1))))
 
 
 def tokenize_spec(cfg: TokenizeJobConfig, layers: Sequence[int]) -> StageSpec:
@@ -283,14 +277,6 @@ def _reason(value: Any) -> str:
     float NaN array, so anything but a string means "no error" (as ``pipeline.outputs.schemas.error_mask``);
     emitting ``""`` keeps the column a string column."""
     return value if isinstance(value, str) else ""
-
-
-def _object_array(items: list) -> np.ndarray:
-    """A 1-D object array of Python objects (lists stay lists: Ray turns them into list columns)."""
-    arr = np.empty(len(items), dtype=object)
-    for i, item in enumerate(items):
-        arr[i] = item
-    return arr
 
 
 # ----------------------------------------------------------------------------- the job
