@@ -3,9 +3,10 @@
 Each scene is an RGB image ``[S, S, 3]`` (``S`` = ``SceneConfig.size``, 64 by default, at most 256) of
 1-4 objects on a textured background. An object is a shape (``SHAPES``), a colour (``COLOURS``), a size
 (``SIZES``) and a region (``REGIONS``: each object sits in its own region, so objects never touch). The
-scene's words (``Scene.words``) are the object count (``COUNTS``: "one" .. "four"), then every object's
-colour, shape, size and region, in drawing order, each word once. Every word is a single token of the
-MiniLM WordPiece vocabulary (``tests/test_scenes.py`` checks it).
+scene's words (``Scene.words``) are its key words, the dominant object's colour and shape (``KEY_WORDS``),
+then the object count (``COUNTS``: "one" .. "four"), then every object's colour, shape, size and region, in
+drawing order, each word once. Every word is a single token of the MiniLM WordPiece vocabulary
+(``tests/test_scenes.py`` checks it).
 
 The dominant object (``Scene.dominant``) is the largest one (the first drawn among equals).
 
@@ -52,6 +53,7 @@ MAX_OBJECTS = len(COUNTS)
 JITTER = 0.01  # centre jitter, a fraction of S on each axis
 WORDS = (*COUNTS, *COLOURS, *SHAPES, *SIZES, *REGIONS)  # every word a scene can carry, in a fixed order
 SUPERSAMPLE = 4
+KEY_WORDS = 2  # a scene's first words: the dominant object's colour and shape
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,10 @@ class Scene:
 
     @property
     def words(self) -> tuple[str, ...]:
-        """The count, then each object's colour, shape, size and region, each word once."""
-        return tuple(dict.fromkeys((self.count, *(w for o in self.objects for w in o.words))))
+        """The dominant object's colour and shape, the count, then each object's colour, shape, size and
+        region, each word once."""
+        key = (self.dominant.colour, self.dominant.shape)
+        return tuple(dict.fromkeys((*key, self.count, *(w for o in self.objects for w in o.words))))
 
 
 def _rng(cfg: SceneConfig, split: str, index: int, stream: int) -> np.random.Generator:

@@ -68,7 +68,7 @@ def test_the_words_match_what_is_drawn(size):
         labels = _object_pixels(image)
         blobs, n = ndimage.label(labels >= 0, structure=np.ones((3, 3)))  # a star's points touch by corners
         assert n == len(scene.objects) and COUNTS[n - 1] in scene.words  # one blob per object: the count
-        assert scene.words[0] == COUNTS[n - 1]
+        assert scene.words[:3] == (scene.dominant.colour, scene.dominant.shape, COUNTS[n - 1])
         for obj in scene.objects:
             assert {obj.colour, obj.shape, obj.size, obj.region} <= set(scene.words)
             x, y = obj.centre
