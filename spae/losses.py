@@ -99,6 +99,8 @@ _PRESET_LOSSES: dict[str, dict] = {
     "tiny3d": _SEMANTIC_12,
     "moving-mnist": _SEMANTIC_12,
     "kinetics": {},
+    # colour scenes hold ~10 words each: the semantic loss on layers 1-3 (21 tokens), eq. 4's first rho
+    "scenes": {"semantic_layers": 3, "thresholds": (0.98, 0.95, 0.9)},
 }
 
 
