@@ -8,7 +8,11 @@ then the object count (``COUNTS``: "one" .. "four"), then every object's colour,
 drawing order, each word once. Every word is a single token of the MiniLM WordPiece vocabulary
 (``tests/test_scenes.py`` checks it).
 
-The dominant object (``Scene.dominant``) is the largest one (the first drawn among equals).
+The dominant object (``Scene.dominant``) is the largest one (the first drawn among equals). A word's
+salience (``Scene.salience``, in (0, 1]) is how much of the scene it names: an object's colour and shape
+weigh its area relative to the dominant object's, its size and region ``ATTRIBUTE_SALIENCE`` times that, the
+count ``ATTRIBUTE_SALIENCE``; a word of several objects takes the largest. The word probe learns these as
+soft targets, so its scores rank what a scene is about (the dominant object) above its details.
 
 Determinism: scene ``i`` of a split depends only on ``(seed, split, i)`` and ``size``. The layout (the
 objects) is drawn from its own generator, before and apart from the background texture, so a scene's
@@ -18,6 +22,7 @@ box-filtered down (antialiased edges), then composited over the background with 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -54,6 +59,7 @@ JITTER = 0.01  # centre jitter, a fraction of S on each axis
 WORDS = (*COUNTS, *COLOURS, *SHAPES, *SIZES, *REGIONS)  # every word a scene can carry, in a fixed order
 SUPERSAMPLE = 4
 KEY_WORDS = 2  # a scene's first words: the dominant object's colour and shape
+ATTRIBUTE_SALIENCE = 0.9  # size, region and count words, relative to what an object is (colour, shape)
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,18 @@ class Scene:
         region, each word once."""
         key = (self.dominant.colour, self.dominant.shape)
         return tuple(dict.fromkeys((*key, self.count, *(w for o in self.objects for w in o.words))))
+
+    @property
+    def salience(self) -> dict[str, float]:
+        """Each of ``words``' salience in (0, 1] (module docstring), in ``words``' order."""
+        out = dict.fromkeys(self.words, 0.0)
+        out[self.count] = ATTRIBUTE_SALIENCE
+        biggest = SIZES[self.dominant.size] ** 2
+        for o in self.objects:
+            area = SIZES[o.size] ** 2 / biggest
+            for word, weight in zip(o.words, (1.0, 1.0, ATTRIBUTE_SALIENCE, ATTRIBUTE_SALIENCE), strict=True):
+                out[word] = max(out[word], weight * area)
+        return out
 
 
 def _rng(cfg: SceneConfig, split: str, index: int, stream: int) -> np.random.Generator:
@@ -221,10 +239,13 @@ def scenes(split: str, start: int, stop: int, cfg: SceneConfig | None = None) ->
     return Scenes(images, layouts)
 
 
-def word_matrix(words: list[tuple[str, ...]] | tuple[tuple[str, ...], ...]) -> np.ndarray:
-    """Each image's words -> float32 ``[n, len(WORDS)]`` 0/1 (the multi-label target)."""
+def word_matrix(words: Sequence[Sequence[str]] | Sequence[Mapping[str, float]]) -> np.ndarray:
+    """Each image's words (0/1) or words with weights (``Scene.salience``) -> float32 ``[n, len(WORDS)]``,
+    the multi-label target."""
     index = {w: i for i, w in enumerate(WORDS)}
     out = np.zeros((len(words), len(WORDS)), np.float32)
     for row, ws in enumerate(words):
-        out[row, [index[w] for w in ws]] = 1.0
+        weights = ws if isinstance(ws, Mapping) else dict.fromkeys(ws, 1.0)
+        for w, v in weights.items():
+            out[row, index[w]] = v
     return out

@@ -654,7 +654,7 @@ def mean_average_precision(scores: Tensor, targets: Tensor) -> float:
 
 def train_word_probe(
     images: Tensor,  # [n, 3, H, W] in [0, 1]
-    targets: Tensor,  # [n, words] 0/1: the words each image shows
+    targets: Tensor,  # [n, words] in [0, 1]: the words each image shows (0/1, or soft: their salience)
     words: Sequence[str],
     text_encoder: str = "minilm",
     steps: int = 600,
@@ -670,9 +670,10 @@ def train_word_probe(
     contrast_words: Sequence[str] = (),
     ridge: float = 0.1,
 ) -> WordProbeScorer:
-    """Train the word probe's classifier (one binary cross-entropy per word) on ``(images, targets)`` and
-    build its word features (eq. 5). A ``holdout`` fraction (seeded) is kept out of training; its mean
-    average precision (``mean_average_precision``) is stored in the probe as ``meta["map"]``.
+    """Train the word probe's classifier (one binary cross-entropy per word, soft targets allowed) on
+    ``(images, targets)`` and build its word features (eq. 5). A ``holdout`` fraction (seeded) is kept
+    out of training; its mean average precision (``mean_average_precision``) is stored in the probe as
+    ``meta["map"]``.
     ``contrast_words``: the vocabulary the word directions keep low (``word_directions``, with ``ridge``);
     none: ``g_w = f'_T(w)``, unit rows, as the label probe."""
     if len(words) < 2 or len(set(words)) != len(words):
@@ -710,7 +711,7 @@ def train_word_probe(
     if n_hold:
         with torch.no_grad():
             scores = torch.cat([net(x[hold[i : i + 512]].to(dev)).cpu() for i in range(0, n_hold, 512)])
-        held_map = mean_average_precision(scores, y[hold])
+        held_map = mean_average_precision(scores, y[hold] > 0)  # shown or not (targets may be soft)
     encoder = SentenceEncoder(text_encoder, device=dev)
     tpl = prompt_templates(templates) if isinstance(templates, str) else list(templates)
     meta = {

@@ -141,3 +141,25 @@ def test_a_bad_scenes_uri_is_refused_naming_the_problem(uri, match):
 def test_image_words_refuses_an_id_of_another_source():
     with pytest.raises(ValueError, match="is not a scene of this source"):
         image_words(SourceConfig(uri="scenes://test"), ["scenes-train-000001"])
+
+
+def test_salience_ranks_the_dominant_objects_colour_and_shape_first():
+    for i in range(40):
+        scene = scene_layout("valid", i)
+        s = scene.salience
+        assert list(s) == list(scene.words)
+        dom = scene.dominant
+        assert s[dom.colour] == s[dom.shape] == 1.0 and s[scene.count] == 0.9
+        assert s[dom.size] == s[dom.region] == 0.9
+        for o in scene.objects:
+            if o.size == "small" and o.colour not in (dom.colour,) and dom.size == "large":
+                assert s[o.colour] == pytest.approx((0.075 / 0.13) ** 2) or s[o.colour] == 1.0
+    m = word_matrix([scene_layout("valid", 0).salience])
+    a = (0.075 / 0.13) ** 2  # a small object's area over a large one's
+    assert m.max() == 1.0 and {round(float(v), 4) for v in np.unique(m)} <= {
+        0.0,
+        1.0,
+        0.9,
+        round(a, 4),
+        round(0.9 * a, 4),
+    }

@@ -52,3 +52,25 @@ def test_the_scenes_plan_scores_with_the_word_probe_on_scenes(tmp_path):
     big = _by_name(DemoConfig(output=str(tmp_path), dataset="scenes", scene_size=64, use_gpu=True))
     assert "model" not in big["train"] and big["train"]["data"]["images"]["uri"].endswith("&size=64")
     assert "colour scene" in big["report"]["title"]
+
+
+def test_ranked_targets_give_position_j_the_candidate_of_rank_j_mod_the_pool():
+    from spae.losses import LossConfig, sample_semantic_targets
+
+    ids = torch.tensor([[5, 6, 7, 8, -1], [1, 2, 3, 4, 9], [1, 2, 3, 4, 5]])
+    nan = float("nan")
+    scores = torch.tensor(
+        [[1.0, 0.99, 0.9, 0.5, nan], [0.96, 1.0, 0.96, 0.91, 0.2], [0.5, 0.4, 0.3, 0.2, 0.1]]
+    )
+    l1, l2, l3 = sample_semantic_targets(ids, scores, (0.98, 0.95, 0.9), (1, 4, 16), mode="ranked")
+    assert l1.tolist() == [[5], [2], [-1]]  # the top word; none passes 0.98 in the third image
+    assert l2.tolist() == [[5, 6, 5, 6], [2, 1, 3, 2], [-1] * 4]  # ties keep pool order
+    assert l3[0].tolist() == [5, 6, 7] * 5 + [5] and l3[1].tolist() == [2, 1, 3, 4] * 4
+    uniform = sample_semantic_targets(ids, scores, (0.98, 0.95), (1, 4), torch.Generator().manual_seed(0))
+    assert set(uniform[1][0].tolist()) <= {5, 6}  # drawn from C_2, positions independent
+    try:
+        LossConfig(semantic_targets="sorted")
+    except ValueError as e:
+        assert "semantic_targets='sorted'" in str(e)
+    else:
+        raise AssertionError("an unknown semantic_targets was accepted")

@@ -164,7 +164,8 @@ def test_a_missing_word_probe_is_trained_on_the_words_of_the_scenes(tmp_path, mo
     assert "training it on scenes://train?limit=12&size=32 (12 images, 27 words, 5 steps)" in messages[0]
     assert (tmp_path / "wp" / "probe.json").is_file() and "held-out mAP" in messages[1]
     expected = scenes("train", 0, 12, SceneConfig(size=32))
-    np.testing.assert_array_equal(seen["targets"].numpy(), word_matrix([s.words for s in expected.scenes]))
+    np.testing.assert_array_equal(seen["targets"].numpy(), word_matrix([s.salience for s in expected.scenes]))
+    assert 0.2 < seen["targets"][seen["targets"] > 0].min() < seen["targets"].max() == 1.0  # soft: salience
     np.testing.assert_allclose(seen["images"].numpy(), to_float(expected.images))
     assert list(seen["words"]) == list(WORDS) and len(seen["contrast_words"]) == 50
     assert ensure_probe(cfg, log=messages.append) is False

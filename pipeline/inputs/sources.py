@@ -72,7 +72,7 @@ from pipeline.inputs.video import VIDEO_EXTENSIONS, clip_npy, pack_frames
 from pipeline.outputs.schemas import error_mask
 from pipeline.runtime.storage import Location, resolve
 from spae.data import MNIST_CLASS_WORDS, load_mnist
-from spae.scenes import SHAPES, SPLIT_SIZES, SceneConfig, scene_layout, scenes
+from spae.scenes import SHAPES, SPLIT_SIZES, Scene, SceneConfig, scene_layout, scenes
 from spae.shifts import SHIFTS, shift_digit
 from spae.video import MovingMnistConfig, moving_mnist
 
@@ -328,7 +328,8 @@ class SourceKind:
     - ``digest_keys(cfg)``: config values that change which rows are read, beside the items;
     - ``words(classes, label_words)``: the words that name each class (``class_words``);
     - ``image_words(cfg, image_ids)``: each row's own words, for kinds whose rows carry several
-      (``image_words``); None for the others.
+      (``image_words``); None for the others; ``word_weights(cfg, image_ids)``: each of them with its
+      salience in (0, 1] (``image_word_weights``), or None.
     """
 
     name: str
@@ -348,6 +349,7 @@ class SourceKind:
     keeps_listed: bool = False  # cut needs the listing's items (Shard.listed)
     holds: str = ""  # "images" or "clips" when every row is one of them ("" = either, by the files)
     image_words: Callable[[SourceConfig, Sequence[str]], list[tuple[str, ...]]] | None = None
+    word_weights: Callable[[SourceConfig, Sequence[str]], list[dict[str, float]]] | None = None
 
 
 def source_kind(name: str) -> SourceKind:
@@ -434,6 +436,13 @@ def image_words(cfg: SourceConfig, image_ids: Sequence[str]) -> list[tuple[str, 
     scheme = cfg.uri.split("://", 1)[0] if "://" in cfg.uri else ""
     kind = next((k for k in SOURCE_KINDS.values() if k.scheme and k.scheme == scheme), None)
     return kind.image_words(cfg, image_ids) if kind is not None and kind.image_words else None
+
+
+def image_word_weights(cfg: SourceConfig, image_ids: Sequence[str]) -> list[dict[str, float]] | None:
+    """Each row's words with their salience in (0, 1] (``spae.scenes.Scene.salience``), or None."""
+    scheme = cfg.uri.split("://", 1)[0] if "://" in cfg.uri else ""
+    kind = next((k for k in SOURCE_KINDS.values() if k.scheme and k.scheme == scheme), None)
+    return kind.word_weights(cfg, image_ids) if kind is not None and kind.word_weights else None
 
 
 def _folder_words(classes: Sequence[str], label_words: str) -> list[list[str]] | None:
@@ -577,15 +586,15 @@ def _scene_id(split: str, index: int) -> str:
     return f"scenes-{split}-{index:06d}"
 
 
-def _scene_words(cfg: SourceConfig, image_ids: Sequence[str]) -> list[tuple[str, ...]]:
-    """Each ``scenes-<split>-<index>`` row's words, from its layout (no drawing)."""
+def _scene_layouts(cfg: SourceConfig, image_ids: Sequence[str]) -> list[Scene]:
+    """Each ``scenes-<split>-<index>`` row's layout (no drawing)."""
     split, _, scene_cfg = _parse_scenes_uri(cfg.uri)
     out = []
     for image_id in image_ids:
         prefix, _, index = str(image_id).rpartition("-")
         if prefix != f"scenes-{split}" or not index.isdigit():
             raise ValueError(f"{cfg.uri}: image id {image_id!r} is not a scene of this source")
-        out.append(scene_layout(split, int(index), scene_cfg).words)
+        out.append(scene_layout(split, int(index), scene_cfg))
     return out
 
 
@@ -1096,7 +1105,8 @@ SOURCE_KINDS: dict[str, SourceKind] = {
             scheme="scenes",
             digest_keys=lambda cfg: [repr(_parse_scenes_uri(cfg.uri)[2])],  # size, seed, objects
             words=lambda classes, label_words: [[name] for name in classes],  # the dominant shape
-            image_words=_scene_words,
+            image_words=lambda cfg, ids: [scene.words for scene in _scene_layouts(cfg, ids)],
+            word_weights=lambda cfg, ids: [scene.salience for scene in _scene_layouts(cfg, ids)],
         ),
     )
 }

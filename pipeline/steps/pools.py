@@ -44,7 +44,7 @@ from pipeline.inputs.sources import (
     _parse_moving_mnist_uri,
     class_words,
     decode_source,
-    image_words,
+    image_word_weights,
     list_shards,
 )
 from pipeline.outputs.contracts import VocabCard
@@ -277,7 +277,7 @@ def _train_word_probe(
     """The word probe of ``ensure_probe``: trained on the words of every row of ``probe_train_uri``."""
     size = cfg.image_size or 64
     data = decode_source(source, DecodeOptions(size, fit=cfg.fit, max_pixels=cfg.max_pixels))
-    words = image_words(source, data.image_ids)
+    words = image_word_weights(source, data.image_ids)  # soft targets: each word's salience
     if words is None:
         raise ValueError(
             f"probe_train_uri: {cfg.probe_train_uri} does not say each image's words; the word probe needs a "
