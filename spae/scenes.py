@@ -8,7 +8,8 @@ then the object count (``COUNTS``: "one" .. "four"), then every object's colour,
 drawing order, each word once. Every word is a single token of the MiniLM WordPiece vocabulary
 (``tests/test_scenes.py`` checks it).
 
-The dominant object (``Scene.dominant``) is the largest one (the first drawn among equals). A word's
+The dominant object (``Scene.dominant``) is the scene's one large object: exactly one object is large,
+drawn in a random place of the drawing order; the others are small. A word's
 salience (``Scene.salience``, in (0, 1]) is how much of the scene it names: an object's colour and shape
 weigh its area relative to the dominant object's, its size and region ``ATTRIBUTE_SALIENCE`` times that, the
 count ``ATTRIBUTE_SALIENCE``; a word of several objects takes the largest. The word probe learns these as
@@ -103,7 +104,7 @@ class Scene:
 
     @property
     def dominant(self) -> SceneObject:
-        """The largest object; the first drawn among equals."""
+        """The largest object (the one large object of a generated scene)."""
         return max(self.objects, key=lambda o: SIZES[o.size])  # max keeps the first of equal keys
 
     @property
@@ -139,10 +140,11 @@ def scene_layout(split: str, index: int, cfg: SceneConfig | None = None) -> Scen
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     regions = [tuple(REGIONS)[r] for r in rng.choice(len(REGIONS), size=n, replace=False)]
     objects = []
-    for region in regions:
+    large = int(rng.integers(n))  # the dominant object: the one large object
+    for k, region in enumerate(regions):
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = tuple(COLOURS)[int(rng.integers(len(COLOURS)))]
-        size = tuple(SIZES)[int(rng.integers(len(SIZES)))]
+        size = "large" if k == large else "small"
         jx, jy = rng.uniform(-JITTER, JITTER, size=2)
         cx, cy = REGIONS[region]
         centre = ((cx + jx) * cfg.size, (cy + jy) * cfg.size)
