@@ -10,10 +10,11 @@ drawing order, each word once. Every word is a single token of the MiniLM WordPi
 
 The dominant object (``Scene.dominant``) is the scene's one large object: exactly one object is large,
 drawn in a random place of the drawing order; the others are small. A word's
-salience (``Scene.salience``, in (0, 1]) is how much of the scene it names: an object's colour and shape
-weigh its area relative to the dominant object's, its size and region ``ATTRIBUTE_SALIENCE`` times that, the
-count ``ATTRIBUTE_SALIENCE``; a word of several objects takes the largest. The word probe learns these as
-soft targets, so its scores rank what a scene is about (the dominant object) above its details.
+salience (``Scene.salience``, in (0, 1]) ranks what the scene is about: the dominant object's colour and
+shape 1, its size and region and the count ``ATTRIBUTE_SALIENCE`` (0.9), every other object's words
+``DETAIL_SALIENCE`` (0.8); a word of several objects takes the largest. The word probe learns these as soft
+targets, so eq. 4's thresholds select the key words for the top layers (rho >= 0.95) and every word for a
+finer one (rho ~0.75).
 
 Determinism: scene ``i`` of a split depends only on ``(seed, split, i)`` and ``size``. The layout (the
 objects) is drawn from its own generator, before and apart from the background texture, so a scene's
@@ -60,7 +61,8 @@ JITTER = 0.01  # centre jitter, a fraction of S on each axis
 WORDS = (*COUNTS, *COLOURS, *SHAPES, *SIZES, *REGIONS)  # every word a scene can carry, in a fixed order
 SUPERSAMPLE = 4
 KEY_WORDS = 2  # a scene's first words: the dominant object's colour and shape
-ATTRIBUTE_SALIENCE = 0.9  # size, region and count words, relative to what an object is (colour, shape)
+ATTRIBUTE_SALIENCE = 0.9  # the dominant object's size and region, and the count
+DETAIL_SALIENCE = 0.8  # the other objects' words
 
 
 @dataclass(frozen=True)
@@ -117,13 +119,10 @@ class Scene:
     @property
     def salience(self) -> dict[str, float]:
         """Each of ``words``' salience in (0, 1] (module docstring), in ``words``' order."""
-        out = dict.fromkeys(self.words, 0.0)
-        out[self.count] = ATTRIBUTE_SALIENCE
-        biggest = SIZES[self.dominant.size] ** 2
-        for o in self.objects:
-            area = SIZES[o.size] ** 2 / biggest
-            for word, weight in zip(o.words, (1.0, 1.0, ATTRIBUTE_SALIENCE, ATTRIBUTE_SALIENCE), strict=True):
-                out[word] = max(out[word], weight * area)
+        out = dict.fromkeys(self.words, DETAIL_SALIENCE)
+        for word in (self.count, self.dominant.size, self.dominant.region):
+            out[word] = ATTRIBUTE_SALIENCE
+        out[self.dominant.colour] = out[self.dominant.shape] = 1.0
         return out
 
 
