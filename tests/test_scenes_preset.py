@@ -22,7 +22,8 @@ def test_the_scenes_preset_is_the_papers_shape_at_64_px_with_every_scene_word_ke
     codebook = load_codebook(cfg.codebook)
     assert len(codebook) == 4096 and set(WORDS) <= set(codebook.words)
     loss = loss_preset("scenes")
-    assert loss.semantic_layers == 3 and loss.thresholds == (0.98, 0.95, 0.9) and loss.dynamic_weight
+    assert loss.semantic_layers == 3 and loss.thresholds == (0.98, 0.95, 0.8) and loss.dynamic_weight
+    assert loss.semantic_targets == "ranked"
 
 
 def test_the_demo_trains_the_preset_at_32_px_on_the_same_latent():
