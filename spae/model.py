@@ -27,6 +27,7 @@ from spae.networks import Decoder, Encoder, NetworkConfig
 from spae.networks3d import Decoder3D, Encoder3D
 from spae.pyramid import PyramidConfig, PyramidSpec
 from spae.quantize import Quantizer, QuantizerConfig, QuantizerOutput
+from spae.scenes import WORDS as SCENE_WORDS
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,9 @@ def preset(name: str) -> SPAEConfig:
     """``tiny`` (tests: 16x16 images, 4x4x384 latent, layers 1,2,4,4), ``mnist`` (32x32, 8x8x384,
     layers 1,2,4,8,8, MiniLM codebook) or ``paper`` (128x128, 16x16x384, layers 1,2,4,8,16,16); video:
     ``tiny3d`` (tests: 4 frames of 16x16, 2x4x4x384 latent), ``moving-mnist`` (16 frames of 32x32, 4x8x8x384,
-    layers 1x1x1, 1x2x2, 2x4x4, 4x8x8, 4x8x8) or ``kinetics`` (16 frames of 128x128, 4x16x16x384)."""
+    layers 1x1x1, 1x2x2, 2x4x4, 4x8x8, 4x8x8) or ``kinetics`` (16 frames of 128x128, 4x16x16x384); colour
+    scenes (``spae.scenes``): ``scenes`` (64x64, the paper's downsampling by 8 to an 8x8x384 latent, layers
+    1, 2, 4, 8, 8, the MiniLM codebook with every scene word kept)."""
     if name == "tiny":
         return SPAEConfig(
             image_size=16,
@@ -137,6 +140,15 @@ def preset(name: str) -> SPAEConfig:
             codebook=CodebookConfig(top_n=4096, keep_words=tuple(read_word_list(NUMBER_WORDS))),
             network=NetworkConfig.preset("moving-mnist"),
         )
+    if name == "scenes":  # the paper's shape at 64 px: 8x downsampling, 2^k x 2^k layers, the last repeated
+        return SPAEConfig(
+            image_size=64,
+            pyramid=PyramidConfig.mnist(),
+            codebook=CodebookConfig(
+                top_n=4096, keep_words=tuple(dict.fromkeys((*SCENE_WORDS, *read_word_list(NUMBER_WORDS))))
+            ),
+            network=NetworkConfig.preset("mnist", base_channels=16, channel_multipliers=(1, 2, 4, 4)),
+        )
     if name == "kinetics":  # the paper's video setting (Kinetics-600: 16 frames of 128x128)
         return SPAEConfig(
             image_size=128,
@@ -147,7 +159,7 @@ def preset(name: str) -> SPAEConfig:
     raise ValueError(f"unknown SPAE preset {name!r}; allowed: {', '.join(PRESETS)}")
 
 
-PRESETS = ("tiny", "mnist", "paper", "tiny3d", "moving-mnist", "kinetics")
+PRESETS = ("tiny", "mnist", "paper", "tiny3d", "moving-mnist", "kinetics", "scenes")
 
 
 @dataclass

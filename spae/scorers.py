@@ -11,6 +11,10 @@ space ``[*, d]``; the candidate pools (eq. 4-6) are dot products in it. Two impl
   class gets a feature built from its words with the same template average as the vocabulary
   (eq. 5), ``normalize(sum_w f'_T(w))``; an image's feature is the probability-weighted,
   normalised sum of the class features, so "seven" and "7" score high for images of a seven.
+- ``WordProbeScorer``: the label probe for images of several words each (``scenes://``): the same CNN
+  with one sigmoid per word (multi-label, trained with binary cross-entropy), and one feature per word
+  (eq. 5). ``f_I(I) = normalize(sum_w p(w | I) f'_T(w))``: every word the image shows pulls its feature
+  towards the word's, so eq. 4-6 put several of them at the top of its pool.
 
 ``renormalize_text``: eq. 5 is a plain mean of unit vectors, so ``|f'_T(k)| <= 1`` and shrinks
 when the templates disagree. Eq. 6 rescales per image, not per token, so keeping the norm
@@ -39,6 +43,7 @@ from spae.codebook import minilm_folder
 from spae.devices import resolve_device
 
 Precision = Literal["fp32", "fp16", "bf16"]
+PROBE_KINDS = ("label_probe", "word_probe")  # scorers trained here, saved as probe.json + probe.safetensors
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # A few prompts for CPU runs; the full 80 (open_clip's OPENAI_IMAGENET_TEMPLATES) are for GPU runs.
@@ -47,12 +52,12 @@ SIMPLE_TEMPLATES = ("a photo of a {}.", "{}")
 
 @dataclass(frozen=True)
 class ScorerConfig:
-    kind: Literal["open_clip", "label_probe"] = "label_probe"
+    kind: Literal["open_clip", "label_probe", "word_probe"] = "label_probe"
     arch: str = "ViT-L-14"  # open_clip architecture name
     pretrained: str = ""  # open_clip tag or checkpoint path; "" = random weights (tests / speed runs only)
     precision: Precision = "fp32"
     device: str = "auto"  # "auto" -> cuda if available, else cpu (spae.devices)
-    probe_path: str = ""  # label probe: a folder written by LabelProbeScorer.save
+    probe_path: str = ""  # label / word probe: a folder written by LabelProbeScorer.save
     templates: str = "imagenet80"  # "imagenet80", "simple", or a text file with one "{}" template a line
     renormalize_text: bool = False  # re-normalise eq. 5's template mean (see module docstring)
 
@@ -100,7 +105,13 @@ def build_scorer(cfg: ScorerConfig) -> SemanticScorer:
                 "scorer.probe_path: the label probe needs a saved probe folder (train_label_probe)"
             )
         return LabelProbeScorer.load(cfg.probe_path, device=cfg.device, renormalize_text=cfg.renormalize_text)
-    raise ValueError(f"scorer.kind: {cfg.kind!r} is not one of 'open_clip', 'label_probe'")
+    if cfg.kind == "word_probe":
+        if not cfg.probe_path:
+            raise ValueError(
+                "scorer.probe_path: the word probe needs a saved probe folder (train_word_probe)"
+            )
+        return WordProbeScorer.load(cfg.probe_path, device=cfg.device, renormalize_text=cfg.renormalize_text)
+    raise ValueError(f"scorer.kind: {cfg.kind!r} is not one of 'open_clip', 'label_probe', 'word_probe'")
 
 
 # ----------------------------------------------------------------------------- eq. 5 and eq. 6
@@ -133,7 +144,7 @@ def scorer_templates(cfg: ScorerConfig) -> list[str]:
     same ones, so a different ``cfg.templates`` is an error rather than a silent mismatch.
     """
     templates = prompt_templates(cfg.templates)
-    if cfg.kind == "label_probe" and cfg.probe_path:
+    if cfg.kind in PROBE_KINDS and cfg.probe_path:
         meta_path = Path(cfg.probe_path) / "probe.json"
         if meta_path.is_file():
             probe_templates = json.loads(meta_path.read_text())["templates"]
@@ -292,13 +303,15 @@ RANDOM_WEIGHTS = f"RANDOM WEIGHTS (seed {RANDOM_INIT_SEED}, no checkpoint; featu
 
 def describe_scorer(cfg: ScorerConfig) -> dict:
     """What determines a scorer's features, without building it (for job digests and vocab cards)."""
-    if cfg.kind == "label_probe":
+    if cfg.kind in PROBE_KINDS:
         path = Path(cfg.probe_path)
         if not (path / "probe.json").is_file():
             raise FileNotFoundError(f"scorer.probe_path: {path} has no probe.json (LabelProbeScorer.save)")
         meta = json.loads((path / "probe.json").read_text())
+        held_out = {"map": meta.get("map")} if cfg.kind == "word_probe" else {}
         return {
-            "kind": "label_probe",
+            "kind": cfg.kind,
+            **held_out,
             "probe_sha256": meta.get("sha256", ""),
             "class_words": meta["class_words"],
             "text_encoder": meta["text_encoder"],
@@ -391,6 +404,9 @@ class LabelProbeScorer(SemanticScorer):
     ``f_I(I) = normalize(sum_c p(c | I) * g_c)`` with ``g_c = normalize(sum_{w in words_c} f'_T(w))``.
     """
 
+    kind = "label_probe"
+    unit_features = True  # class features are unit rows (the word probe's are not: see WordProbeScorer)
+
     def __init__(
         self,
         net: ProbeNet,
@@ -403,7 +419,9 @@ class LabelProbeScorer(SemanticScorer):
         self.device = resolve_device(device, "scorer.device")
         self.net = net.to(self.device).eval()
         feats = class_features.float()
-        if not torch.allclose(feats.norm(dim=-1), torch.ones(feats.shape[0]), atol=1e-6):
+        if self.unit_features and not torch.allclose(
+            feats.norm(dim=-1), torch.ones(feats.shape[0]), atol=1e-6
+        ):
             feats = F.normalize(feats, dim=-1)  # unit rows (already-unit rows stay bit-identical)
         self.class_features = feats.to(self.device)  # [classes, d]
         self.meta = meta
@@ -413,7 +431,7 @@ class LabelProbeScorer(SemanticScorer):
         self._encoder = encoder
         self._hash = _tensor_hash(self.state_dict())
         self.identity = {
-            "kind": "label_probe",
+            "kind": self.kind,
             "probe_sha256": self._hash,
             "class_words": meta["class_words"],
             "text_encoder": meta["text_encoder"],
@@ -443,6 +461,10 @@ class LabelProbeScorer(SemanticScorer):
     @torch.no_grad()
     def embed_images(self, images: Tensor) -> Tensor:  # [b, 3, H, W] in [0, 1] -> [b, d]
         return F.normalize(self.class_probs(images) @ self.class_features, dim=-1)
+
+    @torch.no_grad()
+    def logits(self, images: Tensor) -> Tensor:  # [b, 3, H, W] in [0, 1] -> [b, classes]
+        return self.net(resize_center_crop(images.to(self.device), self.image_size))
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> Tensor:  # m -> [m, d]
@@ -573,3 +595,147 @@ def train_label_probe(
         i += len(ws)
     class_features = F.normalize(torch.stack(sums), dim=-1)  # [classes, d]
     return LabelProbeScorer(net, class_features, meta, dev, encoder)
+
+
+# ----------------------------------------------------------------------------- word probe (multi-label)
+
+
+class WordProbeScorer(LabelProbeScorer):
+    """The label probe with several words per image: ``p(w | I) = sigmoid(logit_w)`` for every word,
+    independently, and ``f_I(I) = normalize(sum_w p(w | I) g_w)`` (``class_features``: one row ``g_w``
+    per word, not unit). Saved and loaded as the label probe (``meta["words"]``, the held-out mean average
+    precision ``meta["map"]``).
+
+    ``g_w``: the word's direction in the text space (``word_directions``). The plain choice
+    ``g_w = f'_T(w)`` makes the mean of a scene's ~10 word features, which is closest to generic words
+    ("image", "color", "picture": each word's prompt shares them); so ``g_w`` is instead the least-energy
+    direction over a contrast vocabulary that scores the probe's words exactly: ``g_w . f'_T(w') = [w = w']``
+    for the probe's words, ``sum_k (g_w . f'_T(k))^2`` smallest over the contrast words. Then
+    ``s'(I, w) = p(w | I)`` for the probe's words (eq. 4), the other words score low, and eq. 6 puts
+    every word the image shows near 1.
+    """
+
+    kind = "word_probe"
+    unit_features = False
+
+    @property
+    def words(self) -> list[str]:
+        return list(self.meta["words"])
+
+    @torch.no_grad()
+    def class_probs(self, images: Tensor) -> Tensor:  # [b, 3, H, W] -> [b, words], each in [0, 1]
+        return self.logits(images).sigmoid()
+
+
+def word_directions(word_features: Tensor, contrast_features: Tensor, ridge: float = 0.1) -> Tensor:
+    """``g_w`` of ``WordProbeScorer``: ``[w, d]`` word features A (eq. 5), ``[v, d]`` contrast features C ->
+    ``[w, d]`` rows ``g`` with ``A g^T = I`` and the least ``|C g^T|^2 + ridge |g|^2``:
+    ``G^T = S^-1 A^T (A S^-1 A^T)^-1``, ``S = C^T C + ridge I`` (float64)."""
+    a, c = word_features.double(), contrast_features.double()
+    s = c.T @ c + ridge * torch.eye(c.shape[1], dtype=torch.float64)  # [d, d]
+    s_inv_a = torch.linalg.solve(s, a.T)  # [d, w]
+    return torch.linalg.solve(a @ s_inv_a, s_inv_a.T).float()  # [w, d]  ((A S^-1 A^T)^-1 symmetric)
+
+
+def mean_average_precision(scores: Tensor, targets: Tensor) -> float:
+    """``[n, w]`` scores and 0/1 targets -> the mean over words (those with a positive) of the average
+    precision of ranking the ``n`` images by the word's score (ties broken by row order)."""
+    aps = []
+    for j in range(scores.shape[1]):
+        t = targets[:, j].float()
+        if t.sum() == 0:
+            continue
+        order = torch.sort(scores[:, j].float(), descending=True, stable=True).indices
+        hits = t[order]  # [n]
+        precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)  # precision at each rank
+        aps.append(float((precision * hits).sum() / hits.sum()))
+    return sum(aps) / len(aps) if aps else float("nan")
+
+
+def train_word_probe(
+    images: Tensor,  # [n, 3, H, W] in [0, 1]
+    targets: Tensor,  # [n, words] in [0, 1]: the words each image shows (0/1, or soft: their salience)
+    words: Sequence[str],
+    text_encoder: str = "minilm",
+    steps: int = 600,
+    seed: int = 0,
+    templates: str | Sequence[str] = "simple",
+    image_size: int = 64,
+    width: int = 32,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    holdout: float = 0.2,
+    renormalize_text: bool = False,
+    device: str = "auto",
+    contrast_words: Sequence[str] = (),
+    ridge: float = 0.1,
+) -> WordProbeScorer:
+    """Train the word probe's classifier (one binary cross-entropy per word, soft targets allowed) on
+    ``(images, targets)`` and build its word features (eq. 5). A ``holdout`` fraction (seeded) is kept
+    out of training; its mean average precision (``mean_average_precision``) is stored in the probe as
+    ``meta["map"]``.
+    ``contrast_words``: the vocabulary the word directions keep low (``word_directions``, with ``ridge``);
+    none: ``g_w = f'_T(w)``, unit rows, as the label probe."""
+    if len(words) < 2 or len(set(words)) != len(words):
+        raise ValueError("words: need >= 2 distinct words")
+    if targets.shape != (images.shape[0], len(words)):
+        raise ValueError(
+            f"targets: shape {tuple(targets.shape)} is not [{images.shape[0]} images, {len(words)} words]"
+        )
+    if image_size % 8:
+        raise ValueError(f"image_size: {image_size} must be divisible by 8")
+    dev = resolve_device(device)
+    gen = torch.Generator().manual_seed(seed)
+    x = resize_center_crop(images.float(), image_size)  # [n, 3, s, s]
+    y = targets.float()  # [n, w]
+    perm = torch.randperm(x.shape[0], generator=gen)
+    n_hold = int(math.floor(holdout * x.shape[0]))
+    hold, train = perm[:n_hold], perm[n_hold:]
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        net = ProbeNet(len(words), width=width, image_size=image_size).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    net.train()
+    for _ in range(steps):
+        idx = train[torch.randint(len(train), (batch_size,), generator=gen)]
+        shift = torch.randint(-1, 2, (2,), generator=gen).tolist()  # small: regions are words
+        xb = torch.roll(x[idx], shifts=shift, dims=(2, 3)).to(dev)
+        loss = F.binary_cross_entropy_with_logits(net(xb), y[idx].to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    net.eval()
+    held_map = None
+    if n_hold:
+        with torch.no_grad():
+            scores = torch.cat([net(x[hold[i : i + 512]].to(dev)).cpu() for i in range(0, n_hold, 512)])
+        held_map = mean_average_precision(scores, y[hold] > 0)  # shown or not (targets may be soft)
+    encoder = SentenceEncoder(text_encoder, device=dev)
+    tpl = prompt_templates(templates) if isinstance(templates, str) else list(templates)
+    meta = {
+        "class_words": [[w] for w in words],
+        "words": list(words),
+        "text_encoder": encoder.identity,
+        "templates": tpl,
+        "accuracy": None,
+        "map": held_map,
+        "contrast_words": len(contrast_words),
+        "ridge": ridge,
+        "holdout": n_hold,
+        "train_images": len(train),
+        "steps": steps,
+        "seed": seed,
+        "image_size": image_size,
+        "width": width,
+        "renormalize_text": renormalize_text,
+    }
+    probe = WordProbeScorer(net, torch.zeros(len(words), encoder.identity["dim"]), meta, dev, encoder)
+    feats = token_text_features(probe, list(words), tpl, renormalize=renormalize_text)  # [w, d] eq. 5
+    if not contrast_words:
+        return WordProbeScorer(net, F.normalize(feats, dim=-1), meta, dev, encoder)
+    others = [w for w in dict.fromkeys(contrast_words) if w not in set(words)]
+    contrast = token_text_features(probe, others, tpl, renormalize=renormalize_text)  # [v, d] eq. 5
+    directions = word_directions(feats.cpu(), torch.cat([feats.cpu(), contrast.cpu()]), ridge)  # [w, d]
+    return WordProbeScorer(net, directions, meta, dev, encoder)

@@ -417,7 +417,12 @@ class SPAETrainer:
             d_sem = lcfg.semantic_layers if lcfg.alpha > 0 else 0
             if d_sem:
                 targets = sample_semantic_targets(
-                    pool_ids, pool_scores, lcfg.thresholds, self.core.pyramid.token_counts, self._generator()
+                    pool_ids,
+                    pool_scores,
+                    lcfg.thresholds,
+                    self.core.pyramid.token_counts,
+                    self._generator(),
+                    lcfg.semantic_targets,
                 )  # per layer l <= D': [b, n_l]
                 l_sem = semantic_loss(
                     out.quant.layer_inputs[:d_sem],

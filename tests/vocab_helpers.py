@@ -14,18 +14,29 @@ from pipeline.steps.vocab import CARD, VOCAB_SCHEMA
 from spae.scorers import ScorerConfig, describe_scorer
 
 
-def write_hand_vocab(uri: str, scorer: ScorerConfig, rows: int, seed: int = 0, digest: str = "") -> None:
+def write_hand_vocab(
+    uri: str,
+    scorer: ScorerConfig,
+    rows: int,
+    seed: int = 0,
+    digest: str = "",
+    words: list[str] | None = None,
+    features: np.ndarray | None = None,
+) -> None:
     """``rows`` tokens ``w0..`` with random unit text features in the scorer's 384-d space, plus a card
-    naming ``scorer`` (so the pool job accepts the table)."""
+    naming ``scorer`` (so the pool job accepts the table); ``words`` and ``features`` ``[rows, 384]``
+    replace the names and the features."""
     rng = np.random.default_rng(seed)
     feats = rng.standard_normal((rows, 384)).astype(np.float32)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    feats = feats if features is None else np.asarray(features, np.float32)
+    names = words or [f"w{i}" for i in range(rows)]
     table = pa.table(
         {
             "token_id": np.arange(rows),
             "llm_id": np.arange(rows) + 1000,
-            "token": [f"w{i}" for i in range(rows)],
-            "word": [f"w{i}" for i in range(rows)],
+            "token": names,
+            "word": names,
             "embedding": [np.zeros(4, np.float32)] * rows,
             "text_feature": list(feats.astype(np.float16)),
         },

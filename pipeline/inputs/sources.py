@@ -8,6 +8,10 @@ A source is one URI:
   built-in Moving MNIST generator (``spae.video``), one clip per row stored as ``.npy`` bytes of
   uint8 ``[T, H, W]``; ``label`` is the first digit shown (all of them are in the image id, e.g.
   ``mmnist-train-000003-d37``); ``limit`` defaults to the split's MNIST size;
+- ``scenes://train|valid|test[?limit=N&size=64&seed=0&min_objects=1&max_objects=4]``: the built-in colour
+  scenes (``spae.scenes``), PNG-encoded RGB; ``label`` is the dominant object's shape (a ``SHAPES`` index),
+  and every row's words (count, colours, shapes, sizes, regions) come from ``image_words``; ``limit``
+  defaults to ``spae.scenes.SPLIT_SIZES``;
 - a folder of images or videos (``VIDEO_EXTENSIONS``: mp4, webm, ..., npy; GIFs count as images and
   decode as clips when the job asks for clips), local or ``s3://``, listed recursively and sorted;
   ImageFolder-style labels: the first folder under the root is the class name, classes map to
@@ -68,12 +72,14 @@ from pipeline.inputs.video import VIDEO_EXTENSIONS, clip_npy, pack_frames
 from pipeline.outputs.schemas import error_mask
 from pipeline.runtime.storage import Location, resolve
 from spae.data import MNIST_CLASS_WORDS, load_mnist
+from spae.scenes import SHAPES, SPLIT_SIZES, Scene, SceneConfig, scene_layout, scenes
 from spae.shifts import SHIFTS, shift_digit
 from spae.video import MovingMnistConfig, moving_mnist
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MNIST_SPLITS = ("train", "valid", "test")
 MOVING_MNIST_KEYS = ("limit", "frames", "digits", "size", "digit_size", "seed")
+SCENES_KEYS = ("limit", "size", "seed", "min_objects", "max_objects")
 
 ROW_SCHEMA = pa.schema(
     [
@@ -320,7 +326,10 @@ class SourceKind:
       cannot be cut (then it stays one task);
     - ``read(shard) -> rows``: the columns of ``row_schema``, one entry per row;
     - ``digest_keys(cfg)``: config values that change which rows are read, beside the items;
-    - ``words(classes, label_words)``: the words that name each class (``class_words``).
+    - ``words(classes, label_words)``: the words that name each class (``class_words``);
+    - ``image_words(cfg, image_ids)``: each row's own words, for kinds whose rows carry several
+      (``image_words``); None for the others; ``word_weights(cfg, image_ids)``: each of them with its
+      salience in (0, 1] (``image_word_weights``), or None.
     """
 
     name: str
@@ -339,6 +348,8 @@ class SourceKind:
     captions: bool = False  # reads a caption per row when SourceConfig.caption_column asks
     keeps_listed: bool = False  # cut needs the listing's items (Shard.listed)
     holds: str = ""  # "images" or "clips" when every row is one of them ("" = either, by the files)
+    image_words: Callable[[SourceConfig, Sequence[str]], list[tuple[str, ...]]] | None = None
+    word_weights: Callable[[SourceConfig, Sequence[str]], list[dict[str, float]]] | None = None
 
 
 def source_kind(name: str) -> SourceKind:
@@ -417,6 +428,21 @@ def class_words(kind: str, classes: Sequence[str], label_words: str = "names") -
     classes. MNIST and Moving MNIST: the digit's word and numeral. Folders: the class (folder) name; with
     ``label_words="mnist"`` a folder named by a digit or its word gets that digit's word and numeral."""
     return source_kind(kind).words(classes, label_words)
+
+
+def image_words(cfg: SourceConfig, image_ids: Sequence[str]) -> list[tuple[str, ...]] | None:
+    """Each row's own words (several per image: ``scenes://``), or None for a kind whose rows carry
+    at most a class label."""
+    scheme = cfg.uri.split("://", 1)[0] if "://" in cfg.uri else ""
+    kind = next((k for k in SOURCE_KINDS.values() if k.scheme and k.scheme == scheme), None)
+    return kind.image_words(cfg, image_ids) if kind is not None and kind.image_words else None
+
+
+def image_word_weights(cfg: SourceConfig, image_ids: Sequence[str]) -> list[dict[str, float]] | None:
+    """Each row's words with their salience in (0, 1] (``spae.scenes.Scene.salience``), or None."""
+    scheme = cfg.uri.split("://", 1)[0] if "://" in cfg.uri else ""
+    kind = next((k for k in SOURCE_KINDS.values() if k.scheme and k.scheme == scheme), None)
+    return kind.word_weights(cfg, image_ids) if kind is not None and kind.word_weights else None
 
 
 def _folder_words(classes: Sequence[str], label_words: str) -> list[list[str]] | None:
@@ -521,6 +547,55 @@ def _list_moving_mnist(cfg: SourceConfig, files: Files | None) -> tuple[FileRows
     split, params = _parse_moving_mnist_uri(cfg.uri)
     limit = min(x for x in (params.pop("limit"), cfg.limit, _mnist_size(split)) if x > 0)
     return FileRows.of([split], [limit]), []
+
+
+def _parse_scenes_uri(uri: str) -> tuple[str, int, SceneConfig]:
+    """``scenes://split?k=v`` -> (split, limit, SceneConfig)."""
+    parsed = urlparse(uri)
+    split = parsed.netloc or parsed.path.strip("/")
+    if split not in MNIST_SPLITS:
+        raise ValueError(f"{uri}: unknown scenes split '{split}'; allowed: {', '.join(MNIST_SPLITS)}")
+    query = parse_qs(parsed.query)
+    unknown = sorted(set(query) - set(SCENES_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{uri}: unknown query key(s) {', '.join(unknown)}; allowed: {', '.join(SCENES_KEYS)}"
+        )
+    params = {}
+    for key in SCENES_KEYS:
+        if key in query:
+            try:
+                params[key] = int(query[key][0])
+            except ValueError as e:
+                raise ValueError(f"{uri}: {key}={query[key][0]!r} is not an integer") from e
+    limit = params.pop("limit", 0)
+    try:
+        cfg = SceneConfig(**params)
+    except ValueError as e:
+        raise ValueError(f"{uri}: {e}") from e
+    return split, limit, cfg
+
+
+def _list_scenes(cfg: SourceConfig, files: Files | None) -> tuple[FileRows, list[str]]:
+    split, limit, _ = _parse_scenes_uri(cfg.uri)
+    limit = min(x for x in (limit, cfg.limit, SPLIT_SIZES[split]) if x > 0)
+    return FileRows.of([split], [limit]), list(SHAPES)
+
+
+def _scene_id(split: str, index: int) -> str:
+    return f"scenes-{split}-{index:06d}"
+
+
+def _scene_layouts(cfg: SourceConfig, image_ids: Sequence[str]) -> list[Scene]:
+    """Each ``scenes-<split>-<index>`` row's layout (no drawing)."""
+    split, _, scene_cfg = _parse_scenes_uri(cfg.uri)
+    out = []
+    for image_id in image_ids:
+        prefix, _, index = str(image_id).rpartition("-")
+        if prefix != f"scenes-{split}" or not index.isdigit():
+            raise ValueError(f"{cfg.uri}: image id {image_id!r} is not a scene of this source")
+        out.append(scene_layout(split, int(index), scene_cfg))
+    return out
 
 
 def _find_kind(loc: Location, cfg: SourceConfig) -> tuple[SourceKind, Files]:
@@ -802,6 +877,19 @@ def _read_moving_mnist(shard: Shard) -> dict[str, list]:
     return rows
 
 
+def _read_scenes(shard: Shard) -> dict[str, list]:
+    _, _, scene_cfg = _parse_scenes_uri(shard.config.uri)
+    rows = _empty_rows()
+    for split, start, stop in shard.items:
+        batch = scenes(split, start, stop, scene_cfg)  # uint8 [n, S, S, 3]
+        for j, i in enumerate(range(start, stop)):
+            buf = io.BytesIO()
+            Image.fromarray(batch.images[j], mode="RGB").save(buf, format="PNG")
+            label = SHAPES.index(batch.scenes[j].dominant.shape)
+            _add(rows, _scene_id(split, i), shard.config.uri, label, buf.getvalue(), f"scenes://{split}#{i}")
+    return rows
+
+
 def _read_folder(shard: Shard) -> dict[str, list]:
     root = resolve(shard.root)
     rows = _empty_rows()
@@ -1006,6 +1094,19 @@ SOURCE_KINDS: dict[str, SourceKind] = {
             _read_folder,
             extensions=IMAGE_EXTENSIONS + VIDEO_EXTENSIONS,
             noun="image files",
+        ),
+        SourceKind(
+            "scenes",
+            _list_scenes,
+            _pack_listing,
+            _cut_ranges,
+            _read_scenes,
+            holds="images",
+            scheme="scenes",
+            digest_keys=lambda cfg: [repr(_parse_scenes_uri(cfg.uri)[2])],  # size, seed, objects
+            words=lambda classes, label_words: [[name] for name in classes],  # the dominant shape
+            image_words=lambda cfg, ids: [scene.words for scene in _scene_layouts(cfg, ids)],
+            word_weights=lambda cfg, ids: [scene.salience for scene in _scene_layouts(cfg, ids)],
         ),
     )
 }

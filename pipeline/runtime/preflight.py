@@ -22,7 +22,7 @@ from pipeline.runtime.tracking import check_tracking_server
 
 log = logging.getLogger(__name__)
 
-BUILT_IN_SCHEMES = ("mnist://", "mnist-shifted://", "moving-mnist://", "runs:/", "models:/")
+BUILT_IN_SCHEMES = ("mnist://", "mnist-shifted://", "moving-mnist://", "scenes://", "runs:/", "models:/")
 MLFLOW_TIMEOUT_S = 3.0
 PROBE_NAME = "_spae-preflight-"
 

@@ -8,6 +8,8 @@
         -> for every layer: utilization and perplexity over the WHOLE set, distinct tokens,
            semantic relevance (mean normalised eq. 6 score of the emitted tokens; needs pools + vocab)
         -> layer 1: label-word accuracy (the top token is the class's word or numeral; needs labels)
+        -> images with several known words (scenes://): per layer and prefix, concept recall / precision
+           and the key words (the dominant object's colour and shape) found (``spae.concepts``)
         -> deepest prefix, on request: FID, IS, LPIPS (clips: per frame), FVD (clips)
            (``optional_metrics``, local ``weights`` files)
         -> metrics.json + reconstructions.png under ``output``; the same metrics to MLflow
@@ -154,6 +156,9 @@ def format_metrics(metrics: dict[str, float]) -> str:
         "distinct",
         "relevance",
         "label_word_accuracy",
+        "concept_recall",
+        "concept_precision",
+        "key_words",
         "fid",
         "is",
         "lpips",

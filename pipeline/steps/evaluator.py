@@ -22,11 +22,12 @@ import torch
 from torch import Tensor
 
 from pipeline.inputs.images import DecodeOptions, decode_table
-from pipeline.inputs.sources import Shard, SourceConfig, list_shards, read_shard, source_kind
+from pipeline.inputs.sources import Shard, SourceConfig, image_words, list_shards, read_shard, source_kind
 from pipeline.inputs.sources import class_words as source_class_words
 from pipeline.outputs.contracts import check_pools_cover
 from pipeline.outputs.shards import part_name
 from pipeline.runtime.storage import Location, resolve
+from spae.concepts import ConceptTally
 from spae.fonts import add_stand_in_legend, legible, words_font
 from spae.metrics import (
     OptionalMetrics,
@@ -112,6 +113,7 @@ class EvalData:
     image_features: Tensor | None = None
     s_min: Tensor | None = None
     s_max: Tensor | None = None
+    words: list[tuple[str, ...]] | None = None  # each image's true words (scenes://), key words first
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -170,6 +172,7 @@ def load_eval_data(
         kind=shards[0].kind,
         classes=tuple(shards[0].classes),
         label_words=source.label_words,
+        words=image_words(source, ids[:take]),
     )
     if pools_loc is not None:
         data.image_features = torch.from_numpy(np.concatenate(feats)[:take])
@@ -210,7 +213,9 @@ def evaluate_tokenizer(
 
     Keys: ``psnr/p<l>``, ``ssim/p<l>`` (covering prefixes), ``utilization/l<l>``, ``perplexity/l<l>``,
     ``distinct/l<l>``, ``relevance/l<l>`` (with pools and ``text_features`` [v, d]),
-    ``label_word_accuracy/l1`` (with labels and ``class_rows``), ``images``; with ``optional``
+    ``label_word_accuracy/l1`` (with labels and ``class_rows``), ``concept_recall/l<l>``,
+    ``concept_precision/l<l>`` and their prefix forms ``/p<l>``, ``key_words/p<l>`` (with ``data.words``:
+    ``spae.concepts``), ``images``; with ``optional``
     (``spae.metrics.OptionalMetrics``): ``fid/p<l>``, ``is/p<l>``, ``lpips/p<l>`` (or
     ``lpips_uncalibrated/p<l>``) for the deepest covering prefix ``l``, over the whole set.
 
@@ -228,6 +233,7 @@ def evaluate_tokenizer(
     relevance = data.image_features is not None and text_features is not None
     labelled = class_rows is not None and bool((data.labels >= 0).any())
     top_ids, top_labels = [], []
+    concepts = ConceptTally(tokenizer.vocabulary.words, spec.num_layers) if data.words is not None else None
 
     def add(key: str, values: Tensor) -> None:
         sums[key] = sums.get(key, 0.0) + float(values.double().sum())
@@ -256,6 +262,8 @@ def evaluate_tokenizer(
                         data.s_max[sl],
                     )
                     add(f"relevance/l{l}", rel)
+            if concepts is not None:
+                concepts.update(out.quant.ids, data.words[start : start + images.shape[0]])
             if labelled:
                 # the image's layer-1 word: the token itself, or the most frequent one when layer 1 has
                 # several (a one-layer VQ baseline)
@@ -274,6 +282,8 @@ def evaluate_tokenizer(
         ids, labels = torch.cat(top_ids), torch.cat(top_labels)
         known = labels >= 0
         metrics["label_word_accuracy/l1"] = label_word_accuracy(ids[known], labels[known], class_rows)
+    if concepts is not None:
+        metrics.update(concepts.compute())
     if optional is not None:
         metrics.update({f"{name}/p{prefixes[-1]}": value for name, value in optional.compute().items()})
     if data.frames:

@@ -22,7 +22,9 @@ committed, a re-run resumes). ``max_error_fraction`` fails a job with too many e
 ``retry_errors=true`` recomputes the committed shards that have error rows.
 
 Label-probe scorer: when ``scorer.probe_path`` does not exist, the probe is trained first on
-``probe_train_uri`` (a labelled source: MNIST, or an ImageFolder-style folder) and saved there.
+``probe_train_uri`` (a labelled source: MNIST, or an ImageFolder-style folder) and saved there. The word
+probe (several words per image) is trained the same way on a source whose rows carry their words
+(``scenes://``, ``pipeline.inputs.sources.image_words``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pipeline.inputs.sources import (
     _parse_moving_mnist_uri,
     class_words,
     decode_source,
+    image_word_weights,
     list_shards,
 )
 from pipeline.outputs.contracts import VocabCard
@@ -65,8 +68,18 @@ from pipeline.runtime.stages import (
 from pipeline.runtime.tracking import MlflowConfig
 from pipeline.steps.search import SearchConfig, TokenSearch, normalize_scores
 from pipeline.steps.vocab import load_text_features
+from spae.codebook import CodebookConfig, load_codebook
 from spae.config import to_dict
-from spae.scorers import ScorerConfig, build_scorer, describe_scorer, train_label_probe
+from spae.scenes import WORDS as SCENE_WORDS
+from spae.scenes import word_matrix
+from spae.scorers import (
+    PROBE_KINDS,
+    ScorerConfig,
+    build_scorer,
+    describe_scorer,
+    train_label_probe,
+    train_word_probe,
+)
 from spae.video import sample_frame_indices
 
 STAGE = "pools"
@@ -96,6 +109,9 @@ class PoolsJobConfig:
     num_cpus_per_actor: float = 1
     probe_train_uri: str = "mnist://train?limit=5000"  # label probe: trained here when probe_path is missing
     probe_steps: int = 300
+    # word probe: the words its directions keep low (spae.scorers.word_directions): the top N whole words of
+    # the MiniLM vocabulary (the default codebook filter); 0 = none (g_w = f'_T(w))
+    probe_contrast_words: int = 4096
     progress: bool = True
     model_retries: int = MODEL_RETRIES  # retries of a failing scorer/search call before the job fails
     max_error_fraction: float = MAX_ERROR_FRACTION  # error rows above this fraction fail the job
@@ -109,6 +125,8 @@ class PoolsJobConfig:
             raise ValueError("output: empty; give a local path or s3://bucket/prefix")
         if not self.vocab:
             raise ValueError("vocab: empty; give the URI of a vocab table (spae vocab)")
+        if self.probe_contrast_words < 0:
+            raise ValueError(f"probe_contrast_words: must be >= 0, got {self.probe_contrast_words}")
         for name in ("top_k", "batch_size", "actors", "probe_steps", "sample_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -213,14 +231,16 @@ class PoolStage:
 def ensure_probe(cfg: PoolsJobConfig, log: Callable[[str], None] = print) -> bool:
     """Train and save the label probe at ``scorer.probe_path`` if it is missing; True if trained now."""
     scorer = cfg.scorer
-    if scorer.kind != "label_probe":
+    if scorer.kind not in PROBE_KINDS:
         return False
     if not scorer.probe_path:
-        raise ValueError("scorer.probe_path: the label probe needs a folder (trained there if missing)")
+        raise ValueError(f"scorer.probe_path: the {scorer.kind} needs a folder (trained there if missing)")
     path = Path(scorer.probe_path)
     if (path / "probe.json").is_file():
         return False
     source = SourceConfig(uri=cfg.probe_train_uri, shard_size=10_000)
+    if scorer.kind == "word_probe":
+        return _train_word_probe(cfg, source, path, log)
     first = list_shards(source)[0]
     words = class_words(first.kind, first.classes)
     if not words:
@@ -251,6 +271,40 @@ def ensure_probe(cfg: PoolsJobConfig, log: Callable[[str], None] = print) -> boo
     return True
 
 
+def _train_word_probe(
+    cfg: PoolsJobConfig, source: SourceConfig, path: Path, log: Callable[[str], None]
+) -> bool:
+    """The word probe of ``ensure_probe``: trained on the words of every row of ``probe_train_uri``."""
+    size = cfg.image_size or 64
+    data = decode_source(source, DecodeOptions(size, fit=cfg.fit, max_pixels=cfg.max_pixels))
+    words = image_word_weights(source, data.image_ids)  # soft targets: each word's salience
+    if words is None:
+        raise ValueError(
+            f"probe_train_uri: {cfg.probe_train_uri} does not say each image's words; the word probe needs a "
+            "source whose rows carry several words (scenes://train)"
+        )
+    x = torch.from_numpy(to_float(data.pixels))  # [n, 3, s, s]
+    y = torch.from_numpy(word_matrix(words))  # [n, len(SCENE_WORDS)]
+    log(
+        f"word probe: {path} is missing; training it on {cfg.probe_train_uri} "
+        f"({len(y)} images, {len(SCENE_WORDS)} words, {cfg.probe_steps} steps)"
+    )
+    n = cfg.probe_contrast_words
+    contrast = load_codebook(CodebookConfig(top_n=n)).words if n else ()  # the words kept low
+    probe = train_word_probe(
+        x,
+        y,
+        SCENE_WORDS,
+        steps=cfg.probe_steps,
+        image_size=size,
+        renormalize_text=cfg.scorer.renormalize_text,
+        contrast_words=contrast,
+    )
+    probe.save(path)
+    log(f"word probe: saved to {path} (held-out mAP {probe.meta.get('map')})")
+    return True
+
+
 def _probe_frames(uri: str) -> int:
     """Frames per clip of a Moving MNIST probe source (0 for image sources)."""
     if not uri.startswith("moving-mnist://"):
@@ -271,7 +325,7 @@ class PoolsJobResult:
 
 def scorer_image_size(cfg: ScorerConfig) -> int:
     """The side the scorer reads images at, without building it."""
-    if cfg.kind == "label_probe":
+    if cfg.kind in PROBE_KINDS:
         import json
 
         return int(json.loads((Path(cfg.probe_path) / "probe.json").read_text())["image_size"])
@@ -295,7 +349,7 @@ def check_same_space(
     """The vocab's text features and our image features must come from one embedding space."""
     if not vocab_scorer:
         return
-    keys = ("kind", "text_encoder") if scorer["kind"] == "label_probe" else ("kind", "arch", "weights")
+    keys = ("kind", "text_encoder") if scorer["kind"] in PROBE_KINDS else ("kind", "arch", "weights")
     diff = [k for k in keys if vocab_scorer.get(k) != scorer.get(k)]
     if diff:
         theirs = ", ".join(f"{k}={vocab_scorer.get(k)!r}" for k in diff)

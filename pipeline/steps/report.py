@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.inputs.images import DecodeOptions, decode_table, to_float
-from pipeline.inputs.sources import list_shards, read_shard
+from pipeline.inputs.sources import image_words, list_shards, read_shard
 from pipeline.inputs.video import clip_gif
 from pipeline.outputs.contracts import CorpusManifest, load_tokenizer
 from pipeline.outputs.corpus import part_files, safe_name, token_pyramid, tokens_column, words_column
@@ -168,6 +168,8 @@ def run_report(cfg: ReportConfig) -> ReportResult:
     decodes = {c: tokenizer.decode(pyramid, up_to_layer=c) for c in prefixes}  # like images, each
     panels = []
     labels = table.column("label").to_pylist()
+    # sources whose rows carry several words (scenes://): the image's words name it, key words first
+    words_of = image_words(manifest.source, image_ids) if manifest.source is not None else None
     for i, iid in enumerate(image_ids):
         grids = []
         for l in [l for l in layers if l <= SHOWN_LAYERS]:
@@ -185,6 +187,7 @@ def run_report(cfg: ReportConfig) -> ReportResult:
             for c in prefixes
         )
         label = None if labels[i] is None else str(labels[i])
+        label = " ".join(words_of[i]) if words_of is not None else label
         original = frame_strip(originals[i], STRIP_FRAMES) if frames else originals[i]
         panels.append(PyramidPanel(iid, original, tuple(grids), recons, label))
     title = cfg.title or f"Token pyramids of {manifest.output}"
