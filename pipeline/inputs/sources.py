@@ -320,7 +320,9 @@ class SourceKind:
       cannot be cut (then it stays one task);
     - ``read(shard) -> rows``: the columns of ``row_schema``, one entry per row;
     - ``digest_keys(cfg)``: config values that change which rows are read, beside the items;
-    - ``words(classes, label_words)``: the words that name each class (``class_words``).
+    - ``words(classes, label_words)``: the words that name each class (``class_words``);
+    - ``group(image_id)``: the group an image belongs to, read from its id (``mnist-shifted``: its shift),
+      for the evaluator's per-group breakdown; "" = no group.
     """
 
     name: str
@@ -339,6 +341,7 @@ class SourceKind:
     captions: bool = False  # reads a caption per row when SourceConfig.caption_column asks
     keeps_listed: bool = False  # cut needs the listing's items (Shard.listed)
     holds: str = ""  # "images" or "clips" when every row is one of them ("" = either, by the files)
+    group: Callable[[str], str] = lambda image_id: ""
 
 
 def source_kind(name: str) -> SourceKind:
@@ -473,6 +476,16 @@ def _parse_shifted_uri(uri: str) -> tuple[str, int, str, int]:
     except ValueError as e:
         raise ValueError(f"{uri}: limit and seed must be integers ({e})") from e
     return split, limit, shift, seed
+
+
+def group_of(kind: str, image_id: str) -> str:
+    """The group of an image of a ``kind`` source, from its id (``SourceKind.group``); "" = none."""
+    return source_kind(kind).group(image_id)
+
+
+def _shift_of_id(image_id: str) -> str:
+    """``mnist-shifted-{split}-{shift}-{i:06d}`` -> the shift."""
+    return image_id.rsplit("-", 2)[1]
 
 
 def shift_of(shift: str, index: int) -> str:
@@ -963,6 +976,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
             scheme="mnist-shifted",
             digest_keys=lambda cfg: list(_parse_shifted_uri(cfg.uri)[2:]),  # the shift and the seed
             words=lambda classes, label_words: mnist_class_words(),
+            group=_shift_of_id,
         ),
         SourceKind(
             "moving-mnist",
