@@ -79,14 +79,17 @@ def run_variant(args: argparse.Namespace, overrides: list[str], codebook, data, 
     disc = Discriminator(cfg.network, cfg.image_channels, cfg.image_size).to(device)
     optim = OptimConfig(lr=args.lr, warmup_steps=100, cooldown_steps=args.steps // 6, total_steps=args.steps)
     trainer = SPAETrainer(model, disc, lcfg, optim, device, seed=args.seed)
-    images, ids, scores = data
+    images, ids, scores = data[:3]
+    labels = data[3] if len(data) > 3 else None  # [n], for augment's typeset family
     g = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     for step in range(args.steps):
         batch = torch.randint(0, len(images), (args.batch_size,), generator=g)
         x = images[batch]
         if acfg.enabled:  # as the train job: drawn from (seed, rank 0, step)
-            x = augment(x, acfg, step_generator(args.seed, 0, step))
+            x = augment(
+                x, acfg, step_generator(args.seed, 0, step), None if labels is None else labels[batch]
+            )
         metrics = trainer.step(x, ids[batch], scores[batch])
     seconds = time.perf_counter() - start
     model.eval()
@@ -152,14 +155,15 @@ def main() -> None:
 
     codebook = read_codebook(f"{args.data}/vocab")
     index, ids, scores = read_pools(f"{args.data}/pools-train", 64)
-    train_x, _ = load_mnist("train")
+    train_x, train_y = load_mnist("train")
     images = mnist_images(train_x[index])  # [n, 3, 32, 32]
+    labels = torch.from_numpy(train_y[index])
     test_x, test_y = load_mnist("test")
     test = (mnist_images(test_x[: args.eval_images]), torch.from_numpy(test_y[: args.eval_images]))
     shifted = shifted_test(args.shifted) if args.shifted else None
     results = []
     for variant in args.variant or ["loss.alpha=0", ""]:
-        res = run_variant(args, variant.split(), codebook, (images, ids, scores), test, shifted)
+        res = run_variant(args, variant.split(), codebook, (images, ids, scores, labels), test, shifted)
         base = results[0]["psnr"] if results else res["psnr"]
         res["psnr_vs_first"] = {l: res["psnr"][l] - base[l] for l in res["psnr"]}
         results.append(res)

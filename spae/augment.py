@@ -2,7 +2,7 @@
 
 A share ``p`` of each batch is augmented; an augmented image gets ONE family, drawn uniformly from
 ``families`` (as each image of ``mnist-shifted://`` carries one shift), with its strength drawn from the
-family's range. ``font`` (another hand typesetting the digit) has no training twin: it stays a held-out shift.
+family's range. ``spae.shifts``'s ``font`` has the ``typeset`` family as a near twin in other fonts.
 
 - ``scale``: zoom about the centre by ``scale`` (1.3: the digit 30% larger, its edges cut by the frame);
 - ``translate``: moved by up to ``translate`` of the side on each axis;
@@ -11,7 +11,11 @@ family's range. ``font`` (another hand typesetting the digit) has no training tw
   dilated by a 3 x 3 window;
 - ``blur``: a Gaussian blur of standard deviation ``blur`` pixels;
 - ``lowres``: downsampled to a side of ``lowres`` times the side (antialiased), then back up (bilinear);
-- ``contrast``: ink times ``ink``, plus a background ``ground``.
+- ``contrast``: ink times ``ink``, plus a background ``ground``;
+- ``typeset``: not the hand-written digit but its label typeset in one of ``TYPESET_FONTS`` (never DejaVu
+  Sans, the font of ``mnist-shifted://``'s ``font`` shift, which stays held out), scaled by
+  ``typeset_scale``, turned by up to ``typeset_turn`` degrees, moved by up to ``typeset_move`` of the side;
+  it needs the batch's labels (an image without one, label -1, is left as it is). Off by default.
 
 Every family keeps the class: no flips, bounded rotation, and a digit scaled or moved stays mostly in frame.
 The semantic loss's pools are precomputed per training image; with the label-probe scorer a pool is the
@@ -26,13 +30,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib import font_manager
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 FAMILIES = ("scale", "translate", "rotate", "thin", "thick", "blur", "lowres", "contrast")
+OPTIONAL_FAMILIES = ("typeset",)  # needs the batch's labels
+# system and matplotlib fonts with digits unlike MNIST's hand; not DejaVu Sans (mnist-shifted's font shift)
+TYPESET_FONTS = ("DejaVu Serif", "DejaVu Sans Mono", "STIXGeneral", "cmr10", "cmss10", "cmtt10")
 MAX_ROTATE = 45.0  # degrees: well short of the half turn that makes a 6 a 9
 
 
@@ -49,21 +59,30 @@ class AugmentConfig:
     lowres: tuple[float, float] = (0.3, 0.5)  # intermediate side, a fraction of the side
     ink: tuple[float, float] = (0.35, 0.9)  # contrast: ink scaled by
     ground: tuple[float, float] = (0.0, 0.2)  # contrast: background added (images in [0, 1])
+    typeset_scale: tuple[float, float] = (0.65, 1.0)  # typeset: glyph height, times 0.75 of the side
+    typeset_turn: float = 15.0  # typeset: largest turn, degrees either way
+    typeset_move: float = 0.1  # typeset: largest move per axis, a fraction of the side
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"augment.p: must be in [0, 1], got {self.p}")
-        unknown = [f for f in self.families if f not in FAMILIES]
+        unknown = [f for f in self.families if f not in FAMILIES + OPTIONAL_FAMILIES]
         if unknown or not self.families:
-            raise ValueError(f"augment.families: {unknown or '[]'}; choose from {', '.join(FAMILIES)}")
-        if not 0.0 <= self.rotate <= MAX_ROTATE:
-            raise ValueError(f"augment.rotate: {self.rotate} degrees; at most {MAX_ROTATE} (6 and 9 apart)")
-        for key in ("scale", "blur", "lowres", "ink", "ground"):
+            known = ", ".join(FAMILIES + OPTIONAL_FAMILIES)
+            raise ValueError(f"augment.families: {unknown or '[]'}; choose from {known}")
+        if not (0.0 <= self.rotate <= MAX_ROTATE and 0.0 <= self.typeset_turn <= MAX_ROTATE):
+            turn = max(self.rotate, self.typeset_turn)
+            raise ValueError(
+                f"augment.rotate / typeset_turn: {turn} degrees; at most {MAX_ROTATE} (6 and 9 apart)"
+            )
+        for key in ("scale", "blur", "lowres", "ink", "ground", "typeset_scale"):
             lo, hi = getattr(self, key)
             if not 0.0 <= lo <= hi or (key != "ground" and lo <= 0.0):
                 raise ValueError(f"augment.{key}: ({lo}, {hi}) must be a range 0 < lo <= hi")
-        if not 0.0 <= self.translate < 0.5 or self.lowres[1] > 1.0:
-            raise ValueError("augment.translate must be in [0, 0.5) and augment.lowres at most 1")
+        if not (0.0 <= self.translate < 0.5 and 0.0 <= self.typeset_move < 0.5) or self.lowres[1] > 1.0:
+            raise ValueError(
+                "augment.translate and typeset_move must be in [0, 0.5), augment.lowres at most 1"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -160,6 +179,44 @@ def _contrast(x: Tensor, cfg: AugmentConfig, g: torch.Generator) -> Tensor:
     return x * ink + ground
 
 
+@cache
+def glyphs(side: int) -> Tensor:
+    """The digits 0-9 typeset in each available font of ``TYPESET_FONTS``, white on black, centred, 0.75 of
+    the side high: [fonts, 10, side, side] in [0, 1] (rendered once per process and side)."""
+    bank = []
+    for name in TYPESET_FONTS:
+        try:
+            path = font_manager.findfont(name, fallback_to_default=False)
+        except ValueError:  # not installed here
+            continue
+        font = ImageFont.truetype(path, round(0.75 * side))
+        row = []
+        for digit in range(10):
+            canvas = Image.new("L", (side, side), 0)
+            draw = ImageDraw.Draw(canvas)
+            left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font)
+            draw.text(
+                ((side - (right - left)) / 2 - left, (side - (bottom - top)) / 2 - top), str(digit), 255, font
+            )
+            row.append(torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0))
+        bank.append(torch.stack(row))
+    if not bank:
+        raise RuntimeError(f"augment typeset: none of the fonts {', '.join(TYPESET_FONTS)} is installed")
+    return torch.stack(bank)  # [F, 10, side, side]
+
+
+def _typeset(x: Tensor, labels: Tensor, cfg: AugmentConfig, g: torch.Generator) -> Tensor:
+    """x [n, C, H, W], labels [n] in 0..9 -> the labels typeset [n, C, H, W]."""
+    n, c, h, w = x.shape
+    bank = glyphs(h)  # [F, 10, H, H]
+    font = torch.randint(bank.shape[0], (n,), generator=g)
+    zoom = _uniform(n, *cfg.typeset_scale, g)
+    angle = _uniform(n, -cfg.typeset_turn, cfg.typeset_turn, g) * (math.pi / 180.0)
+    shift = _uniform(2 * n, -cfg.typeset_move, cfg.typeset_move, g).view(n, 2)
+    digits = bank[font, labels.cpu().long()][:, None].expand(-1, c, -1, -1).to(x)  # [n, C, H, W]
+    return _affine(digits, zoom, angle, shift)
+
+
 SHIFTS: dict[str, Callable[[Tensor, AugmentConfig, torch.Generator], Tensor]] = {
     "scale": _scale,
     "translate": _translate,
@@ -172,9 +229,10 @@ SHIFTS: dict[str, Callable[[Tensor, AugmentConfig, torch.Generator], Tensor]] = 
 }
 
 
-def augment(images: Tensor, cfg: AugmentConfig, g: torch.Generator) -> Tensor:
+def augment(images: Tensor, cfg: AugmentConfig, g: torch.Generator, labels: Tensor | None = None) -> Tensor:
     """images [b, C, H, W] in [0, 1] -> [b, C, H, W] in [0, 1]: a share ``cfg.p`` of them shifted, each by
-    one family of ``cfg.families``; the rest unchanged. ``g``: a CPU generator (``step_generator``)."""
+    one family of ``cfg.families``; the rest unchanged. ``g``: a CPU generator (``step_generator``);
+    ``labels`` [b] (0-9, -1 = none): the digits ``typeset`` draws."""
     if images.dim() != 4:
         raise ValueError(f"augment takes images [b, C, H, W], got {tuple(images.shape)} (not clips)")
     if not cfg.enabled:
@@ -185,7 +243,14 @@ def augment(images: Tensor, cfg: AugmentConfig, g: torch.Generator) -> Tensor:
     out = images.clone()
     for i, name in enumerate(cfg.families):
         sel = chosen & (family == i)  # [b]
+        if name == "typeset":
+            known = labels.cpu() if labels is not None else torch.full((b,), -1)
+            sel &= (known >= 0) & (known <= 9)
         if sel.any():
-            idx = sel.nonzero().squeeze(1).to(images.device)
-            out[idx] = SHIFTS[name](images[idx], cfg, g).to(images.dtype)
+            idx = sel.nonzero().squeeze(1)
+            if name == "typeset":
+                shifted = _typeset(images[idx.to(images.device)], known[idx], cfg, g)
+            else:
+                shifted = SHIFTS[name](images[idx.to(images.device)], cfg, g)
+            out[idx.to(images.device)] = shifted.to(images.dtype)
     return out.clamp_(0.0, 1.0)

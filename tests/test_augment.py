@@ -67,7 +67,7 @@ def test_a_share_p_of_the_batch_is_shifted_and_p_0_is_off():
 
 
 def test_bad_settings_are_refused_by_name():
-    with pytest.raises(ValueError, match="augment.rotate: 90.0 degrees; at most 45"):
+    with pytest.raises(ValueError, match="augment.rotate / typeset_turn: 90.0 degrees; at most 45"):
         AugmentConfig(rotate=90.0)
     with pytest.raises(ValueError, match=r"augment.families: \['flip'\]"):
         AugmentConfig(families=("flip",))
@@ -92,3 +92,22 @@ def test_the_mnist_preset_trains_on_shifted_batches_and_the_others_do_not():
     assert torch.equal(train_images(pixels, off, 0, 7), pixels.movedim(-1, 1).float() / 255)
     with pytest.raises(ConfigError, match="augment.p=0.5: clips"):
         load_config(TrainJobConfig, overrides=["augment.p=0.5"], base=preset_base("moving-mnist"))
+
+
+def test_typeset_draws_each_images_label_in_another_font_and_leaves_unlabelled_images():
+    from spae.augment import glyphs
+
+    x = _digits(40)
+    labels = torch.from_numpy(load_mnist("test")[1][:40].copy())
+    labels[:4] = -1  # no label: left as it is
+    y = augment(x, AugmentConfig(p=1.0, families=("typeset",)), step_generator(0, 0, 1), labels)
+    assert torch.equal(y[:4], x[:4]) and not torch.equal(y[4:], x[4:])
+    still = AugmentConfig(
+        p=1.0, families=("typeset",), typeset_scale=(1.0, 1.0), typeset_turn=0, typeset_move=0
+    )
+    y = augment(x, still, step_generator(0, 0, 1), labels)
+    bank = glyphs(32)  # [fonts, 10, 32, 32]
+    for i in range(4, 40):  # each image is its own label in one of the fonts
+        error = (bank[:, int(labels[i])] - y[i, 0]).abs().flatten(1).amax(1)  # [fonts]
+        assert float(error.min()) < 1e-4, i
+    assert glyphs(32).shape[1:] == (10, 32, 32) and glyphs(32).shape[0] >= 2

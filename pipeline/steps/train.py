@@ -259,14 +259,16 @@ def _to_images(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.movedim(-1, 1).float().div(255.0)
 
 
-def train_images(pixels: torch.Tensor, cfg: TrainJobConfig, rank: int, step: int) -> torch.Tensor:
+def train_images(
+    pixels: torch.Tensor, cfg: TrainJobConfig, rank: int, step: int, labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """A worker's batch as the step takes it: ``_to_images``, then ``cfg.augment``'s shifts drawn from
-    ``(cfg.seed, rank, step)`` (the same after a resume). The pools stay the source image's: with the
-    label-probe scorer they are the class's (docs/ARCHITECTURE.md)."""
+    ``(cfg.seed, rank, step)`` (the same after a resume; ``labels`` [b], -1 = none, for ``typeset``). The
+    pools stay the source image's: with the label-probe scorer they are the class's (docs/ARCHITECTURE.md)."""
     images = _to_images(pixels)
     if not cfg.augment.enabled:
         return images
-    return augment(images, cfg.augment, step_generator(cfg.seed, rank, step))
+    return augment(images, cfg.augment, step_generator(cfg.seed, rank, step), labels)
 
 
 def build_discriminator(model: SPAEConfig) -> torch.nn.Module:
@@ -423,7 +425,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     raise RuntimeError(
                         f"fail_at_step={cfg.fail_at_step}: injected worker failure (rank {rank})"
                     )
-                images = train_images(batch["pixels"], cfg, rank, trainer.step_count)
+                images = train_images(batch["pixels"], cfg, rank, trainer.step_count, batch["label"])
                 metrics = trainer.step(images, batch["pool_ids"], batch["pool_scores"])
                 step = trainer.step_count  # steps done
                 metrics["images_per_s"] = (
