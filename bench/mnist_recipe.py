@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -33,6 +34,7 @@ from spae.metrics import label_word_accuracy, psnr
 from spae.model import SPAE, SPAEConfig, preset
 from spae.networks import Discriminator
 from spae.shifts import SHIFTS, shift_digit
+from spae.tokenizer import SPAETokenizer
 from spae.training import OptimConfig, SPAETrainer
 
 
@@ -93,6 +95,10 @@ def run_variant(args: argparse.Namespace, overrides: list[str], codebook, data, 
         metrics = trainer.step(x, ids[batch], scores[batch])
     seconds = time.perf_counter() - start
     model.eval()
+    if getattr(args, "save", ""):  # the tokenizer, for spae evaluate / report
+        SPAETokenizer(model).save_pretrained(
+            f"{args.save}/{len(os.listdir(args.save)) if os.path.isdir(args.save) else 0}"
+        )
     words = [w.lower() for w in codebook.words]
     class_rows = [
         {r for r, w in enumerate(words) if w in (name, str(i))} for i, name in enumerate(MNIST_CLASS_WORDS)
@@ -151,6 +157,9 @@ def main() -> None:
         "--shifted", type=int, default=0, help="also evaluate this many mnist-shifted://test digits"
     )
     p.add_argument("--out", default="", help="write the results as JSON here")
+    p.add_argument(
+        "--save", default="", help="save each variant's tokenizer under SAVE/<i> (save_pretrained)"
+    )
     args = p.parse_args()
 
     codebook = read_codebook(f"{args.data}/vocab")
