@@ -5,8 +5,8 @@ A share ``p`` of each batch is augmented; an augmented image gets ONE family, dr
 family's range. ``spae.shifts``'s ``font`` has the ``typeset`` family as a near twin in other fonts.
 
 - ``scale``: zoom about the centre by ``scale`` (1.3: the digit 30% larger, its edges cut by the frame);
-- ``translate``: moved by up to ``translate`` of the side on each axis;
-- ``rotate``: turned by up to ``rotate`` degrees either way (at most 45: a 6 turned by 180 is a 9);
+- ``translate``: moved on each axis by a fraction of the side in the range ``translate``, either sign;
+- ``rotate``: turned by ``rotate`` degrees (a range), either way (at most 45: a 6 turned by 180 is a 9);
 - ``thin`` / ``thick``: strokes eroded by half a pixel a side (a 3 x 3 min at twice the resolution) /
   dilated by a 3 x 3 window;
 - ``blur``: a Gaussian blur of standard deviation ``blur`` pixels;
@@ -53,8 +53,8 @@ class AugmentConfig:
     p: float = 0.0  # share of the images of a batch augmented (each by one family); 0 = off
     families: tuple[str, ...] = FAMILIES
     scale: tuple[float, float] = (0.6, 1.35)  # zoom factor
-    translate: float = 0.2  # largest move per axis, a fraction of the side
-    rotate: float = 35.0  # largest turn, degrees either way
+    translate: tuple[float, float] = (0.09, 0.22)  # move per axis, a fraction of the side, either sign
+    rotate: tuple[float, float] = (10.0, 35.0)  # turn, degrees, either way
     blur: tuple[float, float] = (0.6, 1.6)  # Gaussian standard deviation, pixels
     lowres: tuple[float, float] = (0.3, 0.5)  # intermediate side, a fraction of the side
     ink: tuple[float, float] = (0.35, 0.9)  # contrast: ink scaled by
@@ -70,16 +70,16 @@ class AugmentConfig:
         if unknown or not self.families:
             known = ", ".join(FAMILIES + OPTIONAL_FAMILIES)
             raise ValueError(f"augment.families: {unknown or '[]'}; choose from {known}")
-        if not (0.0 <= self.rotate <= MAX_ROTATE and 0.0 <= self.typeset_turn <= MAX_ROTATE):
-            turn = max(self.rotate, self.typeset_turn)
+        if not (self.rotate[1] <= MAX_ROTATE and 0.0 <= self.typeset_turn <= MAX_ROTATE):
+            turn = max(self.rotate[1], self.typeset_turn)
             raise ValueError(
                 f"augment.rotate / typeset_turn: {turn} degrees; at most {MAX_ROTATE} (6 and 9 apart)"
             )
-        for key in ("scale", "blur", "lowres", "ink", "ground", "typeset_scale"):
+        for key in ("scale", "translate", "rotate", "blur", "lowres", "ink", "ground", "typeset_scale"):
             lo, hi = getattr(self, key)
-            if not 0.0 <= lo <= hi or (key != "ground" and lo <= 0.0):
+            if not 0.0 <= lo <= hi or (key not in ("ground", "translate", "rotate") and lo <= 0.0):
                 raise ValueError(f"augment.{key}: ({lo}, {hi}) must be a range 0 < lo <= hi")
-        if not (0.0 <= self.translate < 0.5 and 0.0 <= self.typeset_move < 0.5) or self.lowres[1] > 1.0:
+        if not (self.translate[1] < 0.5 and 0.0 <= self.typeset_move < 0.5) or self.lowres[1] > 1.0:
             raise ValueError(
                 "augment.translate and typeset_move must be in [0, 0.5), augment.lowres at most 1"
             )
@@ -102,6 +102,10 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> Tensor:
     return torch.rand(n, generator=g, dtype=torch.float64).mul(hi - lo).add(lo)  # [n]
+
+
+def _sign(n: int, g: torch.Generator) -> Tensor:
+    return torch.randint(2, (n,), generator=g).to(torch.float64).mul(2).sub(1)  # [n] of -1, +1
 
 
 def _affine(x: Tensor, zoom: Tensor, angle: Tensor, shift: Tensor) -> Tensor:
@@ -128,13 +132,13 @@ def _scale(x: Tensor, cfg: AugmentConfig, g: torch.Generator) -> Tensor:
 
 def _translate(x: Tensor, cfg: AugmentConfig, g: torch.Generator) -> Tensor:
     n = x.shape[0]
-    shift = _uniform(2 * n, -cfg.translate, cfg.translate, g).view(n, 2)
+    shift = (_uniform(2 * n, *cfg.translate, g) * _sign(2 * n, g)).view(n, 2)
     return _affine(x, torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), shift)
 
 
 def _rotate(x: Tensor, cfg: AugmentConfig, g: torch.Generator) -> Tensor:
     n = x.shape[0]
-    angle = _uniform(n, -cfg.rotate, cfg.rotate, g) * (math.pi / 180.0)
+    angle = _uniform(n, *cfg.rotate, g) * _sign(n, g) * (math.pi / 180.0)
     return _affine(x, torch.ones(n, dtype=torch.float64), angle, torch.zeros(n, 2, dtype=torch.float64))
 
 

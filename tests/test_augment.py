@@ -68,7 +68,7 @@ def test_a_share_p_of_the_batch_is_shifted_and_p_0_is_off():
 
 def test_bad_settings_are_refused_by_name():
     with pytest.raises(ValueError, match="augment.rotate / typeset_turn: 90.0 degrees; at most 45"):
-        AugmentConfig(rotate=90.0)
+        AugmentConfig(rotate=(10.0, 90.0))
     with pytest.raises(ValueError, match=r"augment.families: \['flip'\]"):
         AugmentConfig(families=("flip",))
     with pytest.raises(ValueError, match="augment.p"):
@@ -111,3 +111,16 @@ def test_typeset_draws_each_images_label_in_another_font_and_leaves_unlabelled_i
         error = (bank[:, int(labels[i])] - y[i, 0]).abs().flatten(1).amax(1)  # [fonts]
         assert float(error.min()) < 1e-4, i
     assert glyphs(32).shape[1:] == (10, 32, 32) and glyphs(32).shape[0] >= 2
+
+
+def test_translate_and_rotate_draw_their_strength_from_a_range_of_magnitudes_either_sign():
+    x = torch.zeros(64, 1, 32, 32)
+    x[:, :, 14:18, 14:18] = 1.0  # a centred blob
+    cfg = AugmentConfig(p=1.0, families=("translate",), translate=(0.125, 0.25))
+    y = augment(x, cfg, step_generator(0, 0, 0))
+    grid = torch.arange(32.0)
+    cy = (y[:, 0].sum(2) * grid).sum(1) / y[:, 0].sum((1, 2))  # [n] centre of the ink
+    cx = (y[:, 0].sum(1) * grid).sum(1) / y[:, 0].sum((1, 2))
+    for c in (cy - 15.5, cx - 15.5):  # moved by 4 to 8 pixels on each axis, both ways over the batch
+        assert bool((c.abs() >= 4 - 1e-3).all() and (c.abs() <= 8 + 1e-3).all())
+        assert bool((c > 0).any() and (c < 0).any())
