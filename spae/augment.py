@@ -15,7 +15,7 @@ family's range. ``spae.shifts``'s ``font`` has the ``typeset`` family as a near 
 - ``typeset``: not the hand-written digit but its label typeset in one of ``TYPESET_FONTS`` (never DejaVu
   Sans, the font of ``mnist-shifted://``'s ``font`` shift, which stays held out), scaled by
   ``typeset_scale``, turned by up to ``typeset_turn`` degrees, moved by up to ``typeset_move`` of the side;
-  it needs the batch's labels (an image without one, label -1, is left as it is). Off by default.
+  it needs the batch's labels (an image without one, label -1, is left as it is).
 
 Every family keeps the class: no flips, bounded rotation, and a digit scaled or moved stays mostly in frame.
 The semantic loss's pools are precomputed per training image; with the label-probe scorer a pool is the
@@ -39,8 +39,7 @@ from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-FAMILIES = ("scale", "translate", "rotate", "thin", "thick", "blur", "lowres", "contrast")
-OPTIONAL_FAMILIES = ("typeset",)  # needs the batch's labels
+FAMILIES = ("scale", "translate", "rotate", "thin", "thick", "blur", "lowres", "contrast", "typeset")
 # system and matplotlib fonts with digits unlike MNIST's hand; not DejaVu Sans (mnist-shifted's font shift)
 TYPESET_FONTS = ("DejaVu Serif", "DejaVu Sans Mono", "STIXGeneral", "cmr10", "cmss10", "cmtt10")
 MAX_ROTATE = 45.0  # degrees: well short of the half turn that makes a 6 a 9
@@ -66,10 +65,9 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"augment.p: must be in [0, 1], got {self.p}")
-        unknown = [f for f in self.families if f not in FAMILIES + OPTIONAL_FAMILIES]
+        unknown = [f for f in self.families if f not in FAMILIES]
         if unknown or not self.families:
-            known = ", ".join(FAMILIES + OPTIONAL_FAMILIES)
-            raise ValueError(f"augment.families: {unknown or '[]'}; choose from {known}")
+            raise ValueError(f"augment.families: {unknown or '[]'}; choose from {', '.join(FAMILIES)}")
         if not (self.rotate[1] <= MAX_ROTATE and 0.0 <= self.typeset_turn <= MAX_ROTATE):
             turn = max(self.rotate[1], self.typeset_turn)
             raise ValueError(

@@ -20,15 +20,16 @@ def _digits(n: int = 16) -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_shifts_every_chosen_image_within_range_and_the_same_way_for_a_step(family):
     x = _digits()
+    labels = torch.from_numpy(load_mnist("test")[1][:16].copy())  # typeset draws them
     cfg = AugmentConfig(p=1.0, families=(family,))
-    y = augment(x, cfg, step_generator(0, 0, 5))
+    y = augment(x, cfg, step_generator(0, 0, 5), labels)
     assert y.shape == x.shape and y.dtype == x.dtype and y.min() >= 0.0 and y.max() <= 1.0
     changed = (y - x).abs().flatten(1).amax(1) > 0.05  # [n]
     assert bool(changed.all()), family
-    assert torch.equal(y, augment(x, cfg, step_generator(0, 0, 5)))  # the same step: the same batch
+    assert torch.equal(y, augment(x, cfg, step_generator(0, 0, 5), labels))  # the same step: the same batch
     if family not in ("thin", "thick"):  # the others draw their strength
-        assert not torch.equal(y, augment(x, cfg, step_generator(0, 0, 6)))
-        assert not torch.equal(y, augment(x, cfg, step_generator(0, 1, 5)))  # another rank
+        assert not torch.equal(y, augment(x, cfg, step_generator(0, 0, 6), labels))
+        assert not torch.equal(y, augment(x, cfg, step_generator(0, 1, 5), labels))  # another rank
 
 
 def test_strokes_and_contrast_move_the_ink_the_way_they_say():
