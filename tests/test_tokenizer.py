@@ -384,3 +384,11 @@ def test_global_context_starts_as_no_change_and_learns_from_every_position():
     assert {"context.weight", "context.bias"} <= set(
         enc.state_dict()
     ) and "context.weight" not in plain.state_dict()
+
+
+def test_global_context_is_refused_for_clips():
+    from spae.config import replace
+    from spae.model import preset
+
+    with pytest.raises(ValueError, match="network.global_context is for images"):
+        replace(preset("tiny3d"), network={"global_context": True})
