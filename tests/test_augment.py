@@ -125,3 +125,29 @@ def test_translate_and_rotate_draw_their_strength_from_a_range_of_magnitudes_eit
     for c in (cy - 15.5, cx - 15.5):  # moved by 4 to 8 pixels on each axis, both ways over the batch
         assert bool((c.abs() >= 4 - 1e-3).all() and (c.abs() <= 8 + 1e-3).all())
         assert bool((c > 0).any() and (c < 0).any())
+
+
+def test_the_train_jobs_rows_carry_the_labels_typeset_draws(tmp_path):
+    """The worker's batch (read_joined_shards: pixels, label, pools) goes through train_images with its
+    labels: on the mnist preset a typeset-only augmentation draws each row's own digit."""
+    from test_evaluate import write_pools
+
+    from pipeline.inputs.images import DecodeOptions
+    from pipeline.inputs.sources import SourceConfig, list_shards
+    from pipeline.steps.train import read_joined_shards
+    from spae.augment import glyphs
+
+    source = SourceConfig(uri="mnist://train?limit=12", shard_size=12)
+    pools = write_pools(tmp_path / "pools", source)
+    rows = read_joined_shards({"shard": [list_shards(source)[0].to_json()]}, pools, DecodeOptions(32))
+    assert rows["label"].tolist() == load_mnist("train")[1][:12].tolist()
+    cfg = load_config(
+        TrainJobConfig,
+        overrides=["augment.p=1", "augment.families=[typeset]", "augment.typeset_scale=[1,1]"]
+        + ["augment.typeset_turn=0", "augment.typeset_move=0"],
+        base=preset_base("mnist"),
+    )
+    images = train_images(torch.from_numpy(rows["pixels"]), cfg, 0, 3, torch.from_numpy(rows["label"]))
+    bank = glyphs(32)  # [fonts, 10, 32, 32]
+    for image, label in zip(images, rows["label"], strict=True):
+        assert float((bank[:, int(label)] - image[0]).abs().flatten(1).amax(1).min()) < 1e-4
