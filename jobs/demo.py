@@ -52,6 +52,9 @@ class DemoConfig:
     name: str = "demo"  # the training run's name (a different name trains a second tokenizer)
     train_images: int = 20000  # MNIST training digits used for pools and training
     eval_images: int = 1000  # held-out MNIST test digits for evaluation, tokenization and the report
+    # test digits under the shifts of spae.shifts (mnist-shifted://test, each shift in turn), evaluated
+    # by a second evaluate stage with a per-shift breakdown; 0 = skip (skipped for moving-mnist and scenes)
+    shifted_images: int = 900
     steps: int = 1200  # training steps (the mnist preset; docs/RESULTS.md)
     batch_size: int = 32
     lr: float = 1e-3
@@ -74,6 +77,8 @@ class DemoConfig:
         for key in ("train_images", "eval_images", "steps", "batch_size", "num_workers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.shifted_images < 0:
+            raise ValueError(f"shifted_images: must be >= 0 (0 = skip), got {self.shifted_images}")
 
 
 @dataclass
@@ -108,6 +113,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
     device = {"device": "cuda"} if cfg.use_gpu else {}
     tokenizer = out / "runs" / cfg.name / "tokenizer"
     common = {"ray": ray, "mlflow": mlflow}
+    shifted = [] if video or scenes or not cfg.shifted_images else [shifted_stage(cfg, out, mlflow, device)]
     probe_cfg = {
         "source": train_src,
         "vocab": str(out / "vocab"),
@@ -191,6 +197,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
             },
             lambda: (out / "eval" / cfg.name / "metrics.json").exists(),
         ),
+        *shifted,
         Stage(
             "tokenize",
             "tokenize",
@@ -228,6 +235,27 @@ def scene_model(size: int) -> dict[str, Any]:
     return {"image_size": size, "network": {"channel_multipliers": levels}}
 
 
+def shifted_stage(cfg: DemoConfig, out: Path, mlflow: dict[str, Any], device: dict[str, str]) -> Stage:
+    """``spae evaluate`` on ``mnist-shifted://test`` (no pools: no relevance): PSNR, SSIM and the top word
+    overall and per shift; its picture shows the first image of each shift."""
+    n = cfg.shifted_images
+    return Stage(
+        "evaluate (shifted)",
+        "evaluate",
+        {
+            "tokenizer": str(out / "runs" / cfg.name / "tokenizer"),
+            "source": {"uri": f"mnist-shifted://test?limit={n}", "shard_size": 500},
+            "limit": n,
+            "picture_images": 9,
+            "output": str(out / "eval" / f"{cfg.name}-shifted"),
+            "run_name": f"evaluate-shifted:{cfg.name}",
+            **device,
+            "mlflow": mlflow,
+        },
+        lambda: (out / "eval" / f"{cfg.name}-shifted" / "metrics.json").exists(),
+    )
+
+
 def validate(plan: Sequence[Stage]) -> None:
     """Build every stage's typed config before any work starts (a bad key fails in a second)."""
     for stage in plan:
@@ -253,6 +281,7 @@ def run_stage(stage: Stage, config_dir: Path) -> float:
 def summary(cfg: DemoConfig, timings: dict[str, float]) -> dict[str, Any]:
     out = Path(cfg.output).expanduser().resolve()
     metrics = json.loads((out / "eval" / cfg.name / "metrics.json").read_text())
+    shifted = out / "eval" / f"{cfg.name}-shifted" / "metrics.json"
     import pyarrow.parquet as pq
 
     parts = sorted((out / "corpus" / cfg.name).glob("part-*.parquet"))
@@ -261,6 +290,7 @@ def summary(cfg: DemoConfig, timings: dict[str, float]) -> dict[str, Any]:
     )
     return {
         "metrics": metrics,
+        "shifted_metrics": json.loads(shifted.read_text()) if shifted.exists() else {},
         "top_layer_words": [(r["image_id"], r["label"], r["words_l1"][0]) for r in rows],
         "timings_s": timings,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -284,6 +314,19 @@ def print_summary(s: dict[str, Any]) -> None:
         k for k in m if k.startswith(("concept_recall/p", "concept_precision/p", "key_words/p"))
     ):
         print(f"  {key:<24} {m[key]:.3f}")
+    shifted = s.get("shifted_metrics") or {}
+    if shifted:
+        print(f"  off the training distribution (mnist-shifted://test, {int(shifted['images'])} digits):")
+        for key in sorted(k for k in shifted if k.startswith(("psnr/", "label_word_accuracy/"))):
+            print(
+                f"    {key:<22} {shifted[key]:6.3f}"
+                if "accuracy" in key
+                else f"    {key:<22} {shifted[key]:6.2f} dB"
+            )
+        per_shift = sorted(
+            (k.split("/")[1], v) for k, v in shifted.items() if k.endswith("/label_word_accuracy/l1")
+        )
+        print("    top word per shift: " + ", ".join(f"{g} {v:.0%}" for g, v in per_shift))
     print("  top-layer words of a few held-out digits:")
     for image_id, label, word in s["top_layer_words"]:
         print(f"    {image_id:<24} digit {label}: {word!r}")

@@ -64,6 +64,8 @@ class SPAEConfig:
                     f"factor {ft} (network.temporal_downsample={self.network.temporal_downsample})"
                 )
             latent = (self.num_frames // ft, *latent)
+            if self.network.global_context:
+                raise ValueError("network.global_context is for images (the 2D encoder); num_frames > 0")
         elif self.network.temporal_downsample:
             raise ValueError(
                 "network.temporal_downsample is set but num_frames=0 (images); set num_frames for video"

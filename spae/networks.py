@@ -26,6 +26,9 @@ class NetworkConfig:
     disc_num_layers: int = 3  # stride-2 convolutions of the patch discriminator
     # video (spae.networks3d) only: per downsampling, whether it also halves time; () = never
     temporal_downsample: tuple[bool, ...] = ()
+    # encoder: add a learned map of the mean over positions to every position, so the one position a
+    # layer-1 token reads knows the whole image (a digit moved off the centre is still named); 2D only
+    global_context: bool = False
 
     def __post_init__(self) -> None:
         if self.latent_dim < 1 or self.base_channels < 1 or not self.channel_multipliers:
@@ -110,12 +113,19 @@ class Encoder(nn.Module):
                 layers.append(nn.Conv2d(ch, ch, 4, stride=2, padding=1))  # H -> H / 2
         self.down = nn.Sequential(*layers)
         self.mid = ResBlock(ch, ch, cfg.norm_groups)
+        self.context = nn.Linear(ch, ch) if cfg.global_context else None
+        if self.context is not None:  # starts as no change
+            nn.init.zeros_(self.context.weight)
+            nn.init.zeros_(self.context.bias)
         self.norm_out = _norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, cfg.latent_dim, 1)
 
     def features(self, x: Tensor) -> Tensor:
         """The activations the output layer reads: [b, ch, h, w]."""
-        return F.silu(self.norm_out(self.mid(self.down(self.conv_in(x)))))
+        h = self.mid(self.down(self.conv_in(x)))  # [b, ch, h, w]
+        if self.context is not None:
+            h = h + self.context(h.mean((2, 3)))[:, :, None, None]  # [b, ch] -> every position
+        return F.silu(self.norm_out(h))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv_out(self.features(x))  # [b, c, h, w]

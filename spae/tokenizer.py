@@ -614,7 +614,9 @@ class SPAETokenizer(nn.Module):
                 f"{folder / MODEL_FILE} does not fit the config: missing {missing}, unexpected {unexpected}"
             )
         tokenizer = cls(model.to(map_location))
-        if legacy:
+        # the config as recorded when it is not today's serialization of the same config (the "loss" key,
+        # or a folder written before a field was added, such as network.global_context): same fingerprint
+        if legacy or meta["config"] != json.loads(json.dumps(to_dict(cfg))):
             tokenizer._legacy_config = meta["config"]
         return tokenizer
 

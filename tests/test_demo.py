@@ -28,6 +28,7 @@ def test_moving_mnist_plan_trains_the_video_preset_on_clips(tmp_path):
     assert c["probe"]["probe_steps"] == 2000
     assert c["tokenize"]["num_gpus_per_actor"] == 1.0 and c["evaluate"]["device"] == "cuda"
     assert c["train"]["mlflow"]["enabled"] is False and c["evaluate"]["mlflow"]["enabled"] is False
+    assert "evaluate (shifted)" not in c  # the shifts are of still digits
 
 
 def test_mnist_plan_is_the_image_demo(tmp_path):
@@ -36,6 +37,11 @@ def test_mnist_plan_is_the_image_demo(tmp_path):
     assert c["train"]["data"]["images"]["uri"] == "mnist://train?limit=20000"
     assert "frames" not in c["pools (train)"] and "device" not in c["evaluate"]
     assert c["train"]["mlflow"]["enabled"] is True
+    shifted = c["evaluate (shifted)"]  # the tokenizer off its training distribution, per shift
+    assert shifted["source"]["uri"] == "mnist-shifted://test?limit=900" and shifted["limit"] == 900
+    assert shifted["tokenizer"] == c["evaluate"]["tokenizer"] and shifted["output"].endswith("demo-shifted")
+    assert "evaluate (shifted)" not in _by_name(DemoConfig(output=str(tmp_path), shifted_images=0))
+    validate(stages(DemoConfig(output=str(tmp_path))))
 
 
 def test_stop_after_an_unknown_stage_fails_naming_the_stages(tmp_path, capsys):

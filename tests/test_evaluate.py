@@ -274,3 +274,45 @@ def test_evaluate_decodes_with_its_max_pixels(tmp_path):
     small = EvaluateJobConfig(**{**cfg.__dict__, "max_pixels": 28 * 28 - 1})  # MNIST is 28 x 28
     with pytest.raises(ValueError, match="no decodable images"):
         run_evaluate(small)
+
+
+def test_a_source_with_groups_gets_each_groups_metrics_beside_the_overall_ones(tmp_path, capsys):
+    """mnist-shifted:// ids carry the shift: the evaluator reports PSNR, SSIM and the top word per shift,
+    each the mean over that shift's images, and the job's JSON and summary carry them."""
+    from pipeline.steps.evaluate import format_metrics
+    from spae.metrics import psnr
+    from spae.shifts import SHIFTS
+
+    tok = tiny_tokenizer()
+    source = SourceConfig(uri="mnist-shifted://test?limit=18", shard_size=9)
+    data = load_eval_data(source, DecodeOptions(16))
+    assert data.groups == tuple(i.rsplit("-", 2)[1] for i in data.image_ids)
+    assert sorted(set(data.groups)) == sorted(SHIFTS)
+    rows = class_token_rows(class_words(data), tok.vocabulary.words)
+    m = evaluate_tokenizer(tok, data, class_rows=rows, batch_size=5)
+    last = tok.pyramid.covering_layers[-1]
+    top = tok.encode(data.images, layers=[1]).layer_ids(1).reshape(-1)
+    recon = tok.decode(tok.encode(data.images)).float().clamp(0, 1)
+    by_image = psnr(recon, data.images)
+    for g in SHIFTS:
+        mask = torch.tensor([x == g for x in data.groups])
+        assert m[f"group/{g}/images"] == 2
+        assert m[f"group/{g}/psnr/p{last}"] == pytest.approx(float(by_image[mask].mean()), abs=1e-3)
+        hits = [int(t) in rows[int(lab)] for t, lab in zip(top[mask], data.labels[mask], strict=True)]
+        assert m[f"group/{g}/label_word_accuracy/l1"] == pytest.approx(sum(hits) / 2)
+    mean_of_groups = sum(m[f"group/{g}/psnr/p{last}"] for g in SHIFTS) / len(SHIFTS)
+    assert m[f"psnr/p{last}"] == pytest.approx(mean_of_groups, abs=1e-6)  # equal groups: the overall mean
+    assert "group/rotate/ssim/p3" in m
+    assert "group rotate         images=2  label_word_accuracy/l1=" in format_metrics(m)
+
+    plain = load_eval_data(EVAL, DecodeOptions(16), limit=8)  # mnist:// ids carry no group
+    assert plain.groups == ()
+    assert not any(k.startswith("group/") for k in evaluate_tokenizer(tok, plain, class_rows=rows))
+
+    folder = tok.save_pretrained(tmp_path / "tok")
+    cfg = EvaluateJobConfig(
+        tokenizer=str(folder), source=source, picture_images=0, output=str(tmp_path / "e")
+    )
+    run_evaluate(cfg)
+    saved = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert saved["group/font/images"] == 2 and "group/font/label_word_accuracy/l1" in saved

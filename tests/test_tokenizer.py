@@ -347,3 +347,48 @@ def test_an_older_folder_with_a_loss_key_loads_and_keeps_its_fingerprint(tok, im
     again = SPAETokenizer.from_pretrained(old.save_pretrained(tmp_path / "again"))
     assert again.fingerprint() == meta["fingerprint"]
     assert json.loads((tmp_path / "again" / "config.json").read_text())["fingerprint"] == meta["fingerprint"]
+
+
+def test_a_folder_written_before_global_context_keeps_its_fingerprint(tok, images, tmp_path):
+    """A folder whose config lacks a field added since (network.global_context, default off) loads with the
+    default and hashes its config as recorded: the same fingerprint, also after saving it again."""
+    folder = tok.save_pretrained(tmp_path / "before")
+    meta = json.loads((folder / "config.json").read_text())
+    del meta["config"]["network"]["global_context"]
+    meta["fingerprint"] = _old_fingerprint(meta["config"], tok)
+    (folder / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    assert meta["fingerprint"] != tok.fingerprint()
+    old = SPAETokenizer.from_pretrained(folder)
+    assert old.config == tok.config and not old.config.network.global_context
+    assert old.fingerprint() == meta["fingerprint"] and old.encode(images) == tok.encode(images)
+    again = SPAETokenizer.from_pretrained(old.save_pretrained(tmp_path / "again"))
+    assert again.fingerprint() == meta["fingerprint"]
+    assert (
+        SPAETokenizer.from_pretrained(tok.save_pretrained(tmp_path / "now")).fingerprint()
+        == tok.fingerprint()
+    )
+
+
+def test_global_context_starts_as_no_change_and_learns_from_every_position():
+    from spae.networks import Encoder, NetworkConfig
+
+    torch.manual_seed(0)
+    cfg = NetworkConfig.preset("tiny", global_context=True)
+    enc, plain = Encoder(cfg), Encoder(replace(cfg, global_context=False))
+    plain.load_state_dict({k: v for k, v in enc.state_dict().items() if not k.startswith("context.")})
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(enc(x), plain(x))  # zero-initialised: no change at the start
+    enc(x)[..., -1, -1].sum().backward()  # one corner position's output
+    assert enc.context.weight.grad.abs().sum() > 0  # reaches the map of the mean over all positions
+    assert {"context.weight", "context.bias"} <= set(
+        enc.state_dict()
+    ) and "context.weight" not in plain.state_dict()
+
+
+def test_global_context_is_refused_for_clips():
+    from spae.config import replace
+    from spae.model import preset
+
+    with pytest.raises(ValueError, match="network.global_context is for images"):
+        replace(preset("tiny3d"), network={"global_context": True})

@@ -330,6 +330,8 @@ class SourceKind:
     - ``image_words(cfg, image_ids)``: each row's own words, for kinds whose rows carry several
       (``image_words``); None for the others; ``word_weights(cfg, image_ids)``: each of them with its
       salience in (0, 1] (``image_word_weights``), or None.
+    - ``group(image_id)``: the group an image belongs to, read from its id (``mnist-shifted``: its shift),
+      for the evaluator's per-group breakdown; "" = no group.
     """
 
     name: str
@@ -350,6 +352,7 @@ class SourceKind:
     holds: str = ""  # "images" or "clips" when every row is one of them ("" = either, by the files)
     image_words: Callable[[SourceConfig, Sequence[str]], list[tuple[str, ...]]] | None = None
     word_weights: Callable[[SourceConfig, Sequence[str]], list[dict[str, float]]] | None = None
+    group: Callable[[str], str] = lambda image_id: ""
 
 
 def source_kind(name: str) -> SourceKind:
@@ -499,6 +502,16 @@ def _parse_shifted_uri(uri: str) -> tuple[str, int, str, int]:
     except ValueError as e:
         raise ValueError(f"{uri}: limit and seed must be integers ({e})") from e
     return split, limit, shift, seed
+
+
+def group_of(kind: str, image_id: str) -> str:
+    """The group of an image of a ``kind`` source, from its id (``SourceKind.group``); "" = none."""
+    return source_kind(kind).group(image_id)
+
+
+def _shift_of_id(image_id: str) -> str:
+    """``mnist-shifted-{split}-{shift}-{i:06d}`` -> the shift."""
+    return image_id.rsplit("-", 2)[1]
 
 
 def shift_of(shift: str, index: int) -> str:
@@ -1051,6 +1064,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
             scheme="mnist-shifted",
             digest_keys=lambda cfg: list(_parse_shifted_uri(cfg.uri)[2:]),  # the shift and the seed
             words=lambda classes, label_words: mnist_class_words(),
+            group=_shift_of_id,
         ),
         SourceKind(
             "moving-mnist",

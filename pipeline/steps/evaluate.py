@@ -10,6 +10,8 @@
         -> layer 1: label-word accuracy (the top token is the class's word or numeral; needs labels)
         -> images with several known words (scenes://): per layer and prefix, concept recall / precision
            and the key words (the dominant object's colour and shape) found (``spae.concepts``)
+        -> the same PSNR / SSIM / label-word accuracy per group, for a source whose ids carry one
+           (``mnist-shifted://``: per shift; ``group/<g>/<metric>``)
         -> deepest prefix, on request: FID, IS, LPIPS (clips: per frame), FVD (clips)
            (``optional_metrics``, local ``weights`` files)
         -> metrics.json + reconstructions.png under ``output``; the same metrics to MLflow
@@ -168,4 +170,16 @@ def format_metrics(metrics: dict[str, float]) -> str:
         items = [(k.split("/", 1)[1], v) for k, v in sorted(metrics.items()) if k.startswith(group + "/")]
         if items:
             lines.append(f"{group:<20} " + "  ".join(f"{k}={v:.4g}" for k, v in items))
+    groups = [k.removeprefix("group/").removesuffix("/images") for k in sorted(metrics) if _is_group_count(k)]
+    for g in groups:  # the per-group breakdown (evaluator.group_metrics), one line a group
+        items = [
+            (k.removeprefix(f"group/{g}/"), v)
+            for k, v in sorted(metrics.items())
+            if k.startswith(f"group/{g}/")
+        ]
+        lines.append(f"group {g:<14} " + "  ".join(f"{k}={v:.4g}" for k, v in items))
     return "\n".join(lines)
+
+
+def _is_group_count(key: str) -> bool:
+    return key.startswith("group/") and key.endswith("/images")

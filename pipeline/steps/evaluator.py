@@ -22,7 +22,15 @@ import torch
 from torch import Tensor
 
 from pipeline.inputs.images import DecodeOptions, decode_table
-from pipeline.inputs.sources import Shard, SourceConfig, image_words, list_shards, read_shard, source_kind
+from pipeline.inputs.sources import (
+    Shard,
+    SourceConfig,
+    group_of,
+    image_words,
+    list_shards,
+    read_shard,
+    source_kind,
+)
 from pipeline.inputs.sources import class_words as source_class_words
 from pipeline.outputs.contracts import check_pools_cover
 from pipeline.outputs.shards import part_name
@@ -110,6 +118,7 @@ class EvalData:
     kind: str  # "mnist" | "folder" | "parquet"
     classes: tuple[str, ...] = ()
     label_words: str = "names"  # SourceConfig.label_words: which words name a folder's classes
+    groups: tuple[str, ...] = ()  # per image, its group (SourceKind.group: mnist-shifted's shift); () = none
     image_features: Tensor | None = None
     s_min: Tensor | None = None
     s_max: Tensor | None = None
@@ -173,12 +182,19 @@ def load_eval_data(
         classes=tuple(shards[0].classes),
         label_words=source.label_words,
         words=image_words(source, ids[:take]),
+        groups=image_groups(shards[0].kind, ids[:take]),
     )
     if pools_loc is not None:
         data.image_features = torch.from_numpy(np.concatenate(feats)[:take])
         data.s_min = torch.from_numpy(np.concatenate(smin)[:take])
         data.s_max = torch.from_numpy(np.concatenate(smax)[:take])
     return data
+
+
+def image_groups(kind: str, image_ids: Sequence[str]) -> tuple[str, ...]:
+    """Each image's group from its id (``pipeline.inputs.sources.group_of``); () when the source has none."""
+    groups = tuple(group_of(kind, i) for i in image_ids)
+    return groups if any(groups) else ()
 
 
 def class_words(data: EvalData) -> list[list[str]] | None:
@@ -215,7 +231,9 @@ def evaluate_tokenizer(
     ``distinct/l<l>``, ``relevance/l<l>`` (with pools and ``text_features`` [v, d]),
     ``label_word_accuracy/l1`` (with labels and ``class_rows``), ``concept_recall/l<l>``,
     ``concept_precision/l<l>`` and their prefix forms ``/p<l>``, ``key_words/p<l>`` (with ``data.words``:
-    ``spae.concepts``), ``images``; with ``optional``
+    ``spae.concepts``), ``images``; with groups
+    (``data.groups``), the same PSNR, SSIM and label-word accuracy within each group ``g`` as
+    ``group/<g>/<key>`` and ``group/<g>/images`` (``group_metrics``); with ``optional``
     (``spae.metrics.OptionalMetrics``): ``fid/p<l>``, ``is/p<l>``, ``lpips/p<l>`` (or
     ``lpips_uncalibrated/p<l>``) for the deepest covering prefix ``l``, over the whole set.
 
@@ -234,9 +252,12 @@ def evaluate_tokenizer(
     labelled = class_rows is not None and bool((data.labels >= 0).any())
     top_ids, top_labels = [], []
     concepts = ConceptTally(tokenizer.vocabulary.words, spec.num_layers) if data.words is not None else None
+    per_image: dict[str, list[Tensor]] = {}  # psnr / ssim per image [b], kept for the per-group means
 
     def add(key: str, values: Tensor) -> None:
         sums[key] = sums.get(key, 0.0) + float(values.double().sum())
+        if data.groups and key.startswith(("psnr/", "ssim/")):
+            per_image.setdefault(key, []).append(values.double().cpu())
 
     was_training = model.training
     model.eval()
@@ -278,12 +299,16 @@ def evaluate_tokenizer(
         metrics[f"utilization/l{l}"] = stats.utilization
         metrics[f"perplexity/l{l}"] = stats.perplexity
         metrics[f"distinct/l{l}"] = float(stats.distinct)
+    ids = labels = None
     if labelled:
         ids, labels = torch.cat(top_ids), torch.cat(top_labels)
         known = labels >= 0
         metrics["label_word_accuracy/l1"] = label_word_accuracy(ids[known], labels[known], class_rows)
     if concepts is not None:
         metrics.update(concepts.compute())
+    if data.groups:
+        values = {key: torch.cat(v) for key, v in per_image.items()}
+        metrics.update(group_metrics(data.groups, values, ids, labels, class_rows))
     if optional is not None:
         metrics.update({f"{name}/p{prefixes[-1]}": value for name, value in optional.compute().items()})
     if data.frames:
@@ -291,6 +316,32 @@ def evaluate_tokenizer(
     else:
         metrics["images"] = float(n)
     return metrics
+
+
+def group_metrics(
+    groups: Sequence[str],
+    per_image: dict[str, Tensor],
+    top_ids: Tensor | None = None,
+    labels: Tensor | None = None,
+    class_rows: Sequence[set[int]] | None = None,
+) -> dict[str, float]:
+    """Per group ``g`` (in sorted order) of ``groups`` (one per image, "" = in none): the mean of each
+    per-image value ``per_image[key]`` [n] as ``group/<g>/<key>``, ``group/<g>/images``, and with
+    ``top_ids`` [n] (layer-1 token), ``labels`` [n] (-1 = none) and ``class_rows``,
+    ``group/<g>/label_word_accuracy/l1`` over the group's labelled images."""
+    names = np.asarray(groups, dtype=object)
+    out: dict[str, float] = {}
+    for g in sorted(set(groups) - {""}):
+        mask = torch.from_numpy(names == g)  # [n] bool
+        out[f"group/{g}/images"] = float(mask.sum())
+        for key, values in per_image.items():
+            out[f"group/{g}/{key}"] = float(values[mask].mean())
+        if top_ids is not None and labels is not None and class_rows is not None:
+            hit = mask & (labels >= 0)
+            if hit.any():
+                accuracy = label_word_accuracy(top_ids[hit], labels[hit], class_rows)
+                out[f"group/{g}/label_word_accuracy/l1"] = accuracy
+    return out
 
 
 def per_frame(metric: Any, x: Tensor, y: Tensor) -> Tensor:

@@ -70,6 +70,7 @@ from pipeline.steps.evaluator import (
     shard_pixels,
 )
 from pipeline.steps.vocab import load_vocab
+from spae.augment import AugmentConfig, augment, augment_preset, step_generator
 from spae.checkpoint import load_train_state, save_train_state
 from spae.config import from_dict, to_dict
 from spae.losses import LossConfig, PerceptualLoss, check_semantic_layers, loss_preset
@@ -109,6 +110,8 @@ class TrainJobConfig:
     preset: str = "mnist"  # defaults of ``model`` (spae.model.preset); resolved by the job entry
     model: SPAEConfig = field(default_factory=SPAEConfig)
     loss: LossConfig = field(default_factory=lambda: loss_preset("mnist"))  # the preset's (preset_base)
+    # shifts of each training batch (spae.augment), seeded by (seed, rank, step); the preset's (preset_base)
+    augment: AugmentConfig = field(default_factory=lambda: augment_preset("mnist"))
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=100, cooldown_steps=200))
     steps: int = 2000
@@ -154,6 +157,10 @@ class TrainJobConfig:
         if not self.name or "/" in self.name:
             raise ValueError(f"name {self.name!r} must be a non-empty run name without '/'")
         check_semantic_layers(self.loss, len(self.model.pyramid.layer_sizes))
+        if self.augment.enabled and self.model.num_frames:
+            raise ValueError(
+                f"augment.p={self.augment.p}: clips (model.num_frames > 0) are not augmented; set 0"
+            )
         if not self.optim.total_steps:  # the schedule's cooldown ends with the job
             object.__setattr__(self, "optim", replace(self.optim, total_steps=self.steps))
         if self.optim.cooldown_steps > self.optim.total_steps:
@@ -164,8 +171,13 @@ class TrainJobConfig:
 
 def preset_base(name: str) -> dict[str, Any]:
     """The config layer a preset contributes: ``{"preset": name, "model": <preset model config>, "loss":
-    <preset loss config>}``."""
-    return {"preset": name, "model": to_dict(preset(name)), "loss": to_dict(loss_preset(name))}
+    <preset loss config>, "augment": <preset augmentation>}``."""
+    return {
+        "preset": name,
+        "model": to_dict(preset(name)),
+        "loss": to_dict(loss_preset(name)),
+        "augment": to_dict(augment_preset(name)),
+    }
 
 
 # ----------------------------------------------------------------------------- data
@@ -245,6 +257,18 @@ def build_dataset(cfg: TrainJobConfig, shards: list[Shard]) -> Any:
 def _to_images(pixels: torch.Tensor) -> torch.Tensor:
     # uint8 [b, H, W, 3] -> [b, 3, H, W] in [0, 1]; clips [b, T, H, W, 3] -> [b, 3, T, H, W]
     return pixels.movedim(-1, 1).float().div(255.0)
+
+
+def train_images(
+    pixels: torch.Tensor, cfg: TrainJobConfig, rank: int, step: int, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A worker's batch as the step takes it: ``_to_images``, then ``cfg.augment``'s shifts drawn from
+    ``(cfg.seed, rank, step)`` (the same after a resume; ``labels`` [b], -1 = none, for ``typeset``). The
+    pools stay the source image's: with the label-probe scorer they are the class's (docs/ARCHITECTURE.md)."""
+    images = _to_images(pixels)
+    if not cfg.augment.enabled:
+        return images
+    return augment(images, cfg.augment, step_generator(cfg.seed, rank, step), labels)
 
 
 def build_discriminator(model: SPAEConfig) -> torch.nn.Module:
@@ -401,7 +425,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     raise RuntimeError(
                         f"fail_at_step={cfg.fail_at_step}: injected worker failure (rank {rank})"
                     )
-                metrics = trainer.step(_to_images(batch["pixels"]), batch["pool_ids"], batch["pool_scores"])
+                images = train_images(batch["pixels"], cfg, rank, trainer.step_count, batch["label"])
+                metrics = trainer.step(images, batch["pool_ids"], batch["pool_scores"])
                 step = trainer.step_count  # steps done
                 metrics["images_per_s"] = (
                     cfg.batch_size * world * (step - resumed_at) / (time.perf_counter() - started)
