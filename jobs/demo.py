@@ -292,6 +292,7 @@ def summary(cfg: DemoConfig, timings: dict[str, float]) -> dict[str, Any]:
         "metrics": metrics,
         "shifted_metrics": json.loads(shifted.read_text()) if shifted.exists() else {},
         "top_layer_words": [(r["image_id"], r["label"], r["words_l1"][0]) for r in rows],
+        "dataset": cfg.dataset,
         "timings_s": timings,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "corpus": str(out / "corpus" / cfg.name),
@@ -327,9 +328,10 @@ def print_summary(s: dict[str, Any]) -> None:
             (k.split("/")[1], v) for k, v in shifted.items() if k.endswith("/label_word_accuracy/l1")
         )
         print("    top word per shift: " + ", ".join(f"{g} {v:.0%}" for g, v in per_shift))
-    print("  top-layer words of a few held-out digits:")
+    digits = s.get("dataset", "mnist") != "scenes"  # scenes: the label is the dominant object's shape
+    print(f"  top-layer words of a few held-out {'digits' if digits else 'scenes'}:")
     for image_id, label, word in s["top_layer_words"]:
-        print(f"    {image_id:<24} digit {label}: {word!r}")
+        print(f"    {image_id:<24} {'digit' if digits else 'label'} {label}: {word!r}")
     print("  stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["timings_s"].items()))
     print(f"  corpus:    {s['corpus']}")
     print(f"  report:    {s['report']}")

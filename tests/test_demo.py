@@ -50,3 +50,19 @@ def test_stop_after_an_unknown_stage_fails_naming_the_stages(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "stop_after='training'" in err and "probe, vocab, pools, train, evaluate" in err
+
+
+def test_summary_names_scene_labels_as_labels_and_digits_as_digits(capsys):
+    from jobs.demo import print_summary
+
+    base = {
+        "metrics": {"psnr/p5": 20.0},
+        "top_layer_words": [("scenes-test-000000", 3, "red")],
+        "timings_s": {"train": 1.0},
+        **{k: "x" for k in ("corpus", "report", "tokenizer", "mlflow", "log")},
+    }
+    print_summary({**base, "dataset": "scenes"})
+    scenes = capsys.readouterr().out
+    assert "held-out scenes" in scenes and "label 3: 'red'" in scenes and "digit" not in scenes
+    print_summary({**base, "dataset": "mnist"})
+    assert "digit 3: 'red'" in capsys.readouterr().out
