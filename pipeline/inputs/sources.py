@@ -482,18 +482,23 @@ def _parse_mnist_uri(uri: str) -> tuple[str, int]:
 SHIFTED_KEYS = ("limit", "shift", "seed")
 
 
-def _parse_shifted_uri(uri: str) -> tuple[str, int, str, int]:
-    """``mnist-shifted://split?shift=all|<name>&limit=N&seed=S`` -> (split, limit, shift, seed)."""
+def _split_and_query(uri: str, keys: Sequence[str], what: str = "MNIST") -> tuple[str, dict[str, str]]:
+    """``<scheme>://split?k=v&...`` of a generated source -> (split, {key: value}); an unknown split or
+    key is a ``ValueError`` naming the URI and what is allowed."""
     parsed = urlparse(uri)
     split = parsed.netloc or parsed.path.strip("/")
     if split not in MNIST_SPLITS:
-        raise ValueError(f"{uri}: unknown MNIST split '{split}'; allowed: {', '.join(MNIST_SPLITS)}")
+        raise ValueError(f"{uri}: unknown {what} split '{split}'; allowed: {', '.join(MNIST_SPLITS)}")
     query = {k: v[0] for k, v in parse_qs(parsed.query).items()}
-    unknown = sorted(set(query) - set(SHIFTED_KEYS))
+    unknown = sorted(set(query) - set(keys))
     if unknown:
-        raise ValueError(
-            f"{uri}: unknown query key(s) {', '.join(unknown)}; allowed: {', '.join(SHIFTED_KEYS)}"
-        )
+        raise ValueError(f"{uri}: unknown query key(s) {', '.join(unknown)}; allowed: {', '.join(keys)}")
+    return split, query
+
+
+def _parse_shifted_uri(uri: str) -> tuple[str, int, str, int]:
+    """``mnist-shifted://split?shift=all|<name>&limit=N&seed=S`` -> (split, limit, shift, seed)."""
+    split, query = _split_and_query(uri, SHIFTED_KEYS)
     shift = query.get("shift", "all")
     if shift != "all" and shift not in SHIFTS:
         raise ValueError(f"{uri}: shift={shift!r} is not 'all' or one of {', '.join(SHIFTS)}")
@@ -522,20 +527,11 @@ def shift_of(shift: str, index: int) -> str:
 
 def _parse_moving_mnist_uri(uri: str) -> tuple[str, dict[str, int]]:
     """``moving-mnist://split?k=v`` -> (split, {limit, frames, digits, size, digit_size, seed})."""
-    parsed = urlparse(uri)
-    split = parsed.netloc or parsed.path.strip("/")
-    if split not in MNIST_SPLITS:
-        raise ValueError(f"{uri}: unknown MNIST split '{split}'; allowed: {', '.join(MNIST_SPLITS)}")
-    query = parse_qs(parsed.query)
-    unknown = sorted(set(query) - set(MOVING_MNIST_KEYS))
-    if unknown:
-        raise ValueError(
-            f"{uri}: unknown query key(s) {', '.join(unknown)}; allowed: {', '.join(MOVING_MNIST_KEYS)}"
-        )
+    split, query = _split_and_query(uri, MOVING_MNIST_KEYS)
     defaults = {"limit": 0, **{k: getattr(MovingMnistConfig(), k) for k in MOVING_MNIST_KEYS[1:]}}
     params = {}
     for key, default in defaults.items():
-        raw = query.get(key, [str(default)])[0]
+        raw = query.get(key, str(default))
         try:
             params[key] = int(raw)
         except ValueError as e:
@@ -564,23 +560,14 @@ def _list_moving_mnist(cfg: SourceConfig, files: Files | None) -> tuple[FileRows
 
 def _parse_scenes_uri(uri: str) -> tuple[str, int, SceneConfig]:
     """``scenes://split?k=v`` -> (split, limit, SceneConfig)."""
-    parsed = urlparse(uri)
-    split = parsed.netloc or parsed.path.strip("/")
-    if split not in MNIST_SPLITS:
-        raise ValueError(f"{uri}: unknown scenes split '{split}'; allowed: {', '.join(MNIST_SPLITS)}")
-    query = parse_qs(parsed.query)
-    unknown = sorted(set(query) - set(SCENES_KEYS))
-    if unknown:
-        raise ValueError(
-            f"{uri}: unknown query key(s) {', '.join(unknown)}; allowed: {', '.join(SCENES_KEYS)}"
-        )
+    split, query = _split_and_query(uri, SCENES_KEYS, "scenes")
     params = {}
     for key in SCENES_KEYS:
         if key in query:
             try:
-                params[key] = int(query[key][0])
+                params[key] = int(query[key])
             except ValueError as e:
-                raise ValueError(f"{uri}: {key}={query[key][0]!r} is not an integer") from e
+                raise ValueError(f"{uri}: {key}={query[key]!r} is not an integer") from e
     limit = params.pop("limit", 0)
     try:
         cfg = SceneConfig(**params)
