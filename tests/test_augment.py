@@ -151,3 +151,11 @@ def test_the_train_jobs_rows_carry_the_labels_typeset_draws(tmp_path):
     bank = glyphs(32)  # [fonts, 10, 32, 32]
     for image, label in zip(images, rows["label"], strict=True):
         assert float((bank[:, int(label)] - image[0]).abs().flatten(1).amax(1).min()) < 1e-4
+
+
+def test_augment_trains_on_every_evaluated_shift_family_but_the_held_out_font():
+    """spae.augment (batched torch) and spae.shifts (per-image numpy) name the same families; the
+    evaluation's `font` stays held out (training typesets in other fonts: `typeset`)."""
+    from spae import augment, shifts
+
+    assert list(augment.SHIFTS) == [name for name in shifts.SHIFTS if name != "font"]
