@@ -237,6 +237,10 @@ def ceilings(args) -> None:
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.rand(args.batch, 3, size, size, device=device, generator=g)
     with torch.no_grad():
+        t0 = time.perf_counter()
+        tok.encode(images)  # the first call: the compilation
+        sync(device)
+        first_call_s = time.perf_counter() - t0
         for _ in range(args.warmup):
             tok.encode(images)
         sync(device)
@@ -258,6 +262,7 @@ def ceilings(args) -> None:
             "encode": dict(encode_kw),
             "batch": args.batch,
             "bare_encode_images_per_s": round(encode_rate, 1),
+            "first_call_s": round(first_call_s, 1),
             "decode_processes": min(args.workers, len(tars)),
             "decode_images": decoded,
             "cpu_decode_images_per_s": round(decode_rate, 1),
@@ -449,6 +454,8 @@ def job(args) -> None:
     for pid in seen:  # any that outlived the wait
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+    lines = (args.root / f"{args.output}.log").read_text().splitlines()
+    startup = [line for line in lines if line.startswith("start-up:")]
     done = [s for s in samples if s["rows"] > before]
     settled = _settled(samples, before, total)
     util = [s["gpu_util"] for s in samples if s["gpu_util"] is not None and before < s["rows"] < total]
@@ -467,6 +474,7 @@ def job(args) -> None:
             "end_to_end_images_per_s": round((after - before) / seconds, 1) if seconds else None,
             "settled_images_per_s": settled,
             "first_commit_s": done[0]["t"] if done else None,
+            "startup": startup[-1] if startup and not killed else None,  # the job's own start-up line
             "gpu_util_mean": round(float(np.mean(util)), 1) if util else None,
             "driver_peak_mb": max((s["driver_mb"] for s in samples), default=0),
             "worker_peak_mb": round(peak_worker),  # the largest Ray worker process

@@ -47,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"corpus: {m['output']} ({m['rows_written']} rows, {m['errors']} errors of {m['rows_in']} images; "
         f"{result.shards_run}/{result.shards_total} shards computed now, {rt['images_per_s']:.0f} img/s)"
     )
+    if "startup/first_batch_s" in rt:  # where a run's first seconds go (docs/BENCHMARKS.md)
+        print(
+            f"start-up: tokenizer {rt['startup/load_s']:.1f} s, listing {rt['startup/list_s']:.1f} s, "
+            f"Ray {rt.get('startup/ray_s', 0.0):.1f} s, first batch {rt['startup/first_batch_s']:.1f} s later"
+        )
     if "roundtrip/psnr" in rt:
         print(
             f"round trip: {int(rt['roundtrip/images'])} images, "

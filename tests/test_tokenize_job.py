@@ -27,6 +27,7 @@ from pipeline.steps.tokenize import (
     TokenizeStageConfig,
     load_tokenizer,
     run_tokenize_job,
+    tokenize_spec,
 )
 from spae.codebook import FrozenCodebook
 from spae.encode_options import EncodeOptions
@@ -428,3 +429,27 @@ def test_encode_options_reach_the_stage_and_the_job_identity(tokenizer_dir, tmp_
         TokenizeStageConfig(str(tokenizer_dir), encode=bf16)
     )  # what the Ray job's actors are built with
     assert stage.tokenizer.encode_options == bf16
+
+
+def test_a_compiled_stage_warms_up_at_build_and_keeps_the_ids(tokenizer_dir):
+    """``warmup`` makes the stage's first encode call (a compilation) when it is built, for a batch of
+    that size: the actor's first real batch pays nothing more, and its ids are the eager stage's."""
+    compiled = EncodeOptions(compile=True, compile_backend="aot_eager")
+    stage = TokenizeStage(TokenizeStageConfig(str(tokenizer_dir), words=False, encode=compiled, warmup=4))
+    assert stage.tokenizer._compiled["float32/aot_eager/None"][1] == 4  # compiled for 4 rows already
+    eager = TokenizeStage(TokenizeStageConfig(str(tokenizer_dir), words=False))
+    assert not eager.tokenizer._compiled
+    pixels = np.random.default_rng(1).integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
+    batch = {
+        "shard_id": np.array(["00000"] * 3, dtype=object),
+        "image_id": np.array(["a", "b", "c"], dtype=object),
+        "error": np.array([None] * 3, dtype=object),
+        "pixels": pixels,
+    }
+    got, want = stage(batch), eager(batch)
+    for l in (1, 2, 3, 4):
+        np.testing.assert_array_equal(got[f"tokens_l{l}"], want[f"tokens_l{l}"])
+    # the job asks for a warm-up of one batch exactly when the encoder is compiled
+    cfg = TokenizeJobConfig(tokenizer=str(tokenizer_dir), output="x", batch_size=32, encode=compiled)
+    assert tokenize_spec(cfg, (1,)).config.warmup == 32
+    assert tokenize_spec(TokenizeJobConfig(tokenizer="t", output="x"), (1,)).config.warmup == 0

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from test_tokenize_job import NO_MLFLOW, make_tokenizer, upload
 
+from pipeline.inputs import sources, webdataset
 from pipeline.inputs.sources import Shard, SourceConfig, list_shards, read_shard
 from pipeline.outputs.corpus import read_corpus
 from pipeline.outputs.shards import read_errors
@@ -330,3 +331,59 @@ def test_a_corpus_without_captions_has_no_caption_column(captioned_folder, tmp_p
     assert "caption" not in read_corpus(str(out)).column_names
     line = json.loads((out / ".spae" / "jsonl" / "part-00000.jsonl").read_text().splitlines()[0])
     assert list(line) == ["image_id", "label", "text"]
+
+
+def tarfile_samples(path: Path) -> list[tuple[str, int]]:
+    """(key, first header's offset) of each sample, as ``tarfile`` reads the tar: the reference."""
+    out: list[tuple[str, int]] = []
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key = m.name.rpartition("/")[0] + "/" + m.name.rpartition("/")[2].partition(".")[0]
+            key = key.lstrip("/")
+            if m.isfile() and (not out or out[-1][0] != key):
+                out.append((key, m.offset))
+    return out
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_header_walk_lists_what_tarfile_reads(tmp_path, fmt):
+    """Pax headers (webdataset's writer sets a float mtime: one per member), GNU and ustar long names,
+    non-ASCII names and directories: the same samples and offsets as ``tarfile``."""
+    path = tmp_path / "mixed.tar"
+    long_dir = "d" * 60 + "/" + "e" * 60  # > 100 bytes with its file name: a long name in every format
+    names = ["000000000.jpg", "000000000.cls", f"{long_dir}/000000001.jpg", "données/000000002.jpg"]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        folder = tarfile.TarInfo("adir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)  # a directory member: no sample
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = 700 + i, 1_700_000_000.5  # pax: a float mtime needs a pax header
+            tar.addfile(info, io.BytesIO(bytes(700 + i)))
+    scan = webdataset.scan_tar(open(path, "rb"), path.stat().st_size)  # noqa: SIM115 - read to the end
+    assert [(s.key, s.offset) for s in scan] == tarfile_samples(path)
+    assert [s.key for s in scan] == ["000000000", f"{long_dir}/000000001", "données/000000002"]
+    assert not any(s.reason for s in scan)
+
+
+def test_a_corrupt_header_inside_a_tar_is_an_error_row_not_a_silent_end(tmp_path):
+    """tarfile stops quietly at a bad header after the first and drops the rest; the listing makes the
+    rest one error row, so rows in = rows out + errors still counts it."""
+    path = tmp_path / "00000.tar"
+    write_tar(path, [m for k in range(4) for m in sample(f"00000000{k}", 30 * k, cls=k)])
+    samples = tarfile_samples(path)
+    data = bytearray(path.read_bytes())
+    data[samples[2][1] + 130] ^= 0x7F  # sample 2's first header: its size field no longer sums right
+    path.write_bytes(bytes(data))
+    scan = webdataset.scan_tar(open(path, "rb"), len(data))  # noqa: SIM115
+    # sample 1 may have members after the bad header: it is the error row, holding the rest of the tar
+    assert [(s.key, s.offset) for s in scan] == [samples[0], ("000000001", -1)]
+    assert f"invalid header at byte {samples[2][1]} (bad checksum)" in scan[-1].reason
+    assert scan[-1].reason.startswith("corrupt tar after 1 whole samples")
+
+
+def test_many_tars_are_listed_in_processes_the_same(img2dataset_folder, monkeypatch):
+    config = SourceConfig(uri=str(img2dataset_folder), shard_size=3)
+    threads = [s.to_json() for s in list_shards(config)]
+    monkeypatch.setattr(sources, "LIST_PROCESSES_FROM", 2)  # two tars: spawned processes list them
+    assert [s.to_json() for s in list_shards(config)] == threads

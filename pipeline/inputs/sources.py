@@ -49,12 +49,15 @@ source in this process (``pipeline.inputs.images.decode_table``), without Ray.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
+import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -96,6 +99,8 @@ CAPTION_FIELD = pa.field("caption", pa.string())  # a row's caption, when Source
 
 
 LABEL_WORDS = ("names", "mnist")
+LIST_WORKERS = 8  # threads (or processes) listing a source's files at once
+LIST_PROCESSES_FROM = 16  # tars at which their listing runs in processes (header parsing holds the GIL)
 LATER_FIELDS = ("caption_column",)  # SourceConfig fields Shard JSON holds only when set (_config_json)
 
 
@@ -236,26 +241,6 @@ class FileRows:
 
 
 @dataclass(frozen=True, eq=False)
-class TarScan:
-    """One tar's samples (``webdataset.scan_tar``), compact: byte offsets, keys joined, the broken rest."""
-
-    offsets: np.ndarray  # int64 [samples]: each sample's first header (-1: the tar's unreadable rest)
-    keys: bytes  # the samples' keys, UTF-8 (names tarfile could not decode: surrogateescape), joined
-    key_sizes: np.ndarray  # int64 [samples]: bytes of each key in ``keys``
-    reason: str  # why the last sample (the tar's unreadable rest) cannot be read; "" = none
-
-    @staticmethod
-    def of(samples: list[webdataset.TarSample]) -> TarScan:
-        keys = [s.key.encode("utf-8", "surrogateescape") for s in samples]
-        return TarScan(
-            np.array([s.offset for s in samples], dtype=np.int64),
-            b"".join(keys),
-            np.array([len(k) for k in keys], dtype=np.int64),
-            samples[-1].reason if samples else "",
-        )
-
-
-@dataclass(frozen=True, eq=False)
 class TarListing:
     """Every sample of the tars (``FileRows`` of the tars), with each sample's byte offset and key: about
     16 bytes and the key's per sample, no object per sample. ``len``, slices (views, as ``FileRows``) and
@@ -269,7 +254,7 @@ class TarListing:
     key_starts: np.ndarray  # int64 [samples + 1]: sample i's key is keys[key_starts[i]:key_starts[i + 1]]
 
     @staticmethod
-    def of(names: Sequence[str], scans: Sequence[TarScan]) -> TarListing:
+    def of(names: Sequence[str], scans: Sequence[webdataset.TarScan]) -> TarListing:
         sizes = np.concatenate([np.zeros(1, np.int64), *(s.key_sizes for s in scans)])
         return TarListing(
             FileRows.of(names, [len(s.offsets) for s in scans]),
@@ -663,16 +648,12 @@ def _list_tars(cfg: SourceConfig, files: Files | None) -> tuple[TarListing, list
     in order as their scans arrive, so only the tars being scanned exist as per-sample objects; the scan
     stops once ``cfg.limit`` samples are listed."""
 
-    def scan(relpath: str) -> TarScan:
-        loc = files.root.join(relpath)
-        size = loc.fs.get_file_info(loc.path).size
-        with loc.fs.open_input_stream(loc.path, buffer_size=webdataset.READ_BUFFER) as f:
-            return TarScan.of(webdataset.scan_tar(f, size))
-
     tars = [p for p, _ in files.found]
-    scans: list[TarScan] = []
+    scans: list[webdataset.TarScan] = []
     rows = 0
-    for one in _in_order(scan, tars, workers=min(8, len(tars))):
+    scan = functools.partial(webdataset.scan_tar_file, files.root)
+    workers = min(LIST_WORKERS, os.cpu_count() or 1, len(tars))
+    for one in _in_order(scan, tars, workers, processes=len(tars) >= LIST_PROCESSES_FROM):
         scans.append(one)
         rows += len(one.offsets)
         if cfg.limit and rows >= cfg.limit:
@@ -680,10 +661,16 @@ def _list_tars(cfg: SourceConfig, files: Files | None) -> tuple[TarListing, list
     return TarListing.of(tars[: len(scans)], scans), []
 
 
-def _in_order(fn: Callable[[str], Any], args: Sequence[str], workers: int) -> Iterator[Any]:
-    """``fn(arg)`` for each of ``args``, in order, run by ``workers`` threads; at most ``2 * workers``
+def _in_order(
+    fn: Callable[[str], Any], args: Sequence[str], workers: int, processes: bool = False
+) -> Iterator[Any]:
+    """``fn(arg)`` for each of ``args``, in order, run by ``workers`` threads (``processes``: spawned
+    processes, for work that holds the GIL; ``fn`` and its results must pickle); at most ``2 * workers``
     calls are started ahead of the one the caller waits for (results do not pile up)."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    workers = max(1, workers)
+    spawn = multiprocessing.get_context("spawn")  # never fork: the caller may hold Ray's threads
+    pool = ProcessPoolExecutor(workers, mp_context=spawn) if processes else ThreadPoolExecutor(workers)
+    with pool:
         ahead: deque[Future] = deque()
         todo = iter(args)
         try:

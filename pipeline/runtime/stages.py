@@ -68,6 +68,9 @@ MODEL_RETRIES = 2  # tries of a failing model call after the first, before the j
 MAX_ERROR_FRACTION = 0.05  # error rows above this fraction of the input fail the job (1.0 = never)
 RETRY_DELAY_S = 1.0
 ENCODE_THREADS = 2  # threads encoding committed shards' Parquet beside the driver loop (ShardWriter)
+# Ray Data calls in flight on one actor (``max_concurrent_calls_per_actor``): the stage still runs one
+# batch at a time, while Ray turns the next block into a batch and the last output into a block
+CALLS_PER_ACTOR = 2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -199,6 +202,7 @@ class StageSpec:
     batch_size: int = 256
     num_gpus: float = 0
     num_cpus: float = 1
+    calls_per_actor: int = CALLS_PER_ACTOR
 
     def __post_init__(self) -> None:
         name = getattr(self.stage, "__name__", repr(self.stage))
@@ -207,10 +211,17 @@ class StageSpec:
             raise TypeError(
                 f"{name}: its config must be a frozen dataclass, got {type(self.config).__name__}"
             )
-        if self.actors < 0 or self.batch_size < 1 or self.num_gpus < 0 or self.num_cpus < 0:
+        if (
+            self.actors < 0
+            or self.batch_size < 1
+            or self.num_gpus < 0
+            or self.num_cpus < 0
+            or self.calls_per_actor < 1
+        ):
             raise ValueError(
                 f"{name}: actors ({self.actors}) >= 0, batch_size ({self.batch_size}) >= 1, num_gpus "
-                f"({self.num_gpus}) >= 0 and num_cpus ({self.num_cpus}) >= 0 are required"
+                f"({self.num_gpus}) >= 0, num_cpus ({self.num_cpus}) >= 0 and calls_per_actor "
+                f"({self.calls_per_actor}) >= 1 are required"
             )
         if self.actors == 0:
             try:
@@ -240,7 +251,12 @@ def map_stage(ds: Any, spec: StageSpec) -> Any:
         )
     return ds.map_batches(
         spec.stage,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=spec.actors),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1,
+            max_size=spec.actors,
+            max_concurrent_calls_per_actor=spec.calls_per_actor,
+            enable_true_multi_threading=False,  # one batch at a time in the stage (one GPU's model)
+        ),
         fn_constructor_args=(spec.config,),
         num_gpus=spec.num_gpus,
         num_cpus=spec.num_cpus,
@@ -288,6 +304,7 @@ class ShardedJobResult:
     shards_run: int  # shards computed by this run (the rest were already committed)
     rows_run: int  # rows (written + errors) committed by this run
     seconds: float
+    first_batch_s: float | None = None  # seconds until the first batch reached the driver (None: no batch)
 
     @property
     def images_per_s(self) -> float:
@@ -340,7 +357,7 @@ def run_sharded_job(
     )
     todo = writer.pending(retry_errors=retry_errors)
     start = time.perf_counter()
-    rows = 0
+    rows, first_batch_s = 0, None
     if todo:
         pieces = shard_pieces(todo, task_rows)
         ds = ray.data.from_items([{"shard": p.to_json()} for p in pieces], override_num_blocks=len(pieces))
@@ -374,6 +391,8 @@ def run_sharded_job(
                     failure = stopped(writer, len(todo), reason)
                     break
                 n = len(batch["shard_id"])
+                if first_batch_s is None:  # start-up: the cluster's actors loaded, the pipeline full
+                    first_batch_s = time.perf_counter() - start
                 writer.add(driver_stage(batch) if driver_stage is not None else batch)
                 rows += n
                 bar.update(n)
@@ -395,7 +414,7 @@ def run_sharded_job(
     seconds = time.perf_counter() - start
     manifest = writer.finish(extra=manifest_extra)
     check_error_fraction(writer.out.uri, manifest, max_error_fraction)  # after the commits: they are real
-    return ShardedJobResult(manifest, len(shards), len(todo), rows, seconds)
+    return ShardedJobResult(manifest, len(shards), len(todo), rows, seconds, first_batch_s)
 
 
 def run_in_process(

@@ -23,6 +23,8 @@ originals) and logs everything to one MLflow run per output.
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +60,7 @@ from pipeline.outputs.corpus import (
 )
 from pipeline.runtime.ray_utils import RayConfig, init_ray
 from pipeline.runtime.stages import (
+    CALLS_PER_ACTOR,
     MAX_ERROR_FRACTION,
     MODEL_RETRIES,
     TASK_ROWS,
@@ -81,6 +84,7 @@ from spae.metrics import psnr
 from spae.video import clips_to_uint8, frames_as_images
 
 TOKENIZE_STAGE = "tokenize"
+log = logging.getLogger(__name__)
 HISTOGRAM_TOP = 40
 
 
@@ -93,6 +97,7 @@ class TokenizeJobConfig:
     batch_size: int = 64
     actors: int = 1
     num_gpus_per_actor: float = 0.0
+    calls_per_actor: int = CALLS_PER_ACTOR  # Ray Data calls in flight per actor (pipeline.runtime.stages)
     device: str = "auto"  # "auto" = cuda when the actor sees a GPU, else cpu (spae.devices)
     # how the encoder runs (spae.encode_options.EncodeOptions): fp32 eager by default, the training
     # forward's tokens; encode.compile=true / encode.dtype=bfloat16 are faster on a GPU (docs/BENCHMARKS.md)
@@ -112,8 +117,11 @@ class TokenizeJobConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.actors < 1:
-            raise ValueError(f"batch_size ({self.batch_size}) and actors ({self.actors}) must be >= 1")
+        if min(self.batch_size, self.actors, self.calls_per_actor) < 1:
+            raise ValueError(
+                f"batch_size ({self.batch_size}), actors ({self.actors}) and calls_per_actor "
+                f"({self.calls_per_actor}) must be >= 1"
+            )
         if self.num_gpus_per_actor < 0 or self.roundtrip_sample < 0 or self.fail_after_shards < 0:
             raise ValueError("num_gpus_per_actor, roundtrip_sample and fail_after_shards must be >= 0")
         check_reliability(self.model_retries, self.max_error_fraction)
@@ -158,6 +166,7 @@ class TokenizeStageConfig:
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     retries: int = MODEL_RETRIES  # retries of a failing encode call before the rows are marked fatal
     fail_at: str = ""  # test hook: a shard id or image id whose batches fail encode
+    warmup: int = 0  # rows of a blank batch encoded when the stage is built (a compiled encoder's first call)
 
 
 class TokenizeStage:
@@ -181,6 +190,12 @@ class TokenizeStage:
         self.tokenizer.encode_options = config.encode
         self.layers = resolve_layers(config.layers, self.tokenizer.pyramid)
         self.words = WordsStage(self.tokenizer.vocabulary.words, self.layers) if config.words else None
+        if config.warmup:  # compile now, before the actor takes its first batch (and time it apart)
+            cfg = self.tokenizer.config
+            frames = (cfg.num_frames,) if cfg.num_frames else ()
+            start = time.perf_counter()
+            self._encode(np.zeros((config.warmup, *frames, cfg.image_size, cfg.image_size, 3), np.uint8), {})
+            log.info("tokenize stage: first encode call (warm-up) took %.1f s", time.perf_counter() - start)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = carry(batch)
@@ -266,9 +281,15 @@ def tokenize_spec(cfg: TokenizeJobConfig, layers: Sequence[int]) -> StageSpec:
         encode=cfg.encode,
         retries=cfg.model_retries,
         fail_at=cfg.fail_encode_at,
+        warmup=cfg.batch_size if cfg.encode.compile else 0,
     )
     return StageSpec(
-        TokenizeStage, config, actors=cfg.actors, batch_size=cfg.batch_size, num_gpus=cfg.num_gpus_per_actor
+        TokenizeStage,
+        config,
+        actors=cfg.actors,
+        batch_size=cfg.batch_size,
+        num_gpus=cfg.num_gpus_per_actor,
+        calls_per_actor=cfg.calls_per_actor,
     )
 
 
@@ -306,11 +327,14 @@ def run_name_for(cfg: TokenizeJobConfig, output_uri: str) -> str:
 def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
     if not cfg.output:
         raise ValueError("output: empty; give the corpus folder (local path or s3://bucket/prefix)")
+    started = time.perf_counter()
     out = resolve(cfg.output)
     tokenizer = load_tokenizer(cfg.tokenizer, "cpu")
     layers = resolve_layers(cfg.layers, tokenizer.pyramid)
     decode = DecodeOptions.for_model(tokenizer.config, fit=cfg.fit, max_pixels=cfg.max_pixels)
+    listing = time.perf_counter()
     shards = list_shards(cfg.source)
+    startup = {"startup/load_s": listing - started, "startup/list_s": time.perf_counter() - listing}
     fingerprint = tokenizer.fingerprint()
     card = dict(tokenizer.codebook.card)
     identity = {
@@ -330,7 +354,9 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
         "text_format": "[L<l>] w w ... per layer, ascending; row-major within a layer (docs/CORPUS.md)",
     }
     if not cfg.in_process:
+        ray_start = time.perf_counter()
         init_ray(cfg.ray)
+        startup["startup/ray_s"] = time.perf_counter() - ray_start
     committing = 0
 
     def sidecars(shard_id: str, table: pa.Table) -> dict[str, bytes]:
@@ -382,6 +408,8 @@ def run_tokenize_job(cfg: TokenizeJobConfig) -> TokenizeResult:
             "rows_run": result.rows_run,
             "seconds": result.seconds,
             "images_per_s": result.images_per_s,
+            **startup,
+            **({"startup/first_batch_s": result.first_batch_s} if result.first_batch_s is not None else {}),
         }
         counts = token_counts(out, layers, len(tokenizer.vocabulary))
         for l, c in counts.items():
