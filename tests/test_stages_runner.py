@@ -3,8 +3,11 @@ this process (``StageChain``, ``run_in_process``)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +20,7 @@ from pipeline.runtime.stages import (
     StageChain,
     StageSpec,
     carry,
+    map_stage,
     ok_rows,
     read_and_decode,
     run_in_process,
@@ -191,3 +195,61 @@ def test_the_same_specs_on_ray_give_the_in_process_output(ray_cluster, tmp_path)
     assert a.equals(b)
     want = _expected()
     np.testing.assert_allclose(a.column("mean").to_numpy(), [want[k] for k in sorted(want)], rtol=1e-6)
+
+
+@dataclass(frozen=True)
+class SlowBuildConfig:
+    folder: str
+    delay_s: float = 1.5
+
+
+class SlowBuildStage:
+    """Takes ``delay_s`` to build (a model load), then stamps the time it was built."""
+
+    def __init__(self, config: SlowBuildConfig):
+        time.sleep(config.delay_s)
+        (Path(config.folder) / f"built-{os.getpid()}").write_text(repr(time.time()))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return batch
+
+
+def _stamp_read(batch: dict[str, np.ndarray], folder: str) -> dict[str, np.ndarray]:
+    (Path(folder) / f"read-{int(batch['x'][0])}").write_text(repr(time.time()))
+    return batch
+
+
+def _read_then_slow_actor(folder: Path, wait: bool) -> tuple[list[float], float]:
+    import ray
+
+    ds = ray.data.from_items([{"x": i} for i in range(4)], override_num_blocks=4)
+    ds = ds.map_batches(
+        _stamp_read,
+        fn_kwargs={"folder": str(folder)},
+        batch_size=1,
+        ray_remote_args_fn=lambda: {"num_cpus": 1},  # kept apart from the actor stage, as in the jobs
+    )
+    out = map_stage(ds, StageSpec(SlowBuildStage, SlowBuildConfig(str(folder)), batch_size=2))
+    if not wait:
+        out.context.wait_for_min_actors_s = -1  # Ray Data's default: actors start beside the reads
+    assert sorted(r["x"] for r in out.take_all()) == [0, 1, 2, 3]
+    reads = [float(p.read_text()) for p in folder.glob("read-*")]
+    (built,) = [float(p.read_text()) for p in folder.glob("built-*")]
+    return reads, built
+
+
+def test_reads_start_once_the_first_actor_is_built(ray_cluster, tmp_path):
+    """A model's load and compilation run before the reads take the cores (ACTOR_START_S): every read
+    starts after the actor is built; with Ray Data's default they start during its build."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        (tmp_path / "wait").mkdir()
+        reads, built = _read_then_slow_actor(tmp_path / "wait", wait=True)
+        assert len(reads) == 4 and min(reads) >= built
+        (tmp_path / "default").mkdir()
+        reads, built = _read_then_slow_actor(tmp_path / "default", wait=False)
+        assert min(reads) < built
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

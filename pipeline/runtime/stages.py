@@ -71,6 +71,10 @@ ENCODE_THREADS = 2  # threads encoding committed shards' Parquet beside the driv
 # Ray Data calls in flight on one actor (``max_concurrent_calls_per_actor``): the stage still runs one
 # batch at a time, while Ray turns the next block into a batch and the last output into a block
 CALLS_PER_ACTOR = 2
+# Ray Data starts the reads only once an actor pool's first actor is built (``wait_for_min_actors_s``):
+# its model load and compilation then run on idle cores, not beside 15 decoding processes, and a pool
+# that can never be placed fails after this long instead of waiting forever
+ACTOR_START_S = 600
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -237,7 +241,8 @@ class StageSpec:
 def map_stage(ds: Any, spec: StageSpec) -> Any:
     """One spec on a Ray dataset. An actor pool of up to ``spec.actors`` (each builds the stage once)
     may shrink to one actor: a cluster that loses a node, or never had room for every actor beside the
-    read tasks, goes on with fewer instead of waiting for resources it lacks."""
+    read tasks, goes on with fewer instead of waiting for resources it lacks. The dataset runs nothing
+    until the pool's first actor is built (``ACTOR_START_S``)."""
     import ray
 
     if spec.actors == 0:
@@ -249,7 +254,7 @@ def map_stage(ds: Any, spec: StageSpec) -> Any:
             batch_size=spec.batch_size,
             batch_format="numpy",
         )
-    return ds.map_batches(
+    out = ds.map_batches(
         spec.stage,
         compute=ray.data.ActorPoolStrategy(
             min_size=1,
@@ -263,6 +268,8 @@ def map_stage(ds: Any, spec: StageSpec) -> Any:
         batch_size=spec.batch_size,
         batch_format="numpy",
     )
+    out.context.wait_for_min_actors_s = ACTOR_START_S  # this dataset's own copy of the context
+    return out
 
 
 def map_stages(ds: Any, specs: Sequence[StageSpec]) -> Any:
