@@ -387,3 +387,36 @@ def test_many_tars_are_listed_in_processes_the_same(img2dataset_folder, monkeypa
     threads = [s.to_json() for s in list_shards(config)]
     monkeypatch.setattr(sources, "LIST_PROCESSES_FROM", 2)  # two tars: spawned processes list them
     assert [s.to_json() for s in list_shards(config)] == threads
+
+
+def tarfile_scan(data: bytes) -> list[tuple[str, int, str]]:
+    """The listing as ``tarfile`` streams it (the listing before the header walk): the reference."""
+    samples, last, problem = [], None, ""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+            for info in tar:
+                key = webdataset.sample_key(info.name)[0]
+                if info.isfile() and key != last:
+                    samples.append([key, info.offset, ""])
+                    last = key
+            if tar.offset + 1024 > len(data):
+                problem = f"the tar is cut short ({len(data)} bytes; its members run to byte {tar.offset})"
+    except (tarfile.TarError, EOFError, OSError) as e:
+        problem = str(e)
+    if problem:
+        broken = samples.pop()[0] if samples else webdataset.CORRUPT_TAIL
+        samples.append([broken, -1, f"corrupt tar after {len(samples)} whole samples: {problem}"])
+    return [tuple(s) for s in samples]
+
+
+def test_a_tar_cut_anywhere_lists_as_tarfile_listed_it(tmp_path):
+    """Shard digests hold each tar's listing, reasons included: a truncated download listed by the header
+    walk gives the same samples, offsets and reasons as before it (resume of older outputs)."""
+    path = tmp_path / "00000.tar"
+    write_tar(path, [m for k in range(3) for m in sample(f"00000000{k}", 50 * k, cls=k)])
+    whole = path.read_bytes()
+    for cut in [*range(0, len(whole), 97), len(whole) - 1, len(whole)]:
+        data = whole[:cut]
+        for stream in (io.BytesIO(data), pa.input_stream(pa.py_buffer(data))):  # seekable, or not
+            got = [(s.key, s.offset, s.reason) for s in webdataset.scan_tar(stream, len(data))]
+            assert got == tarfile_scan(data), cut

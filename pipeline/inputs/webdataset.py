@@ -137,6 +137,7 @@ _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)  # what ``Ta
 _EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 _GNU_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.GNUTYPE_SPARSE)
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+_CUT_DATA = "unexpected end of data"  # a member's data runs past the end (tarfile's words)
 
 
 def _walk_headers(stream: IO[bytes], size: int) -> Iterator[tuple[str, int]]:
@@ -153,27 +154,35 @@ def _walk_headers(stream: IO[bytes], size: int) -> Iterator[tuple[str, int]]:
         if seek:
             stream.seek(n, 1)
         elif len(stream.read(n)) != n:
-            raise _Broken(f"the tar is cut short ({size} bytes; a member runs past its end)")
+            raise _Broken(_CUT_DATA)
 
     while True:
         block = stream.read(_BLOCK)
-        if len(block) < _BLOCK or block == _ZEROS:
+        if block == _ZEROS or (pos and len(block) < _BLOCK):  # the end, or a cut between members
             if pos + 2 * _BLOCK > size:  # a whole tar ends with two zero blocks
                 raise _Broken(f"the tar is cut short ({size} bytes; its members run to byte {pos})")
             return
-        name, kind, length = _header(block, pos)
+        try:
+            name, kind, length = _header(block)
+        except _Broken as e:  # tarfile's words where it has them: a listing's reasons stay as they were
+            if pos == 0 or pos + 2 * _BLOCK > size:
+                raise _Broken(
+                    str(e)
+                    if pos == 0
+                    else f"the tar is cut short ({size} bytes; its members run to byte {pos})"
+                ) from None
+            raise _Broken(f"invalid header at byte {pos} ({e})") from None
         if kind not in _EXTENDED:
             name = extra.get("path", name)
             length = int(extra.get("size", length))
         end = pos + _BLOCK + -(-length // _BLOCK) * _BLOCK  # the next header's offset
-        cut = f"the tar is cut short ({size} bytes; member {name!r} runs to byte {end})"
         if kind in _EXTENDED:  # pax (x: the next member, g: global) or GNU long name / link
             if end > size:
-                raise _Broken(cut)
+                raise _Broken(_CUT_DATA)
             body = stream.read(end - pos - _BLOCK)[:length]
             first = pos if first is None else first  # tarfile gives the member its first header's offset
             if kind == tarfile.XHDTYPE:
-                extra.update(_pax_records(body, pos))
+                extra.update(_pax_records(body))
             elif kind == tarfile.GNUTYPE_LONGNAME:
                 extra["path"] = body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape").removesuffix("/")
             pos = end
@@ -183,46 +192,46 @@ def _walk_headers(stream: IO[bytes], size: int) -> Iterator[tuple[str, int]]:
         if kind in _FILE_TYPES and not (kind == tarfile.AREGTYPE and name.endswith("/")):
             yield name, pos if first is None else first  # before a cut: the sample it broke in
         if end > size:
-            raise _Broken(cut)
+            raise _Broken(_CUT_DATA)
         skip(end - pos - _BLOCK)
         pos, first, extra = end, None, {}
 
 
-def _header(block: bytes, pos: int) -> tuple[str, bytes, int]:
-    """One 512-byte header -> (name, type flag, data size); ``_Broken`` when its checksum is wrong."""
-    try:
-        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        raise _Broken(f"invalid header at byte {pos} (checksum field)") from None
+def _header(block: bytes) -> tuple[str, bytes, int]:
+    """One 512-byte header -> (name, type flag, data size); ``_Broken`` when it is not one (tarfile's
+    reasons: ``empty file``, ``truncated header``, ``invalid header``, ``bad checksum``)."""
+    if len(block) < _BLOCK:
+        raise _Broken("truncated header" if block else "empty file")
+    stored = _number(block[148:156])
     unsigned = sum(block) - sum(block[148:156]) + 256  # the checksum field counts as 8 spaces
     if stored != unsigned and stored != unsigned - 256 * sum(b >= 128 for b in block[:148] + block[156:]):
-        raise _Broken(f"invalid header at byte {pos} (bad checksum)")
+        raise _Broken("bad checksum")
     kind = block[156:157]
     name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
     prefix = block[345:500].split(b"\0", 1)[0]
     if prefix and kind not in _GNU_TYPES:  # a ustar long name
         name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-    return name, kind, _number(block[124:136], pos)
+    return name, kind, _number(block[124:136])
 
 
-def _number(field: bytes, pos: int) -> int:
-    """A header's size field: octal ASCII, or base-256 (GNU) when its first byte says so."""
+def _number(field: bytes) -> int:
+    """A header's number field: octal ASCII, or base-256 (GNU) when its first byte says so."""
     if field[0] in (0o200, 0o377):
         n = int.from_bytes(field[1:], "big")
         return n - 256 ** (len(field) - 1) if field[0] == 0o377 else n
     try:
         return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
     except ValueError:
-        raise _Broken(f"invalid header at byte {pos} (size field)") from None
+        raise _Broken("invalid header") from None
 
 
-def _pax_records(body: bytes, pos: int) -> dict[str, str]:
+def _pax_records(body: bytes) -> dict[str, str]:
     """``"<length> <keyword>=<value>\\n"`` records of a pax header (the fields a listing needs)."""
     out, i = {}, 0
     while (m := _PAX_RECORD.match(body, i)) is not None:
         length = int(m.group(1))
         if length == 0:
-            raise _Broken(f"invalid pax header at byte {pos}")
+            raise _Broken("invalid header")
         key = m.group(2).decode("utf-8", "surrogateescape")
         if key in ("path", "size"):
             out[key] = body[m.end(2) + 1 : i + length - 1].decode("utf-8", "surrogateescape")
