@@ -456,6 +456,7 @@ def job(args) -> None:
             os.kill(pid, signal.SIGKILL)
     lines = (args.root / f"{args.output}.log").read_text().splitlines()
     startup = [line for line in lines if line.startswith("start-up:")]
+    gpu_hours = round(seconds / 3600 * 1e6 / (after - before), 3) if after > before else None
     done = [s for s in samples if s["rows"] > before]
     settled = _settled(samples, before, total)
     util = [s["gpu_util"] for s in samples if s["gpu_util"] is not None and before < s["rows"] < total]
