@@ -475,9 +475,7 @@ def job(args) -> None:
             "end_to_end_images_per_s": round((after - before) / seconds, 1) if seconds else None,
             "settled_images_per_s": settled,
             # one GPU's hours per million images at this run's end-to-end rate
-            "gpu_hours_per_million": round(seconds / 3600 * 1e6 / (after - before), 3)
-            if after > before
-            else None,
+            "gpu_hours_per_million": gpu_hours,  # one GPU's, at this run's end-to-end rate
             "first_commit_s": done[0]["t"] if done else None,
             "startup": startup[-1] if startup and not killed else None,  # the job's own start-up line
             "gpu_util_mean": round(float(np.mean(util)), 1) if util else None,
