@@ -52,3 +52,40 @@ def test_channels_last_and_bfloat16():
     x = torch.rand(1, 3, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     out = dec(enc(x))
     assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 8, 8)
+
+
+def test_global_context_reads_the_layer_1_token_from_the_whole_map():
+    """``network.global_context`` on the ``mnist`` preset's encoder: the layer-1 position's output tells
+    apart two contents of a far corner that the convolutions' GroupNorm statistics cannot (the same values
+    swapped between the channels of one group); the same encoder without it cannot. Off in every preset
+    (docs/RESULTS.md, issue 18: measured, it did not lift moved digits)."""
+    from spae.config import replace
+    from spae.model import PRESETS, preset
+    from spae.pyramid import PyramidSpec
+
+    assert not any(preset(n).network.global_context for n in PRESETS)
+    cfg = replace(preset("mnist"), network={"global_context": True})
+    spec = PyramidSpec(cfg.pyramid)
+    assert (0, 0) not in spec.positions(1)  # the corner is not where layer 1 reads
+    torch.manual_seed(0)
+    enc = Encoder(cfg.network)
+    torch.nn.init.normal_(enc.context.weight, std=0.5)  # trained: zero is where it starts, not where it stays
+    plain = Encoder(replace(cfg.network, global_context=False))
+    plain.load_state_dict({k: v for k, v in enc.state_dict().items() if not k.startswith("context.")})
+    ch, groups = enc.norm_out.num_channels, enc.norm_out.num_groups
+    background = torch.randn(1, ch, 1, 1).expand(1, ch, *cfg.pyramid.latent_size)  # [1, ch, h, w]
+    corner = torch.randn(ch)
+    swapped = corner.view(groups, -1).flip(1).reshape(ch)  # per group: same mean and variance
+
+    def layer1(encoder: Encoder, at_corner: torch.Tensor) -> torch.Tensor:
+        """The layer-1 latent vector [c] when the trunk map is ``background``, ``at_corner`` at (0, 0)."""
+        h = background.clone()
+        h[0, :, 0, 0] = at_corner
+        hook = encoder.mid.register_forward_hook(lambda module, args, out: h)
+        with torch.no_grad():
+            z = encoder(torch.zeros(1, 3, cfg.image_size, cfg.image_size))  # [1, c, 8, 8]
+        hook.remove()
+        return spec.gather(z, 1)[0, 0]
+
+    assert torch.allclose(layer1(plain, corner), layer1(plain, swapped), atol=1e-5)
+    assert (layer1(enc, corner) - layer1(enc, swapped)).abs().max() > 1e-3  # ~2e-2
