@@ -84,8 +84,9 @@ from spae.metrics import psnr
 from spae.video import clips_to_uint8, frames_as_images
 
 TOKENIZE_STAGE = "tokenize"
-log = logging.getLogger(__name__)
 HISTOGRAM_TOP = 40
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
