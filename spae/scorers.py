@@ -507,6 +507,44 @@ def _tensor_hash(sd: dict[str, Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def _fit_probe_net(
+    x: Tensor,  # [n, 3, s, s]
+    y: Tensor,  # [n] class ids or [n, outputs] targets, as ``loss`` takes them
+    loss: Callable[[Tensor, Tensor], Tensor],
+    outputs: int,
+    max_shift: int,  # pixels of the random translation augmentation, each way
+    dev: torch.device,
+    steps: int,
+    seed: int,
+    width: int,
+    batch_size: int,
+    lr: float,
+    holdout: float,
+) -> tuple[ProbeNet, Tensor, Tensor]:
+    """A ``ProbeNet`` trained on all but a seeded ``holdout`` fraction of the rows (AdamW, one-cycle LR);
+    returns it in eval mode with the held-out and training row indices. The caller's RNG is untouched."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(x.shape[0], generator=gen)
+    n_hold = int(math.floor(holdout * x.shape[0]))
+    hold, train = perm[:n_hold], perm[n_hold:]
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        net = ProbeNet(outputs, width=width, image_size=x.shape[-1]).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    net.train()
+    for _ in range(steps):
+        idx = train[torch.randint(len(train), (batch_size,), generator=gen)]
+        shift = torch.randint(-max_shift, max_shift + 1, (2,), generator=gen).tolist()
+        xb = torch.roll(x[idx], shifts=shift, dims=(2, 3)).to(dev)
+        step_loss = loss(net(xb), y[idx].to(dev))
+        opt.zero_grad(set_to_none=True)
+        step_loss.backward()
+        opt.step()
+        sched.step()
+    return net.eval(), hold, train
+
+
 def train_label_probe(
     images: Tensor,  # [n, 3, H, W] in [0, 1]
     labels: Tensor,  # [n] int
@@ -539,30 +577,12 @@ def train_label_probe(
     if image_size % 8:
         raise ValueError(f"image_size: {image_size} must be divisible by 8")
     dev = resolve_device(device)
-    gen = torch.Generator().manual_seed(seed)
     x = resize_center_crop(images.float(), image_size)  # [n, 3, s, s]
     y = labels.long()
-    perm = torch.randperm(x.shape[0], generator=gen)
-    n_hold = int(math.floor(holdout * x.shape[0]))
-    hold, train = perm[:n_hold], perm[n_hold:]
-
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(seed)
-        net = ProbeNet(num_classes, width=width, image_size=image_size).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    net.train()
-    for _ in range(steps):
-        idx = train[torch.randint(len(train), (batch_size,), generator=gen)]
-        xb = x[idx]
-        shift = torch.randint(-2, 3, (2,), generator=gen).tolist()  # small translation augmentation
-        xb = torch.roll(xb, shifts=shift, dims=(2, 3)).to(dev)
-        loss = F.cross_entropy(net(xb), y[idx].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    net.eval()
+    net, hold, train = _fit_probe_net(
+        x, y, F.cross_entropy, num_classes, 2, dev, steps, seed, width, batch_size, lr, holdout
+    )
+    n_hold = len(hold)
     accuracy = None
     if n_hold:
         with torch.no_grad():
@@ -685,28 +705,23 @@ def train_word_probe(
     if image_size % 8:
         raise ValueError(f"image_size: {image_size} must be divisible by 8")
     dev = resolve_device(device)
-    gen = torch.Generator().manual_seed(seed)
     x = resize_center_crop(images.float(), image_size)  # [n, 3, s, s]
     y = targets.float()  # [n, w]
-    perm = torch.randperm(x.shape[0], generator=gen)
-    n_hold = int(math.floor(holdout * x.shape[0]))
-    hold, train = perm[:n_hold], perm[n_hold:]
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(seed)
-        net = ProbeNet(len(words), width=width, image_size=image_size).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    net.train()
-    for _ in range(steps):
-        idx = train[torch.randint(len(train), (batch_size,), generator=gen)]
-        shift = torch.randint(-1, 2, (2,), generator=gen).tolist()  # small: regions are words
-        xb = torch.roll(x[idx], shifts=shift, dims=(2, 3)).to(dev)
-        loss = F.binary_cross_entropy_with_logits(net(xb), y[idx].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    net.eval()
+    net, hold, train = _fit_probe_net(  # max shift 1: regions are words
+        x,
+        y,
+        F.binary_cross_entropy_with_logits,
+        len(words),
+        1,
+        dev,
+        steps,
+        seed,
+        width,
+        batch_size,
+        lr,
+        holdout,
+    )
+    n_hold = len(hold)
     held_map = None
     if n_hold:
         with torch.no_grad():
